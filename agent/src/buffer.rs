@@ -1,0 +1,623 @@
+//! The agent's durable buffer: SQLite in WAL mode, owned by one writer thread.
+//!
+//! Every operation goes through a bounded queue to the writer thread, which batches appends from
+//! many concurrent requests into one transaction (group commit) and answers each request only
+//! after the commit returned. That answer is what lets a source acknowledge: an HTTP 2xx is sent
+//! only for events that are in a committed transaction.
+//!
+//! Durability: `journal_mode = WAL` with the configured `synchronous` level. With `full` (the
+//! default) a commit is fsynced before it is acknowledged, so acknowledged events survive power
+//! loss. With `normal`, WAL commits are fsynced only at checkpoints: they survive a process crash
+//! (kill -9) but the last commits may be lost on power loss. `off` is for benchmarks.
+//!
+//! Sequence numbers are `seq INTEGER PRIMARY KEY AUTOINCREMENT`: SQLite persists the highest one
+//! ever assigned, so they never repeat even after the table was emptied by shipping.
+//!
+//! This module must not block async workers: callers await a reply from the writer thread.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+
+use anyhow::Context;
+use runnel_common::Event;
+use runnel_config::{BufferConfig, WhenFull};
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Requests waiting for the writer thread. Beyond this, `append` waits (backpressure to the
+/// HTTP handlers), which is what we want under overload.
+const OP_QUEUE_DEPTH: usize = 4096;
+
+/// Most events in one group commit. Bounds transaction size and reply latency.
+const MAX_GROUP_EVENTS: usize = 50_000;
+
+/// An event encoded for storage (postcard, `seq` = 0).
+#[derive(Debug, Clone)]
+pub struct EncodedEvent(pub Vec<u8>);
+
+impl EncodedEvent {
+    pub fn encode(event: &Event) -> Result<EncodedEvent, postcard::Error> {
+        postcard::to_stdvec(event).map(EncodedEvent)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub first_seq: u64,
+    pub last_seq: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    #[error("buffer is full ({buffered_bytes} of {max_bytes} bytes)")]
+    Full { buffered_bytes: u64, max_bytes: u64 },
+    #[error("buffer write failed: {0}")]
+    Storage(String),
+    #[error("buffer is shut down")]
+    Closed,
+}
+
+/// What the buffer holds right now, published after every commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Head {
+    /// Highest sequence number committed.
+    pub last_seq: u64,
+    pub n_events: u64,
+    pub n_bytes: u64,
+}
+
+/// Counters for status and metrics.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub n_appended: AtomicU64,
+    pub n_refused_full: AtomicU64,
+    pub n_commits: AtomicU64,
+    pub n_deleted: AtomicU64,
+}
+
+type AppendReply = oneshot::Sender<Result<Appended, AppendError>>;
+
+enum Op {
+    Append {
+        events: Vec<EncodedEvent>,
+        reply: AppendReply,
+    },
+    Read {
+        after_seq: u64,
+        max_events: usize,
+        max_bytes: usize,
+        reply: oneshot::Sender<anyhow::Result<Vec<Event>>>,
+    },
+    Delete {
+        after_seq: u64,
+        last_seq: u64,
+        reply: oneshot::Sender<anyhow::Result<u64>>,
+    },
+    Reconcile {
+        high_water_mark: u64,
+        reply: oneshot::Sender<anyhow::Result<Reconciled>>,
+    },
+}
+
+/// What aligning the buffer with the aggregator's high-water mark did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Events at or below the mark, already stored centrally, deleted here.
+    pub n_deleted: u64,
+    /// When the aggregator knew sequence numbers this buffer never assigned (the buffer was
+    /// reset while the agent kept its identity), pending events were renumbered by this much.
+    pub renumbered_by: u64,
+}
+
+/// Handle to the buffer. Cheap to clone; the writer thread stops when every handle is dropped.
+#[derive(Clone)]
+pub struct Buffer {
+    ops: mpsc::Sender<Op>,
+    head: watch::Receiver<Head>,
+    stats: Arc<Stats>,
+}
+
+/// Owns the writer thread; join it on shutdown so the last commit finishes.
+pub struct BufferThread(JoinHandle<()>);
+
+impl BufferThread {
+    pub fn join(self) {
+        if self.0.join().is_err() {
+            tracing::error!("buffer writer thread panicked");
+        }
+    }
+}
+
+impl Buffer {
+    pub fn open(config: &BufferConfig) -> anyhow::Result<(Buffer, BufferThread)> {
+        let mut writer = Writer::open(config)?;
+        let head = writer.head;
+        let (head_tx, head_rx) = watch::channel(head);
+        let (ops_tx, ops_rx) = mpsc::channel(OP_QUEUE_DEPTH);
+        let stats = Arc::new(Stats::default());
+        let thread_stats = Arc::clone(&stats);
+        let handle = std::thread::Builder::new()
+            .name("buffer-writer".into())
+            .spawn(move || writer.run(ops_rx, head_tx, &thread_stats))
+            .context("spawn buffer writer thread")?;
+        Ok((
+            Buffer {
+                ops: ops_tx,
+                head: head_rx,
+                stats,
+            },
+            BufferThread(handle),
+        ))
+    }
+
+    /// Commits events and returns their sequence numbers. Returns only after the commit.
+    pub async fn append(&self, events: Vec<EncodedEvent>) -> Result<Appended, AppendError> {
+        let (reply, rx) = oneshot::channel();
+        self.ops
+            .send(Op::Append { events, reply })
+            .await
+            .map_err(|_| AppendError::Closed)?;
+        rx.await.map_err(|_| AppendError::Closed)?
+    }
+
+    /// Reads up to `max_events` events with `seq > after_seq`, in order, stopping before
+    /// `max_bytes` of stored data (but always returning at least one event if there is one).
+    pub async fn read_after(
+        &self,
+        after_seq: u64,
+        max_events: usize,
+        max_bytes: usize,
+    ) -> anyhow::Result<Vec<Event>> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Op::Read {
+            after_seq,
+            max_events,
+            max_bytes,
+            reply,
+        })
+        .await?;
+        rx.await.context("buffer writer stopped")?
+    }
+
+    /// Deletes events in `(after_seq, last_seq]`: the aggregator has them.
+    pub async fn delete_range(&self, after_seq: u64, last_seq: u64) -> anyhow::Result<u64> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Op::Delete {
+            after_seq,
+            last_seq,
+            reply,
+        })
+        .await?;
+        rx.await.context("buffer writer stopped")?
+    }
+
+    /// Aligns the buffer with the aggregator's high-water mark after a (re)connect.
+    pub async fn reconcile(&self, high_water_mark: u64) -> anyhow::Result<Reconciled> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Op::Reconcile {
+            high_water_mark,
+            reply,
+        })
+        .await?;
+        rx.await.context("buffer writer stopped")?
+    }
+
+    pub fn head(&self) -> watch::Receiver<Head> {
+        self.head.clone()
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    async fn send(&self, op: Op) -> anyhow::Result<()> {
+        self.ops
+            .send(op)
+            .await
+            .map_err(|_| anyhow::anyhow!("buffer writer stopped"))
+    }
+}
+
+struct Writer {
+    path: PathBuf,
+    conn: Connection,
+    max_bytes: u64,
+    when_full: WhenFull,
+    head: Head,
+}
+
+impl Writer {
+    fn open(config: &BufferConfig) -> anyhow::Result<Writer> {
+        let path = config.path.clone();
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("create buffer directory {}", parent.display()))?;
+        }
+        let conn = open_connection(&path, config.synchronous.as_pragma())?;
+        let (n_events, n_bytes): (u64, u64) = conn
+            .query_row(
+                "SELECT count(*), coalesce(sum(length(data)), 0) FROM events",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .with_context(|| format!("read buffer state from {}", path.display()))?;
+        let last_seq = last_assigned_seq(&conn)?;
+        let head = Head {
+            last_seq,
+            n_events,
+            n_bytes,
+        };
+        tracing::info!(path = %path.display(), n_events, n_bytes, last_seq, "buffer opened");
+        Ok(Writer {
+            path,
+            conn,
+            max_bytes: config.max_bytes,
+            when_full: config.when_full,
+            head,
+        })
+    }
+
+    fn run(&mut self, mut ops: mpsc::Receiver<Op>, head_tx: watch::Sender<Head>, stats: &Stats) {
+        let mut appends: Vec<(Vec<EncodedEvent>, AppendReply)> = Vec::new();
+        let mut others: Vec<Op> = Vec::new();
+        while let Some(first) = ops.blocking_recv() {
+            // Group commit: take everything already queued, up to a bound, into one transaction.
+            let mut n_group_events = 0usize;
+            let mut next = Some(first);
+            while let Some(op) = next.take() {
+                match op {
+                    Op::Append { events, reply } => {
+                        n_group_events += events.len();
+                        appends.push((events, reply));
+                    }
+                    other => others.push(other),
+                }
+                if n_group_events < MAX_GROUP_EVENTS {
+                    next = ops.try_recv().ok();
+                }
+            }
+            if !appends.is_empty() {
+                self.commit_appends(&mut appends, stats);
+            }
+            for op in others.drain(..) {
+                self.handle(op, stats);
+            }
+            head_tx.send_replace(self.head);
+        }
+        tracing::debug!(path = %self.path.display(), "buffer writer stopped");
+    }
+
+    fn commit_appends(
+        &mut self,
+        appends: &mut Vec<(Vec<EncodedEvent>, AppendReply)>,
+        stats: &Stats,
+    ) {
+        let mut outcomes: Vec<Result<Appended, AppendError>> = Vec::with_capacity(appends.len());
+        let head_before = self.head;
+        let result = (|| -> rusqlite::Result<()> {
+            let tx = self.conn.transaction()?;
+            {
+                let mut insert = tx.prepare_cached("INSERT INTO events (data) VALUES (?1)")?;
+                for (events, _) in appends.iter() {
+                    let n_bytes: u64 = events.iter().map(|e| e.0.len() as u64).sum();
+                    if self.head.n_bytes + n_bytes > self.max_bytes {
+                        match self.when_full {
+                            WhenFull::Block => {
+                                outcomes.push(Err(AppendError::Full {
+                                    buffered_bytes: self.head.n_bytes,
+                                    max_bytes: self.max_bytes,
+                                }));
+                                continue;
+                            }
+                        }
+                    }
+                    let mut first_seq = 0;
+                    let mut last_seq = 0;
+                    for event in events {
+                        insert.execute(params![event.0])?;
+                        last_seq = u64::try_from(tx.last_insert_rowid()).unwrap_or(0);
+                        if first_seq == 0 {
+                            first_seq = last_seq;
+                        }
+                    }
+                    self.head.n_events += events.len() as u64;
+                    self.head.n_bytes += n_bytes;
+                    self.head.last_seq = self.head.last_seq.max(last_seq);
+                    outcomes.push(Ok(Appended {
+                        first_seq,
+                        last_seq,
+                    }));
+                }
+            }
+            tx.commit()
+        })();
+        match result {
+            Ok(()) => {
+                stats.n_commits.fetch_add(1, Ordering::Relaxed);
+                for ((events, reply), outcome) in appends.drain(..).zip(outcomes) {
+                    match &outcome {
+                        Ok(_) => stats
+                            .n_appended
+                            .fetch_add(events.len() as u64, Ordering::Relaxed),
+                        Err(_) => stats
+                            .n_refused_full
+                            .fetch_add(events.len() as u64, Ordering::Relaxed),
+                    };
+                    // The requester may have gone away (client disconnected); the events are
+                    // committed either way and will be shipped.
+                    let _ = reply.send(outcome);
+                }
+            }
+            Err(error) => {
+                // Nothing of this group is committed: refuse all of it, so no source acks it.
+                self.head = head_before;
+                tracing::warn!(%error, n_requests = appends.len(), "buffer commit failed");
+                for (_, reply) in appends.drain(..) {
+                    let _ = reply.send(Err(AppendError::Storage(error.to_string())));
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, op: Op, stats: &Stats) {
+        match op {
+            Op::Append { .. } => unreachable!("appends are grouped by run()"),
+            Op::Read {
+                after_seq,
+                max_events,
+                max_bytes,
+                reply,
+            } => {
+                let _ = reply.send(self.read_after(after_seq, max_events, max_bytes));
+            }
+            Op::Delete {
+                after_seq,
+                last_seq,
+                reply,
+            } => {
+                let result = self.delete_range(after_seq, last_seq);
+                if let Ok(n) = &result {
+                    stats.n_deleted.fetch_add(*n, Ordering::Relaxed);
+                }
+                let _ = reply.send(result);
+            }
+            Op::Reconcile {
+                high_water_mark,
+                reply,
+            } => {
+                let _ = reply.send(self.reconcile(high_water_mark));
+            }
+        }
+    }
+
+    fn read_after(
+        &mut self,
+        after_seq: u64,
+        max_events: usize,
+        max_bytes: usize,
+    ) -> anyhow::Result<Vec<Event>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT seq, data FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
+        let mut rows = stmt.query(params![after_seq, max_events as u64])?;
+        let mut events = Vec::new();
+        let mut n_bytes = 0usize;
+        while let Some(row) = rows.next()? {
+            let seq: u64 = row.get(0)?;
+            let data = row.get_ref(1)?.as_blob()?;
+            if !events.is_empty() && n_bytes + data.len() > max_bytes {
+                break;
+            }
+            n_bytes += data.len();
+            let mut event: Event = postcard::from_bytes(data)
+                .with_context(|| format!("buffer row {seq} does not decode (corrupt buffer?)"))?;
+            event.seq = seq;
+            events.push(event);
+        }
+        Ok(events)
+    }
+
+    fn delete_range(&mut self, after_seq: u64, last_seq: u64) -> anyhow::Result<u64> {
+        let tx = self.conn.transaction()?;
+        let (n_events, n_bytes): (u64, u64) = tx.query_row(
+            "SELECT count(*), coalesce(sum(length(data)), 0) FROM events WHERE seq > ?1 AND seq <= ?2",
+            params![after_seq, last_seq],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )?;
+        tx.execute(
+            "DELETE FROM events WHERE seq > ?1 AND seq <= ?2",
+            params![after_seq, last_seq],
+        )?;
+        tx.commit()?;
+        self.head.n_events -= n_events;
+        self.head.n_bytes -= n_bytes;
+        Ok(n_events)
+    }
+
+    fn reconcile(&mut self, high_water_mark: u64) -> anyhow::Result<Reconciled> {
+        let mut renumbered_by = 0;
+        if high_water_mark > self.head.last_seq {
+            // The aggregator has stored sequence numbers this buffer never assigned: the buffer
+            // was reset (deleted, restored from an old backup) while the agent kept its
+            // certificate. Move everything pending above the mark so it is not mistaken for a
+            // replay, and continue numbering from there.
+            renumbered_by = high_water_mark;
+            let tx = self.conn.transaction()?;
+            tx.execute("UPDATE events SET seq = seq + ?1", params![renumbered_by])?;
+            let new_last = self.head.last_seq + renumbered_by;
+            tx.execute(
+                "INSERT OR REPLACE INTO sqlite_sequence (name, seq) VALUES ('events', ?1)",
+                params![new_last],
+            )?;
+            tx.commit()?;
+            tracing::warn!(
+                high_water_mark,
+                last_assigned_seq = self.head.last_seq,
+                renumbered_by,
+                "aggregator knows sequence numbers this buffer never assigned (buffer reset?); renumbered pending events"
+            );
+            self.head.last_seq = new_last;
+            return Ok(Reconciled {
+                n_deleted: 0,
+                renumbered_by,
+            });
+        }
+        let n_deleted = self.delete_range(0, high_water_mark)?;
+        Ok(Reconciled {
+            n_deleted,
+            renumbered_by,
+        })
+    }
+}
+
+fn open_connection(path: &Path, synchronous: &str) -> anyhow::Result<Connection> {
+    let conn = Connection::open(path).with_context(|| format!("open buffer {}", path.display()))?;
+    let journal_mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
+        .with_context(|| format!("set WAL mode on {}", path.display()))?;
+    anyhow::ensure!(
+        journal_mode.eq_ignore_ascii_case("wal"),
+        "buffer {}: SQLite refused WAL mode (got {journal_mode}); is it on a network filesystem?",
+        path.display()
+    );
+    conn.execute_batch(&format!(
+        "PRAGMA synchronous = {synchronous};
+         PRAGMA busy_timeout = 5000;
+         CREATE TABLE IF NOT EXISTS events (
+             seq INTEGER PRIMARY KEY AUTOINCREMENT,
+             data BLOB NOT NULL
+         );"
+    ))
+    .with_context(|| format!("initialise buffer {}", path.display()))?;
+    Ok(conn)
+}
+
+fn last_assigned_seq(conn: &Connection) -> anyhow::Result<u64> {
+    let seq: Option<u64> = conn
+        .query_row(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'events'",
+            [],
+            |row| row.get(0),
+        )
+        .optional()?;
+    Ok(seq.unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use runnel_common::{SourceKind, Value};
+    use runnel_config::Synchronous;
+
+    fn config(dir: &Path, max_bytes: u64) -> BufferConfig {
+        BufferConfig {
+            path: dir.join("buffer.sqlite"),
+            max_bytes,
+            synchronous: Synchronous::Normal,
+            when_full: WhenFull::Block,
+        }
+    }
+
+    fn event(n: i64) -> EncodedEvent {
+        let mut event = Event {
+            seq: 0,
+            event_time_ms: n,
+            receive_time_ms: n,
+            source: SourceKind::Http,
+            stream: "s".into(),
+            name: format!("e{n}"),
+            event_id: None,
+            user_id: None,
+            session_id: None,
+            score: None,
+            tags: vec![],
+            attrs: Default::default(),
+        };
+        event.attrs.insert("n".into(), Value::Int(n));
+        EncodedEvent::encode(&event).unwrap()
+    }
+
+    #[tokio::test]
+    async fn append_read_delete_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (buffer, thread) = Buffer::open(&config(dir.path(), 1 << 20)).unwrap();
+        let a = buffer.append(vec![event(1), event(2)]).await.unwrap();
+        let b = buffer.append(vec![event(3)]).await.unwrap();
+        assert_eq!(
+            (a.first_seq, a.last_seq, b.first_seq, b.last_seq),
+            (1, 2, 3, 3)
+        );
+        let read = buffer.read_after(1, 10, 1 << 20).await.unwrap();
+        assert_eq!(read.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![2, 3]);
+        assert_eq!(read[1].name, "e3");
+        assert_eq!(buffer.delete_range(0, 3).await.unwrap(), 3);
+        drop(buffer);
+        thread.join();
+
+        // Sequence numbers never repeat, even after the table was emptied.
+        let (buffer, thread) = Buffer::open(&config(dir.path(), 1 << 20)).unwrap();
+        assert_eq!(
+            *buffer.head().borrow(),
+            Head {
+                last_seq: 3,
+                n_events: 0,
+                n_bytes: 0
+            }
+        );
+        assert_eq!(buffer.append(vec![event(4)]).await.unwrap().first_seq, 4);
+        drop(buffer);
+        thread.join();
+    }
+
+    #[tokio::test]
+    async fn full_buffer_refuses_and_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = event(1).0.len() as u64;
+        let (buffer, _thread) = Buffer::open(&config(dir.path(), one * 2)).unwrap();
+        buffer.append(vec![event(1), event(2)]).await.unwrap();
+        assert!(matches!(
+            buffer.append(vec![event(3)]).await,
+            Err(AppendError::Full { .. })
+        ));
+        buffer.delete_range(0, 1).await.unwrap();
+        assert_eq!(buffer.append(vec![event(3)]).await.unwrap().first_seq, 3);
+        assert_eq!(buffer.stats().n_refused_full.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn reconcile_deletes_stored_and_renumbers_after_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let (buffer, _thread) = Buffer::open(&config(dir.path(), 1 << 20)).unwrap();
+        buffer
+            .append(vec![event(1), event(2), event(3)])
+            .await
+            .unwrap();
+        let r = buffer.reconcile(2).await.unwrap();
+        assert_eq!(
+            r,
+            Reconciled {
+                n_deleted: 2,
+                renumbered_by: 0
+            }
+        );
+        // The aggregator knows seq 100 although this buffer only ever assigned 3.
+        let r = buffer.reconcile(100).await.unwrap();
+        assert_eq!(r.renumbered_by, 100);
+        let read = buffer.read_after(100, 10, 1 << 20).await.unwrap();
+        assert_eq!(read.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![103]);
+        assert_eq!(buffer.append(vec![event(4)]).await.unwrap().first_seq, 104);
+    }
+
+    #[tokio::test]
+    async fn read_respects_byte_limit_but_returns_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (buffer, _thread) = Buffer::open(&config(dir.path(), 1 << 20)).unwrap();
+        buffer.append((0..10).map(event).collect()).await.unwrap();
+        assert_eq!(buffer.read_after(0, 100, 1).await.unwrap().len(), 1);
+        let one = event(1).0.len();
+        assert_eq!(buffer.read_after(0, 100, one * 3).await.unwrap().len(), 3);
+        assert_eq!(buffer.read_after(0, 4, 1 << 20).await.unwrap().len(), 4);
+    }
+}

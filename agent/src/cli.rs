@@ -1,0 +1,128 @@
+//! The `runnel-agent` command line. Parse, validate, act; errors print their whole chain and a
+//! hint for the next step.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+/// Runnel edge agent: captures events over HTTP, buffers them durably in SQLite, and ships them
+/// to a runnel-aggregator over QUIC with mutual TLS.
+#[derive(Debug, Parser)]
+#[command(name = "runnel-agent", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the agent until SIGINT or SIGTERM.
+    Run {
+        /// Agent config file (see config/examples/agent.toml).
+        #[arg(long, short, default_value = "/etc/runnel/agent.toml")]
+        config: PathBuf,
+    },
+    /// Validate a config file and the certificates it names, then exit (0: valid).
+    Check {
+        #[arg(long, short, default_value = "/etc/runnel/agent.toml")]
+        config: PathBuf,
+    },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let result = match cli.command {
+        Command::Run { config } => run(config),
+        Command::Check { config } => check(config),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("runnel-agent: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUNNEL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn run(path: PathBuf) -> anyhow::Result<()> {
+    let config = runnel_config::load_agent(&path)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?;
+    runtime.block_on(async {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutdown requested");
+            let _ = stop_tx.send(true);
+        });
+        crate::run(config, stop_rx).await
+    })
+}
+
+fn check(path: PathBuf) -> anyhow::Result<()> {
+    let config = runnel_config::load_agent(&path)?;
+    let identity =
+        crate::tls::load_identity(&config.uplink).context("check uplink certificates")?;
+    println!(
+        "{}: OK\n  agent id    {}\n  http        {}\n  buffer      {} (max {} bytes, synchronous = {})\n  aggregator  {} (server name {})",
+        path.display(),
+        identity.agent_id,
+        config.http.listen,
+        config.buffer.path.display(),
+        config.buffer.max_bytes,
+        config.buffer.synchronous.as_str(),
+        config.uplink.aggregator,
+        config.uplink.server_name,
+    );
+    Ok(())
+}
+
+/// Waits for SIGINT (Ctrl-C) or SIGTERM (systemd stop).
+pub async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(
+            tokio::signal::unix::SignalKind::terminate(),
+        ) {
+            Ok(term) => term,
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the agent");
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

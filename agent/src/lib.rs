@@ -1,0 +1,82 @@
+//! runnel-agent: captures events on an edge host, commits them to a durable SQLite buffer, and
+//! ships them over QUIC to the aggregator.
+//!
+//! Pipeline: sources ([`http`]) decode ([`decode`]) and append to the [`buffer`]; the
+//! [`uplink`] reads the buffer, sends batches, and deletes what the aggregator acknowledged.
+//! `main.rs` only parses the command line; everything else lives here so tests can run it.
+
+pub mod buffer;
+pub mod cli;
+pub mod decode;
+pub mod http;
+pub mod tls;
+pub mod uplink;
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use anyhow::Context;
+use runnel_config::AgentConfig;
+use tokio::sync::watch;
+
+/// Name of the file in `data_dir` where a running agent writes the addresses it bound (useful
+/// with port 0, and for `runnel-agent status`).
+pub const RUNTIME_FILE: &str = "agent.runtime.json";
+
+/// Milliseconds since the Unix epoch, from the system clock.
+pub fn now_unix_ms() -> i64 {
+    let now = std::time::SystemTime::now();
+    match now.duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+        Err(before) => -i64::try_from(before.duration().as_millis()).unwrap_or(i64::MAX),
+    }
+}
+
+/// Runs the agent until `shutdown` becomes true: opens the buffer, starts the HTTP source and
+/// the uplink, and on shutdown stops taking requests, lets in-flight batches finish, and closes
+/// the buffer after its last commit.
+pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("create agent.data_dir {}", config.data_dir.display()))?;
+    let identity = tls::load_identity(&config.uplink)?;
+    let (buffer, buffer_thread) = buffer::Buffer::open(&config.buffer)?;
+
+    let listener = tokio::net::TcpListener::bind(config.http.listen)
+        .await
+        .with_context(|| format!("bind sources.http.listen = {}", config.http.listen))?;
+    let http_addr = listener.local_addr().context("read HTTP listen address")?;
+    write_runtime_file(&config.data_dir, http_addr, &identity.agent_id)?;
+    tracing::info!(agent_id = %identity.agent_id, http = %http_addr, aggregator = %config.uplink.aggregator, "agent started");
+
+    let uplink = tokio::spawn(uplink::run(
+        uplink::Uplink {
+            config: config.uplink.clone(),
+            identity,
+            buffer: buffer.clone(),
+            labels: config.labels.clone(),
+        },
+        shutdown.clone(),
+    ));
+    let mut http_shutdown = shutdown.clone();
+    axum::serve(listener, http::router(&config.http, buffer.clone()))
+        .with_graceful_shutdown(async move {
+            let _ = http_shutdown.wait_for(|stop| *stop).await;
+        })
+        .await
+        .context("HTTP source")?;
+    if let Err(error) = uplink.await {
+        tracing::error!(%error, "uplink task failed");
+    }
+    drop(buffer);
+    tokio::task::spawn_blocking(move || buffer_thread.join())
+        .await
+        .context("join buffer thread")?;
+    tracing::info!("agent stopped");
+    Ok(())
+}
+
+fn write_runtime_file(data_dir: &Path, http: SocketAddr, agent_id: &str) -> anyhow::Result<()> {
+    let path = data_dir.join(RUNTIME_FILE);
+    let text = serde_json::json!({ "pid": std::process::id(), "agent_id": agent_id, "http": http.to_string() });
+    std::fs::write(&path, text.to_string()).with_context(|| format!("write {}", path.display()))
+}

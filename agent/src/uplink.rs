@@ -1,0 +1,332 @@
+//! The uplink driver: one QUIC connection to the aggregator, batches from the buffer, acks back.
+//!
+//! The decisions (when a batch is due, the in-flight window, what an ack allows us to delete)
+//! are made by [`runnel_common::session::UplinkSession`]; this module only does the I/O:
+//! connect, handshake, read the buffer, send frames, wait for acks, reconnect with backoff.
+//!
+//! Events leave the buffer only after an ack that says they are durable at the aggregator. A
+//! connection that fails for any reason leaves them in place; the next connection starts from
+//! the aggregator's high-water mark, so nothing is lost and the aggregator drops the replays.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures::stream::{FuturesUnordered, StreamExt};
+use runnel_common::limits::{MAX_CONTROL_FRAME_BYTES, MAX_FRAME_BYTES};
+use runnel_common::session::{BatchDue, BufferHead, UplinkLimits, UplinkSession};
+use runnel_common::wire::{
+    AckMessage, AgentMessage, AggregatorMessage, BatchMessage, Heartbeat, Hello,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+};
+use runnel_common::{batch, frame};
+use runnel_config::UplinkConfig;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+
+use crate::buffer::{Buffer, Head};
+use crate::tls::Identity;
+
+/// How long to wait for in-flight acks when shutting down, so a clean stop does not resend.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+pub struct Uplink {
+    pub config: UplinkConfig,
+    pub identity: Identity,
+    pub buffer: Buffer,
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+/// Runs until `shutdown` becomes true. Never returns an error: connection failures are logged
+/// and retried with exponential backoff and jitter.
+pub async fn run(uplink: Uplink, mut shutdown: watch::Receiver<bool>) {
+    let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
+    let mut endpoint = match quinn::Endpoint::client(bind) {
+        Ok(endpoint) => endpoint,
+        Err(error) => {
+            tracing::error!(%error, "cannot open a UDP socket for the uplink; nothing will be shipped");
+            return;
+        }
+    };
+    endpoint.set_default_client_config(uplink.identity.client_config.clone());
+    let mut backoff = Backoff::new(
+        uplink.config.reconnect_min_ms,
+        uplink.config.reconnect_max_ms,
+    );
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        let result = tokio::select! {
+            result = connection(&uplink, &endpoint, &mut backoff, shutdown.clone()) => result,
+            _ = stopped(&mut shutdown) => break,
+        };
+        match result {
+            Ok(()) => break,
+            Err(error) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(
+                    error = format!("{error:#}"),
+                    aggregator = %uplink.config.aggregator,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "uplink connection failed"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stopped(&mut shutdown) => break,
+                }
+            }
+        }
+    }
+    endpoint.close(0u32.into(), b"agent shutting down");
+    endpoint.wait_idle().await;
+}
+
+/// One connection's life. Returns Ok(()) only on shutdown.
+async fn connection(
+    uplink: &Uplink,
+    endpoint: &quinn::Endpoint,
+    backoff: &mut Backoff,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let config = &uplink.config;
+    let addr = resolve(&config.aggregator).await?;
+    let connecting = endpoint
+        .connect(addr, &config.server_name)
+        .with_context(|| format!("connect to {} ({addr})", config.aggregator))?;
+    let connection =
+        tokio::time::timeout(Duration::from_millis(config.idle_timeout_ms), connecting)
+            .await
+            .with_context(|| format!("connect to {}: timed out", config.aggregator))?
+            .with_context(|| format!("QUIC/TLS handshake with {}", config.aggregator))?;
+
+    let (mut control_send, mut control_recv) =
+        connection.open_bi().await.context("open control stream")?;
+    let hello = Hello {
+        min_protocol_version: MIN_PROTOCOL_VERSION,
+        max_protocol_version: PROTOCOL_VERSION,
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        config_hash: String::new(),
+        labels: uplink.labels.clone(),
+        last_assigned_seq: uplink.buffer.head().borrow().last_seq,
+    };
+    write_frame(
+        &mut control_send,
+        &AgentMessage::Hello(hello),
+        MAX_CONTROL_FRAME_BYTES,
+    )
+    .await?;
+    let welcome = match read_frame::<AggregatorMessage>(&mut control_recv, MAX_CONTROL_FRAME_BYTES)
+        .await
+        .context("read welcome")?
+    {
+        AggregatorMessage::Welcome(welcome) => welcome,
+        AggregatorMessage::Refused { reason } => {
+            anyhow::bail!("aggregator refused this agent: {reason}")
+        }
+    };
+    let mut session = UplinkSession::new(UplinkLimits {
+        max_in_flight_batches: config.max_in_flight_batches,
+        max_batch_events: config.max_batch_events,
+        max_batch_bytes: config.max_batch_bytes,
+        max_batch_age: Duration::from_millis(config.max_batch_age_ms),
+    });
+    let heartbeat_interval_ms = welcome.heartbeat_interval_ms;
+    let hwm = session.on_welcome(welcome).context("handshake")?;
+    let reconciled = uplink.buffer.reconcile(hwm).await?;
+    tracing::info!(
+        agent_id = %uplink.identity.agent_id,
+        aggregator = %config.aggregator,
+        high_water_mark = hwm,
+        n_already_stored = reconciled.n_deleted,
+        "uplink connected"
+    );
+    backoff.reset();
+
+    let mut head_rx = uplink.buffer.head();
+    let mut shutdown = shutdown;
+    let mut acks = FuturesUnordered::new();
+    let mut heartbeat = tokio::time::interval(Duration::from_millis(u64::from(
+        heartbeat_interval_ms.max(1000),
+    )));
+    let mut draining_since: Option<Instant> = None;
+    loop {
+        let now = Instant::now();
+        session.on_buffer_head(buffer_head(&head_rx.borrow_and_update()), now);
+        if draining_since.is_none() {
+            while session.batch_due(now) == BatchDue::Now {
+                let events = uplink
+                    .buffer
+                    .read_after(
+                        session.dispatched_seq(),
+                        config.max_batch_events,
+                        config.max_batch_bytes,
+                    )
+                    .await?;
+                let Some(last) = events.last() else {
+                    // Everything pending was removed from the buffer meanwhile.
+                    let head_seq = head_rx.borrow().last_seq;
+                    session.on_batch_sent(head_seq, 0, now);
+                    break;
+                };
+                let last_seq = last.seq;
+                let batch =
+                    batch::encode(session.dispatched_seq(), &events).context("encode batch")?;
+                let bytes = frame::encode(&BatchMessage::Batch(batch), MAX_FRAME_BYTES)
+                    .context("frame batch")?;
+                session.on_batch_sent(last_seq, events.len(), now);
+                acks.push(send_batch(connection.clone(), bytes));
+            }
+        }
+        let due_at = match session.batch_due(now) {
+            BatchDue::At(at) if draining_since.is_none() => Some(at),
+            _ => None,
+        };
+        if let Some(since) = draining_since
+            && (session.n_in_flight() == 0 || since.elapsed() >= SHUTDOWN_GRACE)
+        {
+            connection.close(0u32.into(), b"agent shutting down");
+            return Ok(());
+        }
+        tokio::select! {
+            changed = head_rx.changed() => changed.context("buffer stopped")?,
+            _ = sleep_until(due_at) => {}
+            Some(ack) = acks.next() => {
+                let ack = ack?;
+                let acked = session.on_ack(&ack, Instant::now())?;
+                uplink.buffer.delete_range(acked.after_seq, acked.last_seq).await?;
+                tracing::trace!(last_seq = acked.last_seq, n_events = acked.n_events, rtt_us = acked.round_trip.as_micros() as u64, "batch acknowledged");
+            }
+            _ = heartbeat.tick() => {
+                let head = *head_rx.borrow();
+                let beat = AgentMessage::Heartbeat(Heartbeat {
+                    n_buffered_events: head.n_events,
+                    buffered_bytes: head.n_bytes,
+                    oldest_unshipped_age_ms: 0,
+                    n_dropped_events: 0,
+                });
+                write_frame(&mut control_send, &beat, MAX_CONTROL_FRAME_BYTES).await?;
+            }
+            error = connection.closed() => return Err(anyhow::Error::new(error).context("connection closed")),
+            _ = stopped(&mut shutdown), if draining_since.is_none() => {
+                draining_since = Some(Instant::now());
+            }
+        }
+    }
+}
+
+fn buffer_head(head: &Head) -> BufferHead {
+    BufferHead {
+        last_seq: head.last_seq,
+        avg_event_bytes: head.n_bytes.checked_div(head.n_events).unwrap_or(0) as usize,
+    }
+}
+
+/// Resolves once `shutdown` is true (or its sender is gone).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn send_batch(
+    connection: quinn::Connection,
+    bytes: Vec<u8>,
+) -> anyhow::Result<runnel_common::wire::Ack> {
+    let (mut send, mut recv) = connection.open_bi().await.context("open batch stream")?;
+    send.write_all(&bytes).await.context("send batch")?;
+    send.finish().context("finish batch stream")?;
+    match read_frame::<AckMessage>(&mut recv, MAX_CONTROL_FRAME_BYTES)
+        .await
+        .context("read ack")?
+    {
+        AckMessage::Ack(ack) => Ok(ack),
+    }
+}
+
+async fn resolve(aggregator: &str) -> anyhow::Result<SocketAddr> {
+    tokio::net::lookup_host(aggregator)
+        .await
+        .with_context(|| format!("resolve uplink.aggregator = {aggregator:?}"))?
+        .next()
+        .with_context(|| format!("uplink.aggregator = {aggregator:?} resolves to no address"))
+}
+
+pub async fn write_frame<T: Serialize>(
+    send: &mut quinn::SendStream,
+    message: &T,
+    max_bytes: usize,
+) -> anyhow::Result<()> {
+    let bytes = frame::encode(message, max_bytes)?;
+    send.write_all(&bytes).await.context("write frame")?;
+    Ok(())
+}
+
+pub async fn read_frame<T: DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+    max_bytes: usize,
+) -> anyhow::Result<T> {
+    let mut prefix = [0u8; frame::LENGTH_PREFIX_BYTES];
+    recv.read_exact(&mut prefix)
+        .await
+        .context("read frame length")?;
+    let n_bytes = frame::payload_len(prefix, max_bytes)?;
+    let mut payload = vec![0u8; n_bytes];
+    recv.read_exact(&mut payload)
+        .await
+        .context("read frame payload")?;
+    Ok(frame::decode_payload(&payload)?)
+}
+
+/// Exponential backoff with "equal jitter": half the delay fixed, half random, so a fleet that
+/// lost its aggregator does not reconnect in lockstep.
+struct Backoff {
+    min_ms: u64,
+    max_ms: u64,
+    current_ms: u64,
+}
+
+impl Backoff {
+    fn new(min_ms: u64, max_ms: u64) -> Backoff {
+        Backoff {
+            min_ms,
+            max_ms,
+            current_ms: min_ms,
+        }
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        let base = self.current_ms;
+        self.current_ms = (self.current_ms.saturating_mul(2)).min(self.max_ms);
+        let half = base / 2;
+        Duration::from_millis(half + fastrand::u64(0..=half.max(1)))
+    }
+
+    fn reset(&mut self) {
+        self.current_ms = self.min_ms;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_the_cap_with_jitter_and_resets() {
+        let mut backoff = Backoff::new(100, 1000);
+        let delays: Vec<u64> = (0..6)
+            .map(|_| backoff.next_delay().as_millis() as u64)
+            .collect();
+        assert!((50..=100).contains(&delays[0]), "{delays:?}");
+        assert!((100..=200).contains(&delays[1]), "{delays:?}");
+        assert!(delays[5] <= 1000 && delays[5] >= 500, "{delays:?}");
+        backoff.reset();
+        assert!(backoff.next_delay().as_millis() <= 100);
+    }
+}

@@ -1,0 +1,135 @@
+//! The batch codec: events -> postcard -> zstd -> [`Batch`], and back with every check a hostile
+//! peer needs: sizes before allocation, decompression bounded, sequence numbers in order and
+//! inside the range the header claims.
+
+use crate::event::Event;
+use crate::limits::{MAX_BATCH_BYTES, MAX_BATCH_EVENTS};
+use crate::wire::{Batch, Compression};
+
+/// zstd level for batches. Level 3 is zstd's default: most of the ratio at a small CPU cost on
+/// edge hosts; the ratio is recorded in docs/BENCHMARKS.md.
+pub const ZSTD_LEVEL: i32 = 3;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BatchError {
+    #[error("batch is empty")]
+    Empty,
+    #[error("batch holds {n_events} events, more than the limit of {max_events}")]
+    TooManyEvents { n_events: usize, max_events: usize },
+    #[error("batch is {n_bytes} bytes uncompressed, more than the limit of {max_bytes}")]
+    TooLarge { n_bytes: usize, max_bytes: usize },
+    #[error("batch payload does not decompress: {0}")]
+    Decompress(String),
+    #[error("batch payload does not decode: {0}")]
+    Decode(String),
+    #[error("batch header says {header} but the payload has {actual}")]
+    HeaderMismatch { header: String, actual: String },
+    #[error(
+        "sequence numbers must increase strictly after {after_seq}: event {event_idx} has {seq}"
+    )]
+    OutOfOrder {
+        after_seq: u64,
+        event_idx: usize,
+        seq: u64,
+    },
+    #[error("batch compression failed: {0}")]
+    Compress(String),
+}
+
+/// Builds a batch from events that already carry their sequence numbers.
+/// `after_seq` is the last sequence number of the previous batch in the chain.
+pub fn encode(after_seq: u64, events: &[Event]) -> Result<Batch, BatchError> {
+    let last = events.last().ok_or(BatchError::Empty)?;
+    if events.len() > MAX_BATCH_EVENTS {
+        return Err(BatchError::TooManyEvents {
+            n_events: events.len(),
+            max_events: MAX_BATCH_EVENTS,
+        });
+    }
+    check_order(after_seq, events)?;
+    let raw = postcard::to_stdvec(events).map_err(|error| BatchError::Decode(error.to_string()))?;
+    if raw.len() > MAX_BATCH_BYTES {
+        return Err(BatchError::TooLarge {
+            n_bytes: raw.len(),
+            max_bytes: MAX_BATCH_BYTES,
+        });
+    }
+    let payload = zstd::bulk::compress(&raw, ZSTD_LEVEL)
+        .map_err(|error| BatchError::Compress(error.to_string()))?;
+    Ok(Batch {
+        after_seq,
+        last_seq: last.seq,
+        n_events: u32::try_from(events.len()).expect("bounded by MAX_BATCH_EVENTS"),
+        uncompressed_bytes: u32::try_from(raw.len()).expect("bounded by MAX_BATCH_BYTES"),
+        compression: Compression::Zstd,
+        payload,
+    })
+}
+
+/// Decodes and checks a batch received from a peer. Never panics, never allocates more than
+/// [`MAX_BATCH_BYTES`] for the payload.
+pub fn decode(batch: &Batch) -> Result<Vec<Event>, BatchError> {
+    let n_events = batch.n_events as usize;
+    if n_events == 0 {
+        return Err(BatchError::Empty);
+    }
+    if n_events > MAX_BATCH_EVENTS {
+        return Err(BatchError::TooManyEvents {
+            n_events,
+            max_events: MAX_BATCH_EVENTS,
+        });
+    }
+    let n_bytes = batch.uncompressed_bytes as usize;
+    if n_bytes > MAX_BATCH_BYTES {
+        return Err(BatchError::TooLarge {
+            n_bytes,
+            max_bytes: MAX_BATCH_BYTES,
+        });
+    }
+    let raw = match batch.compression {
+        Compression::None => std::borrow::Cow::Borrowed(batch.payload.as_slice()),
+        // `bulk::decompress` refuses to produce more than `n_bytes`, so a bomb fails here.
+        Compression::Zstd => std::borrow::Cow::Owned(
+            zstd::bulk::decompress(&batch.payload, n_bytes)
+                .map_err(|error| BatchError::Decompress(error.to_string()))?,
+        ),
+    };
+    if raw.len() != n_bytes {
+        return Err(BatchError::HeaderMismatch {
+            header: format!("{n_bytes} uncompressed bytes"),
+            actual: format!("{} bytes", raw.len()),
+        });
+    }
+    let events: Vec<Event> =
+        postcard::from_bytes(&raw).map_err(|error| BatchError::Decode(error.to_string()))?;
+    if events.len() != n_events {
+        return Err(BatchError::HeaderMismatch {
+            header: format!("{n_events} events"),
+            actual: format!("{} events", events.len()),
+        });
+    }
+    check_order(batch.after_seq, &events)?;
+    let last_seq = events.last().map_or(0, |e| e.seq);
+    if last_seq != batch.last_seq {
+        return Err(BatchError::HeaderMismatch {
+            header: format!("last_seq {}", batch.last_seq),
+            actual: format!("last event seq {last_seq}"),
+        });
+    }
+    Ok(events)
+}
+
+fn check_order(after_seq: u64, events: &[Event]) -> Result<(), BatchError> {
+    let mut previous = after_seq;
+    for (event_idx, event) in events.iter().enumerate() {
+        if event.seq <= previous {
+            return Err(BatchError::OutOfOrder {
+                after_seq: previous,
+                event_idx,
+                seq: event.seq,
+            });
+        }
+        previous = event.seq;
+    }
+    Ok(())
+}

@@ -1,0 +1,137 @@
+//! Messages exchanged between agent and aggregator over QUIC (ALPN [`ALPN`]).
+//!
+//! One connection per agent. The first bidirectional stream the agent opens is the control
+//! stream: `Hello` -> `Welcome`, then heartbeats and (later) config pushes. Every batch travels on
+//! its own bidirectional stream: one [`BatchMessage`] frame from the agent, one [`AckMessage`]
+//! frame back. Batches form a chain: each names the last sequence number of the batch before it
+//! (`after_seq`), which lets the aggregator commit them in order and recognise replays.
+//!
+//! Compatibility: postcard is not self-describing. Never reorder or remove variants or fields;
+//! append new enum variants at the end, and bump [`PROTOCOL_VERSION`] when a peer must know.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// QUIC application protocol name.
+pub const ALPN: &[u8] = b"runnel/1";
+
+/// Highest protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Lowest protocol version this build still accepts.
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+
+/// Agent -> aggregator on the control stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum AgentMessage {
+    Hello(Hello),
+    Heartbeat(Heartbeat),
+}
+
+/// Aggregator -> agent on the control stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum AggregatorMessage {
+    Welcome(Welcome),
+    /// The aggregator will not serve this agent; the connection closes after it.
+    Refused {
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Lowest and highest protocol versions the agent speaks.
+    pub min_protocol_version: u16,
+    pub max_protocol_version: u16,
+    /// The agent's software version (`CARGO_PKG_VERSION`).
+    pub agent_version: String,
+    /// Hash of the agent's effective configuration ("" when unknown).
+    pub config_hash: String,
+    pub labels: BTreeMap<String, String>,
+    /// Highest sequence number the agent has ever assigned (0 if none). Lets the aggregator spot
+    /// an agent whose buffer was reset.
+    pub last_assigned_seq: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The version both sides will speak.
+    pub protocol_version: u16,
+    /// Highest sequence number the aggregator has stored for this agent. Everything at or below
+    /// it is durable: the agent may delete it and starts its next batch chain after it.
+    pub high_water_mark: u64,
+    /// Most batches the agent may have in flight on this connection.
+    pub max_in_flight_batches: u32,
+    /// How often the agent should send a heartbeat (0: never).
+    pub heartbeat_interval_ms: u32,
+    /// The agent id the aggregator read from the certificate, for the agent's logs.
+    pub agent_id: String,
+    pub aggregator_version: String,
+}
+
+/// Agent status, sent periodically on the control stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub n_buffered_events: u64,
+    pub buffered_bytes: u64,
+    /// Age of the oldest event not yet acknowledged by the aggregator.
+    pub oldest_unshipped_age_ms: u64,
+    pub n_dropped_events: u64,
+}
+
+/// Agent -> aggregator, the only frame on a batch stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum BatchMessage {
+    Batch(Batch),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Batch {
+    /// Last sequence number of the previous batch in the chain (the `Welcome` high-water mark for
+    /// the first batch on a connection). Sequence numbers in this batch are all above it.
+    pub after_seq: u64,
+    /// Sequence number of the last event in this batch.
+    pub last_seq: u64,
+    pub n_events: u32,
+    /// Size of the payload once decompressed: checked against limits before decompressing.
+    pub uncompressed_bytes: u32,
+    pub compression: Compression,
+    /// The events, postcard-encoded as `Vec<Event>`, then compressed.
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Compression {
+    None,
+    Zstd,
+}
+
+/// Aggregator -> agent, the only frame back on a batch stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum AckMessage {
+    Ack(Ack),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ack {
+    /// `last_seq` of the batch this answers.
+    pub last_seq: u64,
+    pub outcome: AckOutcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum AckOutcome {
+    /// Committed to the aggregator's WAL. `n_new` events were new; the rest were replays.
+    Stored { n_new: u32 },
+    /// Every event was at or below the high-water mark: already stored, nothing written.
+    Duplicate,
+    /// Not stored. The agent keeps the events and resends them on a new connection.
+    Rejected { reason: String },
+}
+
+impl AckOutcome {
+    /// True when the events of the batch are durable at the aggregator.
+    pub fn is_durable(&self) -> bool {
+        matches!(self, AckOutcome::Stored { .. } | AckOutcome::Duplicate)
+    }
+}

@@ -1,0 +1,23 @@
+//! Runnel configuration, shared by both binaries (the aggregator also validates agent configs
+//! before it rolls them out). This crate owns the config file formats: raw TOML types with every key
+//! optional and unknown keys rejected, then `validate()` into plain validated structs with defaults
+//! applied and relative paths resolved. Parse, then validate, then act: it must not act. It does no
+//! I/O beyond reading the one config file, creates no directories, opens no sockets or databases
+//! and reads no certificates.
+//!
+//! Architecture invariant: no dependency on runnel-common, tokio, or anything a binary runs; the
+//! few wire limits it checks are copied as literals with a comment.
+
+mod agent;
+mod aggregator;
+mod common;
+mod error;
+
+pub use agent::{
+    AgentConfig, BufferConfig, HttpSourceConfig, UplinkConfig, WhenFull, load_agent, parse_agent,
+};
+pub use aggregator::{
+    AggregatorConfig, IngestConfig, QueryConfig, StorageConfig, load_aggregator, parse_aggregator,
+};
+pub use common::Synchronous;
+pub use error::ConfigError;
