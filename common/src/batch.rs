@@ -32,6 +32,8 @@ pub enum BatchError {
         event_idx: usize,
         seq: u64,
     },
+    #[error("batch does not encode: {0}")]
+    Encode(String),
     #[error("batch compression failed: {0}")]
     Compress(String),
 }
@@ -47,7 +49,7 @@ pub fn encode(after_seq: u64, events: &[Event]) -> Result<Batch, BatchError> {
         });
     }
     check_order(after_seq, events)?;
-    let raw = postcard::to_stdvec(events).map_err(|error| BatchError::Decode(error.to_string()))?;
+    let raw = postcard::to_stdvec(events).map_err(|error| BatchError::Encode(error.to_string()))?;
     if raw.len() > MAX_BATCH_BYTES {
         return Err(BatchError::TooLarge {
             n_bytes: raw.len(),
@@ -100,14 +102,26 @@ pub fn decode(batch: &Batch) -> Result<Vec<Event>, BatchError> {
             actual: format!("{} bytes", raw.len()),
         });
     }
-    let events: Vec<Event> =
-        postcard::from_bytes(&raw).map_err(|error| BatchError::Decode(error.to_string()))?;
-    if events.len() != n_events {
+    // Check the count the payload announces before decoding any event: decoded events are
+    // larger than their encoding, so a payload announcing more events than the header could
+    // make us allocate far more than MAX_BATCH_BYTES.
+    let (n_announced, _) = postcard::take_from_bytes::<u64>(&raw)
+        .map_err(|error| BatchError::Decode(error.to_string()))?;
+    if n_announced != n_events as u64 {
         return Err(BatchError::HeaderMismatch {
             header: format!("{n_events} events"),
-            actual: format!("{} events", events.len()),
+            actual: format!("{n_announced} events"),
         });
     }
+    let (events, rest) = postcard::take_from_bytes::<Vec<Event>>(&raw)
+        .map_err(|error| BatchError::Decode(error.to_string()))?;
+    if !rest.is_empty() {
+        return Err(BatchError::Decode(format!(
+            "{} unexpected bytes after the events",
+            rest.len()
+        )));
+    }
+    debug_assert_eq!(events.len(), n_events);
     check_order(batch.after_seq, &events)?;
     let last_seq = events.last().map_or(0, |e| e.seq);
     if last_seq != batch.last_seq {
