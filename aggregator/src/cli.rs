@@ -1,0 +1,347 @@
+//! The `runnel-aggregator` command line: `serve`, `certs`, `query`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Runnel aggregator: stores what the fleet of runnel-agents sends, without loss or duplicates,
+/// and answers SQL over it.
+#[derive(Debug, Parser)]
+#[command(name = "runnel-aggregator", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the aggregator until SIGINT or SIGTERM.
+    Serve {
+        /// Aggregator config file (see config/examples/aggregator.toml).
+        #[arg(long, short, default_value = "/etc/runnel/aggregator.toml")]
+        config: PathBuf,
+    },
+    /// Create the fleet CA and certificates.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Run a SQL query against a running aggregator and print the result.
+    Query {
+        /// Base URL of the aggregator's query API (query.listen).
+        #[arg(long, default_value = "http://127.0.0.1:9481")]
+        url: String,
+        #[arg(long, short, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        /// The SQL statement (read-only), e.g. "SELECT count(*) FROM events".
+        sql: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCommand {
+    /// Create a CA (ca.pem, ca.key) and the aggregator's server certificate (server.pem, server.key).
+    Init {
+        /// Directory for the files (created if missing).
+        #[arg(long)]
+        dir: PathBuf,
+        /// DNS name or IP address agents use to reach the aggregator (repeatable); agents set
+        /// `uplink.server_name` to one of them. Default: localhost and 127.0.0.1.
+        #[arg(long = "san")]
+        server_names: Vec<String>,
+        /// Validity of the server certificate in days.
+        #[arg(long, default_value_t = crate::certs::DEFAULT_VALIDITY_DAYS)]
+        days: u32,
+        /// Replace an existing CA (every enrolled agent then needs a new certificate).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a client certificate for one agent, signed by the CA in --dir. Its common name is
+    /// the agent id.
+    IssueAgent {
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The agent id (letters, digits, '-', '_', '.').
+        #[arg(long)]
+        name: String,
+        /// Where to write NAME.pem and NAME.key (default: --dir).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Validity in days.
+        #[arg(long, default_value_t = crate::certs::DEFAULT_VALIDITY_DAYS)]
+        days: u32,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+    Csv,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let result = match cli.command {
+        Command::Serve { config } => serve(config),
+        Command::Certs(command) => certs(command),
+        Command::Query { url, format, sql } => query(&url, format, &sql),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("runnel-aggregator: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUNNEL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")
+}
+
+fn serve(path: PathBuf) -> anyhow::Result<()> {
+    let config = runnel_config::load_aggregator(&path)?;
+    runtime()?.block_on(async {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutdown requested");
+            let _ = stop_tx.send(true);
+        });
+        crate::run(config, stop_rx).await
+    })
+}
+
+fn certs(command: CertsCommand) -> anyhow::Result<()> {
+    match command {
+        CertsCommand::Init {
+            dir,
+            mut server_names,
+            days,
+            force,
+        } => {
+            if server_names.is_empty() {
+                server_names = vec!["localhost".into(), "127.0.0.1".into()];
+            }
+            let files = crate::certs::init(&dir, &server_names, days, force)?;
+            println!(
+                "created CA {} (keep {} secret)\ncreated server certificate {} for {}\nnext: runnel-aggregator certs issue-agent --dir {} --name <agent-id>",
+                files.ca_cert.display(),
+                files.ca_key.display(),
+                files.server_cert.display(),
+                server_names.join(", "),
+                dir.display()
+            );
+            Ok(())
+        }
+        CertsCommand::IssueAgent {
+            dir,
+            name,
+            out,
+            days,
+        } => {
+            let out = out.unwrap_or_else(|| dir.clone());
+            let files = crate::certs::issue_agent(&dir, &name, &out, days)?;
+            println!(
+                "issued agent certificate {} and key {} (agent id {name}, valid {days} days)\ncopy them and {} to the agent host; set uplink.cert, uplink.key and uplink.ca_cert",
+                files.cert.display(),
+                files.key.display(),
+                dir.join(crate::certs::CA_CERT).display()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn query(url: &str, format: Format, sql: &str) -> anyhow::Result<()> {
+    let endpoint = format!("{}/api/v1/query", url.trim_end_matches('/'));
+    let response = runtime()?.block_on(async {
+        let client = reqwest::Client::new();
+        let response = client
+            .post(&endpoint)
+            .json(&serde_json::json!({ "sql": sql }))
+            .send()
+            .await
+            .with_context(|| {
+                format!("POST {endpoint} (is the aggregator running? see query.listen)")
+            })?;
+        let status = response.status();
+        let body: serde_json::Value = response
+            .json()
+            .await
+            .with_context(|| format!("read response from {endpoint}"))?;
+        anyhow::Ok((status, body))
+    })?;
+    let (status, body) = response;
+    if !status.is_success() {
+        let message = body
+            .get("error")
+            .and_then(|e| e.as_str())
+            .unwrap_or("(no error message)");
+        anyhow::bail!("query failed ({status}): {message}");
+    }
+    let text = match format {
+        Format::Json => serde_json::to_string_pretty(&body).context("format JSON")?,
+        Format::Csv => render_csv(&body),
+        Format::Table => render_table(&body),
+    };
+    println!("{text}");
+    Ok(())
+}
+
+fn columns_and_rows(body: &serde_json::Value) -> (Vec<String>, Vec<Vec<String>>) {
+    let columns = body["columns"]
+        .as_array()
+        .map(|c| {
+            c.iter()
+                .map(|c| c["name"].as_str().unwrap_or("").to_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let rows = body["rows"]
+        .as_array()
+        .map(|rows| {
+            rows.iter()
+                .map(|row| {
+                    row.as_array()
+                        .map(|cells| cells.iter().map(cell_text).collect())
+                        .unwrap_or_default()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    (columns, rows)
+}
+
+fn cell_text(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::Null => String::new(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// psql-like aligned table with a row count.
+pub fn render_table(body: &serde_json::Value) -> String {
+    let (columns, rows) = columns_and_rows(body);
+    let mut widths: Vec<usize> = columns.iter().map(|c| c.chars().count()).collect();
+    for row in &rows {
+        for (idx, cell) in row.iter().enumerate() {
+            if let Some(width) = widths.get_mut(idx) {
+                *width = (*width).max(cell.chars().count());
+            }
+        }
+    }
+    let line = |cells: &[String]| -> String {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!(" {cell:<width$} "))
+            .collect::<Vec<_>>()
+            .join("|")
+            .trim_end()
+            .to_owned()
+    };
+    let mut out = String::new();
+    out.push_str(&line(&columns));
+    out.push('\n');
+    out.push_str(
+        &widths
+            .iter()
+            .map(|w| "-".repeat(w + 2))
+            .collect::<Vec<_>>()
+            .join("+"),
+    );
+    out.push('\n');
+    for row in &rows {
+        out.push_str(&line(row));
+        out.push('\n');
+    }
+    let n = rows.len();
+    out.push_str(&format!("({n} row{})", if n == 1 { "" } else { "s" }));
+    if body["truncated"].as_bool() == Some(true) {
+        out.push_str(", truncated at query.max_result_rows");
+    }
+    out
+}
+
+/// RFC 4180 CSV with a header line.
+pub fn render_csv(body: &serde_json::Value) -> String {
+    let (columns, rows) = columns_and_rows(body);
+    let field = |s: &String| {
+        if s.contains([',', '"', '\n', '\r']) {
+            format!("\"{}\"", s.replace('"', "\"\""))
+        } else {
+            s.clone()
+        }
+    };
+    let mut out = columns.iter().map(field).collect::<Vec<_>>().join(",");
+    for row in rows {
+        out.push('\n');
+        out.push_str(&row.iter().map(field).collect::<Vec<_>>().join(","));
+    }
+    out
+}
+
+/// Waits for SIGINT (Ctrl-C) or SIGTERM (systemd stop).
+pub async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the aggregator");
+            let _ = ctrl_c.await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_and_csv_rendering() {
+        let body = serde_json::json!({
+            "columns": [{"name": "name"}, {"name": "n"}],
+            "rows": [["page_view", 3], ["a,\"b\"", null]],
+            "truncated": false
+        });
+        assert_eq!(
+            render_table(&body),
+            " name      | n\n-----------+---\n page_view | 3\n a,\"b\"     |\n(2 rows)"
+        );
+        assert_eq!(render_csv(&body), "name,n\npage_view,3\n\"a,\"\"b\"\"\",");
+    }
+}

@@ -1,0 +1,421 @@
+//! The ingest server: QUIC with mutual TLS, one connection per agent.
+//!
+//! An agent's identity is the common name of the client certificate it proved it holds, checked
+//! against the fleet CA during the handshake; nothing an agent sends can change it. A handshake
+//! that fails (no certificate, another CA, expired) is logged with the reason and never reaches
+//! this code's stream handling.
+//!
+//! Per connection: the first bidirectional stream is the control stream (Hello -> Welcome, then
+//! heartbeats). Every further bidirectional stream carries one batch and gets one ack. Streams
+//! are read concurrently; a per-connection [`IngestSequencer`] hands batches to the WAL writer in
+//! chain order; the ack is written after the WAL commit. A malformed frame or batch closes that
+//! connection only.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use runnel_common::batch;
+use runnel_common::frame;
+use runnel_common::limits::{MAX_CONTROL_FRAME_BYTES, MAX_FRAME_BYTES};
+use runnel_common::session::{IngestSequencer, negotiate_version};
+use runnel_common::wire::{
+    Ack, AckMessage, AckOutcome, AgentMessage, AggregatorMessage, BatchMessage, PROTOCOL_VERSION,
+    Welcome,
+};
+use runnel_config::IngestConfig;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+
+use crate::wal::{CommitError, CommitOutcome, CommitRequest, Wal};
+
+/// How long an agent has to send its Hello after the handshake.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Heartbeat interval announced to agents.
+const HEARTBEAT_INTERVAL_MS: u32 = 5_000;
+
+/// QUIC application error codes we close connections with.
+const CLOSE_PROTOCOL_ERROR: u32 = 1;
+const CLOSE_SHUTDOWN: u32 = 2;
+
+pub fn server_config(config: &IngestConfig) -> anyhow::Result<quinn::ServerConfig> {
+    let ca = load_certs(&config.ca_cert)?;
+    let chain = load_certs(&config.cert)?;
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&config.key)
+        .with_context(|| format!("read ingest.key {}", config.key.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in ca {
+        roots
+            .add(cert)
+            .with_context(|| format!("add CA from ingest.ca_cert {}", config.ca_cert.display()))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::clone(&provider),
+    )
+    .build()
+    .context("client certificate verifier")?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .context("TLS 1.3 with the ring provider")?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .with_context(|| {
+            format!(
+                "ingest.cert {} and ingest.key {} do not match",
+                config.cert.display(),
+                config.key.display()
+            )
+        })?;
+    tls.alpn_protocols = vec![runnel_common::wire::ALPN.to_vec()];
+    let crypto =
+        quinn::crypto::rustls::QuicServerConfig::try_from(tls).context("QUIC TLS configuration")?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    // One stream per in-flight batch plus the control stream.
+    transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(
+        config.max_in_flight_batches as u32 + 1,
+    ));
+    transport.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+    transport.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(Duration::from_millis(config.idle_timeout_ms))
+            .context("ingest.idle_timeout_ms")?,
+    ));
+    server.transport_config(Arc::new(transport));
+    Ok(server)
+}
+
+fn load_certs(path: &std::path::Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("read certificates from {}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("parse PEM certificates in {}", path.display()))?;
+    anyhow::ensure!(
+        !certs.is_empty(),
+        "{} holds no PEM certificate",
+        path.display()
+    );
+    Ok(certs)
+}
+
+/// Runs the accept loop until `shutdown`.
+pub async fn serve(
+    endpoint: quinn::Endpoint,
+    config: IngestConfig,
+    wal: Wal,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let connections = Arc::new(Semaphore::new(config.max_connections));
+    loop {
+        let incoming = tokio::select! {
+            incoming = endpoint.accept() => incoming,
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        };
+        let Some(incoming) = incoming else { break };
+        let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
+            tracing::warn!(remote = %incoming.remote_address(), max = config.max_connections, "refusing connection: ingest.max_connections reached");
+            incoming.refuse();
+            continue;
+        };
+        let wal = wal.clone();
+        let window = config.max_in_flight_batches;
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(connection) => {
+                    if let Err(error) = handle_connection(connection, remote, wal, window).await {
+                        tracing::info!(%remote, error = format!("{error:#}"), "agent connection ended");
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%remote, %error, "agent connection refused during the TLS handshake");
+                }
+            }
+            drop(permit);
+        });
+    }
+    endpoint.close(CLOSE_SHUTDOWN.into(), b"aggregator shutting down");
+}
+
+/// The agent id from the verified client certificate's common name.
+fn agent_id(connection: &quinn::Connection) -> anyhow::Result<Arc<str>> {
+    let identity = connection
+        .peer_identity()
+        .context("no peer identity after the handshake")?;
+    let certs = identity
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .map_err(|_| anyhow::anyhow!("peer identity is not a certificate chain"))?;
+    let cert = certs.first().context("peer sent no certificate")?;
+    let (_, parsed) =
+        x509_parser::parse_x509_certificate(cert.as_ref()).context("parse agent certificate")?;
+    let cn = parsed
+        .subject()
+        .iter_common_name()
+        .next()
+        .context("agent certificate has no common name")?;
+    let cn = cn
+        .as_str()
+        .context("agent certificate common name is not text")?;
+    crate::certs::validate_agent_id(cn)?;
+    Ok(Arc::from(cn))
+}
+
+type Pending = (
+    CommitRequest,
+    oneshot::Sender<Result<CommitOutcome, CommitError>>,
+);
+
+async fn handle_connection(
+    connection: quinn::Connection,
+    remote: SocketAddr,
+    wal: Wal,
+    window: usize,
+) -> anyhow::Result<()> {
+    let agent_id = match agent_id(&connection) {
+        Ok(id) => id,
+        Err(error) => {
+            tracing::warn!(%remote, error = format!("{error:#}"), "agent refused: bad identity");
+            connection.close(CLOSE_PROTOCOL_ERROR.into(), b"bad identity");
+            return Ok(());
+        }
+    };
+    let (mut control_send, mut control_recv) =
+        tokio::time::timeout(HELLO_TIMEOUT, connection.accept_bi())
+            .await
+            .context("no control stream in time")?
+            .context("accept control stream")?;
+    let hello = match tokio::time::timeout(
+        HELLO_TIMEOUT,
+        read_frame::<AgentMessage>(&mut control_recv, MAX_CONTROL_FRAME_BYTES),
+    )
+    .await
+    .context("no hello in time")??
+    {
+        AgentMessage::Hello(hello) => hello,
+        other => {
+            connection.close(CLOSE_PROTOCOL_ERROR.into(), b"expected hello");
+            anyhow::bail!("expected Hello, got {other:?}");
+        }
+    };
+    let version = match negotiate_version(&hello) {
+        Ok(version) => version,
+        Err(error) => {
+            let refused = AggregatorMessage::Refused {
+                reason: error.to_string(),
+            };
+            let _ = write_frame(&mut control_send, &refused, MAX_CONTROL_FRAME_BYTES).await;
+            let _ = control_send.finish();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            connection.close(CLOSE_PROTOCOL_ERROR.into(), b"version");
+            anyhow::bail!("agent {agent_id}: {error}");
+        }
+    };
+    let high_water_mark = wal.high_water_mark(Arc::clone(&agent_id)).await?;
+    let welcome = Welcome {
+        protocol_version: version,
+        high_water_mark,
+        max_in_flight_batches: window as u32,
+        heartbeat_interval_ms: HEARTBEAT_INTERVAL_MS,
+        agent_id: agent_id.to_string(),
+        aggregator_version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    debug_assert!(version <= PROTOCOL_VERSION);
+    write_frame(
+        &mut control_send,
+        &AggregatorMessage::Welcome(welcome),
+        MAX_CONTROL_FRAME_BYTES,
+    )
+    .await?;
+    tracing::info!(
+        agent_id = %agent_id,
+        %remote,
+        agent_version = %hello.agent_version,
+        high_water_mark,
+        last_assigned_seq = hello.last_assigned_seq,
+        "agent connected"
+    );
+
+    // Batches go through the sequencer task, which forwards them to the WAL in chain order.
+    let (to_sequencer, from_streams) = mpsc::channel::<(u64, u64, Pending)>(window.max(1));
+    let sequencer = tokio::spawn(sequence(
+        high_water_mark,
+        from_streams,
+        wal.clone(),
+        connection.clone(),
+    ));
+
+    // The control stream is read by its own task: a read cut short by `select!` would lose part
+    // of a frame and desynchronise the stream.
+    let mut control = tokio::spawn(read_control(control_recv, Arc::clone(&agent_id)));
+    let result = loop {
+        tokio::select! {
+            stream = connection.accept_bi() => {
+                let (send, recv) = match stream {
+                    Ok(stream) => stream,
+                    Err(error) => break Err(anyhow::Error::new(error).context("connection closed")),
+                };
+                tokio::spawn(handle_batch_stream(connection.clone(), Arc::clone(&agent_id), send, recv, to_sequencer.clone()));
+            }
+            ended = &mut control => {
+                let error = match ended {
+                    Ok(error) => error,
+                    Err(join_error) => anyhow::Error::new(join_error),
+                };
+                connection.close(CLOSE_PROTOCOL_ERROR.into(), b"control stream");
+                break Err(error.context("control stream"));
+            }
+        }
+    };
+    control.abort();
+    drop(control_send);
+    drop(to_sequencer);
+    sequencer.abort();
+    result
+}
+
+/// Reads heartbeats until the control stream fails; returns why.
+async fn read_control(mut control_recv: quinn::RecvStream, agent_id: Arc<str>) -> anyhow::Error {
+    loop {
+        match read_frame::<AgentMessage>(&mut control_recv, MAX_CONTROL_FRAME_BYTES).await {
+            Ok(AgentMessage::Heartbeat(beat)) => {
+                tracing::debug!(agent_id = %agent_id, n_buffered = beat.n_buffered_events, buffered_bytes = beat.buffered_bytes, "heartbeat");
+            }
+            Ok(AgentMessage::Hello(_)) => {
+                return anyhow::anyhow!("second Hello on the control stream");
+            }
+            Err(error) => return error,
+        }
+    }
+}
+
+/// Receives decoded batches from stream tasks and commits them in chain order. Any failure
+/// closes the connection: the agent reconnects and resends from the stored high-water mark.
+async fn sequence(
+    high_water_mark: u64,
+    mut from_streams: mpsc::Receiver<(u64, u64, Pending)>,
+    wal: Wal,
+    connection: quinn::Connection,
+) {
+    let mut sequencer = IngestSequencer::new(high_water_mark);
+    while let Some((after_seq, last_seq, pending)) = from_streams.recv().await {
+        let ready = match sequencer.offer(after_seq, last_seq, pending) {
+            Ok(ready) => ready,
+            Err(error) => {
+                tracing::warn!(%error, "batch out of sequence; closing the connection");
+                connection.close(CLOSE_PROTOCOL_ERROR.into(), b"out of sequence");
+                return;
+            }
+        };
+        for (request, reply) in ready {
+            // Commit one at a time per connection so a failure cannot let a later batch of this
+            // agent through ahead of an earlier one; the writer still groups across agents.
+            let outcome = wal.commit(request).await;
+            let failed = outcome.is_err();
+            let _ = reply.send(outcome);
+            if failed {
+                connection.close(CLOSE_PROTOCOL_ERROR.into(), b"commit failed");
+                return;
+            }
+        }
+    }
+}
+
+async fn handle_batch_stream(
+    connection: quinn::Connection,
+    agent_id: Arc<str>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    to_sequencer: mpsc::Sender<(u64, u64, Pending)>,
+) {
+    let batch = match read_frame::<BatchMessage>(&mut recv, MAX_FRAME_BYTES).await {
+        Ok(BatchMessage::Batch(batch)) => batch,
+        Err(error) => {
+            tracing::warn!(agent_id = %agent_id, error = format!("{error:#}"), "bad batch frame; closing the connection");
+            connection.close(CLOSE_PROTOCOL_ERROR.into(), b"bad frame");
+            return;
+        }
+    };
+    let decoded = {
+        let batch = batch.clone();
+        tokio::task::spawn_blocking(move || batch::decode(&batch)).await
+    };
+    let events = match decoded {
+        Ok(Ok(events)) => events,
+        Ok(Err(error)) => {
+            tracing::warn!(agent_id = %agent_id, %error, "invalid batch; closing the connection");
+            connection.close(CLOSE_PROTOCOL_ERROR.into(), b"invalid batch");
+            return;
+        }
+        Err(error) => {
+            tracing::error!(%error, "batch decoder task failed");
+            return;
+        }
+    };
+    let last_seq = batch.last_seq;
+    let request = CommitRequest {
+        agent_id: Arc::clone(&agent_id),
+        after_seq: batch.after_seq,
+        last_seq,
+        events,
+        batch,
+    };
+    let (reply, outcome) = oneshot::channel();
+    if to_sequencer
+        .send((request.after_seq, last_seq, (request, reply)))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let outcome = match outcome.await {
+        Ok(Ok(CommitOutcome::Stored { n_new })) => AckOutcome::Stored { n_new },
+        Ok(Ok(CommitOutcome::Duplicate)) => AckOutcome::Duplicate,
+        Ok(Err(error)) => {
+            tracing::warn!(agent_id = %agent_id, last_seq, %error, "batch not stored");
+            AckOutcome::Rejected {
+                reason: error.to_string(),
+            }
+        }
+        Err(_) => AckOutcome::Rejected {
+            reason: "batch out of sequence".into(),
+        },
+    };
+    let ack = AckMessage::Ack(Ack { last_seq, outcome });
+    if let Err(error) = write_frame(&mut send, &ack, MAX_CONTROL_FRAME_BYTES).await {
+        tracing::debug!(agent_id = %agent_id, error = format!("{error:#}"), "ack not delivered (the agent will resend)");
+        return;
+    }
+    let _ = send.finish();
+}
+
+async fn write_frame<T: Serialize>(
+    send: &mut quinn::SendStream,
+    message: &T,
+    max_bytes: usize,
+) -> anyhow::Result<()> {
+    let bytes = frame::encode(message, max_bytes)?;
+    send.write_all(&bytes).await.context("write frame")?;
+    Ok(())
+}
+
+async fn read_frame<T: DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+    max_bytes: usize,
+) -> anyhow::Result<T> {
+    let mut prefix = [0u8; frame::LENGTH_PREFIX_BYTES];
+    recv.read_exact(&mut prefix)
+        .await
+        .context("read frame length")?;
+    let n_bytes = frame::payload_len(prefix, max_bytes)?;
+    let mut payload = vec![0u8; n_bytes];
+    recv.read_exact(&mut payload)
+        .await
+        .context("read frame payload")?;
+    Ok(frame::decode_payload(&payload)?)
+}

@@ -1,0 +1,150 @@
+//! runnel-aggregator: accepts batches from the fleet over QUIC, commits them to a SQLite WAL
+//! before acknowledging, keeps them queryable in memory, flushes them to hour-partitioned
+//! Parquet, and answers SQL over all of it.
+//!
+//! Codemap: [`ingest`] (QUIC server, mTLS identity, chain order) -> [`wal`] (durable commit,
+//! high-water marks, one writer thread) -> [`store`] (recent Arrow rows + Parquet files) ->
+//! [`query`] (DataFusion) -> [`api`] (HTTP). [`certs`] is the fleet PKI; [`cli`] the commands.
+
+pub mod api;
+pub mod certs;
+pub mod cli;
+pub mod ingest;
+pub mod query;
+pub mod schema;
+pub mod store;
+pub mod wal;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use runnel_config::AggregatorConfig;
+use tokio::sync::watch;
+
+/// File in `data_dir` where a running aggregator writes the addresses it bound.
+pub const RUNTIME_FILE: &str = "aggregator.runtime.json";
+
+/// Runs the aggregator until `shutdown` becomes true.
+pub async fn run(
+    config: AggregatorConfig,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("create aggregator.data_dir {}", config.data_dir.display()))?;
+    std::fs::create_dir_all(&config.storage.events_dir).with_context(|| {
+        format!(
+            "create storage.events_dir {}",
+            config.storage.events_dir.display()
+        )
+    })?;
+    let object_store = datafusion::object_store::local::LocalFileSystem::new_with_prefix(
+        &config.storage.events_dir,
+    )
+    .with_context(|| {
+        format!(
+            "open storage.events_dir {}",
+            config.storage.events_dir.display()
+        )
+    })?;
+    let store = Arc::new(store::EventStore::new(
+        Arc::new(object_store),
+        config.storage.max_recent_rows,
+    ));
+    let (wal, wal_thread, recovered) = wal::Wal::open(
+        &config.storage.wal_path,
+        config.storage.synchronous.as_pragma(),
+        Arc::clone(&store),
+    )?;
+    store.set_files(recovered.files);
+    store.remove_unrecorded_files().await?;
+    let engine = Arc::new(query::QueryEngine::new(
+        &config.query,
+        Arc::clone(&store),
+        &config.storage.events_dir,
+    )?);
+
+    let server_config = ingest::server_config(&config.ingest)?;
+    let endpoint = quinn::Endpoint::server(server_config, config.ingest.listen)
+        .with_context(|| format!("bind ingest.listen = {} (UDP)", config.ingest.listen))?;
+    let ingest_addr = endpoint.local_addr().context("read ingest address")?;
+    let query_listener = tokio::net::TcpListener::bind(config.query.listen)
+        .await
+        .with_context(|| format!("bind query.listen = {}", config.query.listen))?;
+    let query_addr = query_listener.local_addr().context("read query address")?;
+    let runtime_path = config.data_dir.join(RUNTIME_FILE);
+    let runtime = serde_json::json!({
+        "pid": std::process::id(),
+        "ingest": ingest_addr.to_string(),
+        "query": query_addr.to_string(),
+    });
+    std::fs::write(&runtime_path, runtime.to_string())
+        .with_context(|| format!("write {}", runtime_path.display()))?;
+    tracing::info!(ingest = %ingest_addr, query = %query_addr, n_replayed_events = recovered.n_events, "aggregator started");
+
+    let ingest = tokio::spawn(ingest::serve(
+        endpoint,
+        config.ingest.clone(),
+        wal.clone(),
+        shutdown.clone(),
+    ));
+    let flusher = tokio::spawn(flush_loop(
+        Arc::clone(&store),
+        wal.clone(),
+        Duration::from_millis(config.storage.flush_interval_ms),
+        shutdown.clone(),
+    ));
+    axum::serve(query_listener, api::router(engine))
+        .with_graceful_shutdown(async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        })
+        .await
+        .context("query API")?;
+    let _ = ingest.await;
+    let _ = flusher.await;
+    drop(wal);
+    // Connection tasks may still hold WAL handles for a moment; the WAL is consistent at every
+    // commit, so waiting is a courtesy, not a requirement.
+    let joined = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::task::spawn_blocking(move || wal_thread.join()),
+    )
+    .await;
+    if joined.is_err() {
+        tracing::warn!("WAL writer still busy at shutdown; exiting anyway (the WAL is consistent)");
+    }
+    tracing::info!("aggregator stopped");
+    Ok(())
+}
+
+/// Flushes recent rows to Parquet every `interval`, or sooner when memory holds too many.
+async fn flush_loop(
+    store: Arc<store::EventStore>,
+    wal: wal::Wal,
+    interval: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = store.flush_wanted() => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        match store.flush(&wal).await {
+            Ok(flushed) if flushed.n_rows > 0 => {
+                tracing::info!(
+                    n_files = flushed.n_files,
+                    n_rows = flushed.n_rows,
+                    n_batches = flushed.n_batches,
+                    "flushed to Parquet"
+                );
+            }
+            Ok(_) => {}
+            // Rows stay in memory and in the WAL; the next tick retries.
+            Err(error) => tracing::warn!(error = format!("{error:#}"), "flush to Parquet failed"),
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! SQL over the fleet's events with Apache DataFusion.
+//!
+//! Table `events` is [`EventsTable`]: each scan takes a [`Snapshot`] of the store (recent rows in
+//! memory plus recorded Parquet files) and unions a memory scan with a Parquet scan, so a query
+//! sees every stored event exactly once while flushes go on.
+//!
+//! Safety: statements are planned with DDL, DML and other statements disallowed (read-only),
+//! under a memory pool of `query.memory_limit_bytes`, a timeout of `query.timeout_ms`, and at most
+//! `query.max_result_rows` rows returned (the rest is cut and flagged `truncated`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use datafusion::arrow::array::{Array, ArrayRef, RecordBatch};
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::datasource::MemTable;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
+use datafusion::error::Result as DfResult;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::logical_expr::{Expr, TableType};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::union::UnionExec;
+use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
+use futures::StreamExt;
+use runnel_config::QueryConfig;
+
+use crate::schema::EVENTS_SCHEMA;
+use crate::store::EventStore;
+
+/// The `events` table over the store.
+#[derive(Debug)]
+pub struct EventsTable {
+    store: Arc<EventStore>,
+    /// Directory URL of the Parquet files (`file:///...` for a local directory).
+    root: String,
+}
+
+impl std::fmt::Debug for EventStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventStore").finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl TableProvider for EventsTable {
+    fn schema(&self) -> SchemaRef {
+        EVENTS_SCHEMA.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let snapshot = self.store.snapshot();
+        let memory = MemTable::try_new(EVENTS_SCHEMA.clone(), vec![snapshot.recent])?;
+        let mut plans = vec![memory.scan(state, projection, filters, limit).await?];
+        if !snapshot.files.is_empty() {
+            let urls = snapshot
+                .files
+                .iter()
+                .map(|file| ListingTableUrl::parse(format!("{}/{}", self.root, file.path)))
+                .collect::<DfResult<Vec<_>>>()?;
+            let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
+                .with_file_extension(".parquet");
+            let config = ListingTableConfig::new_with_multi_paths(urls)
+                .with_listing_options(options)
+                .with_schema(EVENTS_SCHEMA.clone());
+            let files = ListingTable::try_new(config)?;
+            plans.push(files.scan(state, projection, filters, limit).await?);
+        }
+        UnionExec::try_new(plans)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// The statement is not valid SQL, names unknown tables or columns, or is not a read.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("query exceeded the time limit of {timeout_ms} ms (query.timeout_ms)")]
+    Timeout { timeout_ms: u64 },
+    #[error("query failed: {0}")]
+    Execution(String),
+}
+
+/// A finished query.
+pub struct QueryResult {
+    pub schema: SchemaRef,
+    pub batches: Vec<RecordBatch>,
+    pub n_rows: usize,
+    /// More rows existed than `query.max_result_rows`.
+    pub truncated: bool,
+    pub elapsed: Duration,
+}
+
+pub struct QueryEngine {
+    ctx: SessionContext,
+    timeout: Duration,
+    max_result_rows: usize,
+}
+
+impl QueryEngine {
+    pub fn new(
+        config: &QueryConfig,
+        store: Arc<EventStore>,
+        events_root: &std::path::Path,
+    ) -> anyhow::Result<Self> {
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_limit(
+                usize::try_from(config.memory_limit_bytes).unwrap_or(usize::MAX),
+                1.0,
+            )
+            .build_arc()?;
+        let session = SessionConfig::new()
+            .with_information_schema(true)
+            .with_target_partitions(2);
+        let ctx = SessionContext::new_with_config_rt(session, runtime);
+        let root = format!("file://{}", events_root.display());
+        ctx.register_table("events", Arc::new(EventsTable { store, root }))?;
+        Ok(QueryEngine {
+            ctx,
+            timeout: Duration::from_millis(config.timeout_ms),
+            max_result_rows: config.max_result_rows,
+        })
+    }
+
+    pub async fn run(&self, sql: &str) -> Result<QueryResult, QueryError> {
+        let started = Instant::now();
+        let options = SQLOptions::new()
+            .with_allow_ddl(false)
+            .with_allow_dml(false)
+            .with_allow_statements(false);
+        let work = async {
+            let frame = self
+                .ctx
+                .sql_with_options(sql, options)
+                .await
+                .map_err(|error| QueryError::Invalid(error.strip_backtrace()))?;
+            let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
+            let mut stream = frame
+                .execute_stream()
+                .await
+                .map_err(|error| QueryError::Execution(error.strip_backtrace()))?;
+            let mut batches = Vec::new();
+            let mut n_rows = 0usize;
+            let mut truncated = false;
+            while let Some(batch) = stream.next().await {
+                let batch =
+                    batch.map_err(|error| QueryError::Execution(error.strip_backtrace()))?;
+                let room = self.max_result_rows - n_rows;
+                if batch.num_rows() > room {
+                    batches.push(batch.slice(0, room));
+                    n_rows += room;
+                    truncated = true;
+                    break;
+                }
+                n_rows += batch.num_rows();
+                batches.push(batch);
+            }
+            Ok::<_, QueryError>((schema, batches, n_rows, truncated))
+        };
+        let (schema, batches, n_rows, truncated) = tokio::time::timeout(self.timeout, work)
+            .await
+            .map_err(|_| QueryError::Timeout {
+                timeout_ms: self.timeout.as_millis() as u64,
+            })??;
+        Ok(QueryResult {
+            schema,
+            batches,
+            n_rows,
+            truncated,
+            elapsed: started.elapsed(),
+        })
+    }
+}
+
+/// Renders a result as `{"columns":[{"name","type"}],"rows":[[...]],"n_rows","truncated","elapsed_ms"}`.
+pub fn to_json(result: &QueryResult) -> serde_json::Value {
+    let columns: Vec<serde_json::Value> = result
+        .schema
+        .fields()
+        .iter()
+        .map(|f| serde_json::json!({ "name": f.name(), "type": f.data_type().to_string() }))
+        .collect();
+    let mut rows = Vec::with_capacity(result.n_rows);
+    let options = FormatOptions::default().with_null("null");
+    for batch in &result.batches {
+        let formatters: Vec<Option<ArrayFormatter<'_>>> = batch
+            .columns()
+            .iter()
+            .map(|c| ArrayFormatter::try_new(c.as_ref(), &options).ok())
+            .collect();
+        for row in 0..batch.num_rows() {
+            let cells = batch
+                .columns()
+                .iter()
+                .zip(&formatters)
+                .map(|(column, formatter)| cell(column, formatter.as_ref(), row))
+                .collect::<Vec<_>>();
+            rows.push(serde_json::Value::Array(cells));
+        }
+    }
+    serde_json::json!({
+        "columns": columns,
+        "rows": rows,
+        "n_rows": result.n_rows,
+        "truncated": result.truncated,
+        "elapsed_ms": result.elapsed.as_secs_f64() * 1000.0,
+    })
+}
+
+fn cell(
+    column: &ArrayRef,
+    formatter: Option<&ArrayFormatter<'_>>,
+    row: usize,
+) -> serde_json::Value {
+    use datafusion::arrow::array::AsArray;
+    use datafusion::arrow::datatypes as dt;
+    use serde_json::Value as J;
+    if column.is_null(row) {
+        return J::Null;
+    }
+    match column.data_type() {
+        DataType::Boolean => J::Bool(column.as_boolean().value(row)),
+        DataType::Int8 => J::from(column.as_primitive::<dt::Int8Type>().value(row)),
+        DataType::Int16 => J::from(column.as_primitive::<dt::Int16Type>().value(row)),
+        DataType::Int32 => J::from(column.as_primitive::<dt::Int32Type>().value(row)),
+        DataType::Int64 => J::from(column.as_primitive::<dt::Int64Type>().value(row)),
+        DataType::UInt8 => J::from(column.as_primitive::<dt::UInt8Type>().value(row)),
+        DataType::UInt16 => J::from(column.as_primitive::<dt::UInt16Type>().value(row)),
+        DataType::UInt32 => J::from(column.as_primitive::<dt::UInt32Type>().value(row)),
+        DataType::UInt64 => J::from(column.as_primitive::<dt::UInt64Type>().value(row)),
+        DataType::Float32 => J::from(f64::from(
+            column.as_primitive::<dt::Float32Type>().value(row),
+        )),
+        DataType::Float64 => J::from(column.as_primitive::<dt::Float64Type>().value(row)),
+        DataType::Utf8 => J::String(column.as_string::<i32>().value(row).to_owned()),
+        DataType::LargeUtf8 => J::String(column.as_string::<i64>().value(row).to_owned()),
+        DataType::Utf8View => J::String(column.as_string_view().value(row).to_owned()),
+        DataType::List(_) => {
+            let list = column.as_list::<i32>().value(row);
+            let options = FormatOptions::default().with_null("null");
+            let formatter = ArrayFormatter::try_new(list.as_ref(), &options).ok();
+            J::Array(
+                (0..list.len())
+                    .map(|i| cell(&list, formatter.as_ref(), i))
+                    .collect(),
+            )
+        }
+        _ => match formatter {
+            Some(formatter) => J::String(formatter.value(row).to_string()),
+            None => J::Null,
+        },
+    }
+}

@@ -1,0 +1,250 @@
+//! Event storage the query engine reads: recent rows in memory (Arrow record batches, queryable
+//! the moment their WAL transaction commits) plus Parquet files partitioned by event hour.
+//!
+//! Layout under `storage.events_dir` (Hive style, readable by DuckDB, Spark, Trino):
+//! `date=YYYY-MM-DD/hour=HH/part-<first WAL batch id>-<last WAL batch id>.parquet`.
+//!
+//! A flush moves rows from memory to Parquet in three steps: write the files (not yet visible to
+//! queries), record them and delete their WAL batches in one transaction, then swap under the
+//! lock: add the files, drop the rows. A query takes its snapshot under the same lock, so it sees
+//! each row exactly once. Files on disk but not recorded are from an interrupted flush; their
+//! rows are still in the WAL, so they are deleted at startup.
+//!
+//! Architecture invariant: only `object_store` touches the files, so the same code serves a
+//! local directory and S3-compatible storage.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::compute::concat_batches;
+use datafusion::object_store::path::Path as ObjectPath;
+use datafusion::object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use datafusion::parquet::arrow::ArrowWriter;
+use datafusion::parquet::basic::{Compression, ZstdLevel};
+use datafusion::parquet::file::properties::WriterProperties;
+use futures::TryStreamExt;
+use tokio::sync::Notify;
+
+use crate::schema::EVENTS_SCHEMA;
+use crate::wal::Wal;
+
+/// A Parquet file that holds flushed events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParquetFile {
+    /// Object path relative to the events root.
+    pub path: String,
+    pub hour_ms: i64,
+    pub n_rows: u64,
+    pub n_bytes: u64,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Rows not yet in Parquet, by WAL batch id, each split by event hour.
+    recent: BTreeMap<i64, Vec<(i64, RecordBatch)>>,
+    n_recent_rows: usize,
+    files: Vec<ParquetFile>,
+}
+
+/// What a query reads: a consistent cut of memory and files.
+pub struct Snapshot {
+    pub recent: Vec<RecordBatch>,
+    pub files: Vec<ParquetFile>,
+}
+
+pub struct EventStore {
+    inner: Mutex<Inner>,
+    object_store: Arc<dyn ObjectStore>,
+    max_recent_rows: usize,
+    flush_wanted: Notify,
+}
+
+/// What one flush did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Flushed {
+    pub n_files: usize,
+    pub n_rows: u64,
+    pub n_batches: usize,
+}
+
+impl EventStore {
+    pub fn new(object_store: Arc<dyn ObjectStore>, max_recent_rows: usize) -> EventStore {
+        EventStore {
+            inner: Mutex::default(),
+            object_store,
+            max_recent_rows,
+            flush_wanted: Notify::new(),
+        }
+    }
+
+    pub fn object_store(&self) -> &Arc<dyn ObjectStore> {
+        &self.object_store
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves plain data behind; keep serving.
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Adds rows of a committed WAL batch. Asks for a flush when memory holds too many rows.
+    pub fn insert(&self, batch_id: i64, batches: Vec<(i64, RecordBatch)>) {
+        let n_rows: usize = batches.iter().map(|(_, b)| b.num_rows()).sum();
+        let mut inner = self.lock();
+        inner.n_recent_rows += n_rows;
+        let previous = inner.recent.insert(batch_id, batches);
+        debug_assert!(previous.is_none(), "WAL batch ids are unique");
+        if inner.n_recent_rows >= self.max_recent_rows {
+            self.flush_wanted.notify_one();
+        }
+    }
+
+    pub fn set_files(&self, files: Vec<ParquetFile>) {
+        self.lock().files = files;
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let inner = self.lock();
+        Snapshot {
+            recent: inner
+                .recent
+                .values()
+                .flatten()
+                .map(|(_, b)| b.clone())
+                .collect(),
+            files: inner.files.clone(),
+        }
+    }
+
+    pub fn n_recent_rows(&self) -> usize {
+        self.lock().n_recent_rows
+    }
+
+    /// Resolves when memory holds more than `max_recent_rows`.
+    pub async fn flush_wanted(&self) {
+        self.flush_wanted.notified().await;
+    }
+
+    /// Deletes Parquet files that no committed flush recorded (leftovers of a crash mid-flush).
+    pub async fn remove_unrecorded_files(&self) -> anyhow::Result<usize> {
+        let recorded: BTreeSet<String> = self.lock().files.iter().map(|f| f.path.clone()).collect();
+        let listed: Vec<_> = self
+            .object_store
+            .list(None)
+            .try_collect()
+            .await
+            .context("list event files")?;
+        let mut n_removed = 0;
+        for meta in listed {
+            let path = meta.location.to_string();
+            if path.ends_with(".parquet") && !recorded.contains(&path) {
+                tracing::warn!(
+                    path,
+                    "removing Parquet file of an interrupted flush (its rows are in the WAL)"
+                );
+                self.object_store
+                    .delete(&meta.location)
+                    .await
+                    .with_context(|| format!("delete {path}"))?;
+                n_removed += 1;
+            }
+        }
+        Ok(n_removed)
+    }
+
+    /// Moves everything now in memory to Parquet. See the module docs for the protocol.
+    pub async fn flush(&self, wal: &Wal) -> anyhow::Result<Flushed> {
+        let taken: Vec<(i64, Vec<(i64, RecordBatch)>)> = self
+            .lock()
+            .recent
+            .iter()
+            .map(|(id, b)| (*id, b.clone()))
+            .collect();
+        let (Some(first_id), Some(last_id)) =
+            (taken.first().map(|t| t.0), taken.last().map(|t| t.0))
+        else {
+            return Ok(Flushed::default());
+        };
+        let mut by_hour: BTreeMap<i64, Vec<RecordBatch>> = BTreeMap::new();
+        for (_, batches) in &taken {
+            for (hour, batch) in batches {
+                by_hour.entry(*hour).or_default().push(batch.clone());
+            }
+        }
+        let mut files = Vec::with_capacity(by_hour.len());
+        for (hour_ms, batches) in by_hour {
+            let path = file_path(hour_ms, first_id, last_id);
+            let (bytes, n_rows) = tokio::task::spawn_blocking(move || encode_parquet(&batches))
+                .await
+                .context("Parquet encoder task")??;
+            let n_bytes = bytes.len() as u64;
+            self.object_store
+                .put(&ObjectPath::from(path.as_str()), PutPayload::from(bytes))
+                .await
+                .with_context(|| format!("write {path}"))?;
+            files.push(ParquetFile {
+                path,
+                hour_ms,
+                n_rows,
+                n_bytes,
+            });
+        }
+        let batch_ids: Vec<i64> = taken.iter().map(|(id, _)| *id).collect();
+        wal.finish_flush(files.clone(), batch_ids.clone()).await?;
+
+        let flushed = Flushed {
+            n_files: files.len(),
+            n_rows: files.iter().map(|f| f.n_rows).sum(),
+            n_batches: batch_ids.len(),
+        };
+        let mut inner = self.lock();
+        for id in &batch_ids {
+            if let Some(batches) = inner.recent.remove(id) {
+                inner.n_recent_rows -= batches.iter().map(|(_, b)| b.num_rows()).sum::<usize>();
+            }
+        }
+        inner.files.extend(files);
+        Ok(flushed)
+    }
+}
+
+/// `date=YYYY-MM-DD/hour=HH/part-<first>-<last>.parquet`
+fn file_path(hour_ms: i64, first_batch_id: i64, last_batch_id: i64) -> String {
+    let hour = chrono::DateTime::from_timestamp_millis(hour_ms).unwrap_or_default();
+    format!(
+        "date={}/hour={}/part-{first_batch_id:012}-{last_batch_id:012}.parquet",
+        hour.format("%Y-%m-%d"),
+        hour.format("%H")
+    )
+}
+
+fn encode_parquet(batches: &[RecordBatch]) -> anyhow::Result<(Vec<u8>, u64)> {
+    let batch = concat_batches(&EVENTS_SCHEMA, batches).context("concatenate batches")?;
+    let properties = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(3).context("zstd level")?,
+        ))
+        .build();
+    let mut bytes = Vec::new();
+    let mut writer = ArrowWriter::try_new(&mut bytes, EVENTS_SCHEMA.clone(), Some(properties))
+        .context("Parquet writer")?;
+    writer.write(&batch).context("write Parquet")?;
+    writer.close().context("finish Parquet")?;
+    Ok((bytes, batch.num_rows() as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_paths_are_hive_partitioned() {
+        assert_eq!(
+            file_path(1_769_860_800_000, 1, 22),
+            "date=2026-01-31/hour=12/part-000000000001-000000000022.parquet"
+        );
+    }
+}

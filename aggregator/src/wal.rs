@@ -1,0 +1,491 @@
+//! The aggregator's write-ahead log: SQLite in WAL mode, owned by one writer thread.
+//!
+//! A batch is acknowledged to an agent only after the transaction that stores it has committed.
+//! The same transaction moves that agent's high-water mark, so "stored" and "counted as stored"
+//! cannot disagree after a crash. Inside the transaction the writer checks the chain:
+//! events at or below the mark are replays and are dropped; a batch whose predecessor was not
+//! stored yet (`after_seq` above the mark) is rejected, because storing it would move the mark
+//! past events that then look like replays and would be lost.
+//!
+//! The WAL holds only what has not been flushed to Parquet yet: a flush writes the files,
+//! then records them and deletes their batches in one transaction. Files not recorded are
+//! leftovers of an interrupted flush and are deleted at startup (see `store`).
+//!
+//! Durability: `journal_mode = WAL` with `storage.synchronous` (`full` by default: a commit is
+//! fsynced before the ack). Group commit: all commits queued at once share one transaction.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use anyhow::Context;
+use runnel_common::Event;
+use runnel_common::batch;
+use runnel_common::wire::{Batch, Compression};
+use rusqlite::{Connection, params};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::schema;
+use crate::store::{EventStore, ParquetFile};
+
+/// Commits waiting for the writer. When full, batch streams wait: backpressure reaches the
+/// agents through QUIC flow control.
+const OP_QUEUE_DEPTH: usize = 1024;
+
+/// Most batches in one group commit.
+const MAX_GROUP_BATCHES: usize = 256;
+
+/// One batch for the writer: already decoded and checked by the ingest driver.
+pub struct CommitRequest {
+    pub agent_id: Arc<str>,
+    pub after_seq: u64,
+    pub last_seq: u64,
+    pub events: Vec<Event>,
+    /// The batch as received, stored as is when none of its events is a replay.
+    pub batch: Batch,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitOutcome {
+    Stored { n_new: u32 },
+    Duplicate,
+}
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum CommitError {
+    #[error(
+        "batch after seq {after_seq} arrived before seq {high_water_mark}+1..={after_seq} was stored"
+    )]
+    Gap {
+        after_seq: u64,
+        high_water_mark: u64,
+    },
+    #[error("WAL write failed: {0}")]
+    Storage(String),
+    #[error("WAL writer is shut down")]
+    Closed,
+}
+
+type CommitReply = oneshot::Sender<Result<CommitOutcome, CommitError>>;
+
+enum Op {
+    Commit {
+        request: CommitRequest,
+        reply: CommitReply,
+    },
+    HighWaterMark {
+        agent_id: Arc<str>,
+        reply: oneshot::Sender<u64>,
+    },
+    FinishFlush {
+        files: Vec<ParquetFile>,
+        batch_ids: Vec<i64>,
+        reply: oneshot::Sender<anyhow::Result<()>>,
+    },
+}
+
+/// Handle to the WAL writer. Cheap to clone; the thread stops when every handle is dropped.
+#[derive(Clone)]
+pub struct Wal {
+    ops: mpsc::Sender<Op>,
+}
+
+pub struct WalThread(JoinHandle<()>);
+
+impl WalThread {
+    pub fn join(self) {
+        if self.0.join().is_err() {
+            tracing::error!("WAL writer thread panicked");
+        }
+    }
+}
+
+/// What the WAL held at startup.
+pub struct Recovered {
+    pub files: Vec<ParquetFile>,
+    pub n_batches: usize,
+    pub n_events: usize,
+}
+
+impl Wal {
+    /// Opens the WAL, replays unflushed batches into `store`, and starts the writer thread.
+    pub fn open(
+        path: &Path,
+        synchronous: &str,
+        store: Arc<EventStore>,
+    ) -> anyhow::Result<(Wal, WalThread, Recovered)> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("create {}", parent.display()))?;
+        }
+        let conn =
+            Connection::open(path).with_context(|| format!("open WAL {}", path.display()))?;
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
+        anyhow::ensure!(
+            mode.eq_ignore_ascii_case("wal"),
+            "WAL {}: SQLite refused WAL mode ({mode})",
+            path.display()
+        );
+        conn.execute_batch(&format!(
+            "PRAGMA synchronous = {synchronous};
+             PRAGMA busy_timeout = 5000;
+             CREATE TABLE IF NOT EXISTS batches (
+                 id INTEGER PRIMARY KEY AUTOINCREMENT,
+                 agent_id TEXT NOT NULL,
+                 after_seq INTEGER NOT NULL,
+                 last_seq INTEGER NOT NULL,
+                 n_events INTEGER NOT NULL,
+                 uncompressed_bytes INTEGER NOT NULL,
+                 compression INTEGER NOT NULL,
+                 received_ms INTEGER NOT NULL,
+                 payload BLOB NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS high_water (
+                 agent_id TEXT PRIMARY KEY,
+                 seq INTEGER NOT NULL,
+                 updated_ms INTEGER NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS parquet_files (
+                 path TEXT PRIMARY KEY,
+                 hour_ms INTEGER NOT NULL,
+                 n_rows INTEGER NOT NULL,
+                 n_bytes INTEGER NOT NULL,
+                 created_ms INTEGER NOT NULL
+             );"
+        ))
+        .with_context(|| format!("initialise WAL {}", path.display()))?;
+
+        let high_water = {
+            let mut stmt = conn.prepare("SELECT agent_id, seq FROM high_water")?;
+            let rows = stmt.query_map([], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, u64>(1)?))
+            })?;
+            rows.map(|r| r.map(|(a, s)| (Arc::<str>::from(a), s)))
+                .collect::<Result<HashMap<_, _>, _>>()?
+        };
+        let files = {
+            let mut stmt = conn.prepare(
+                "SELECT path, hour_ms, n_rows, n_bytes FROM parquet_files ORDER BY path",
+            )?;
+            let rows = stmt.query_map([], |row| {
+                Ok(ParquetFile {
+                    path: row.get(0)?,
+                    hour_ms: row.get(1)?,
+                    n_rows: row.get(2)?,
+                    n_bytes: row.get(3)?,
+                })
+            })?;
+            rows.collect::<Result<Vec<_>, _>>()?
+        };
+        let (n_batches, n_events) =
+            replay(&conn, &store).with_context(|| format!("replay WAL {}", path.display()))?;
+        tracing::info!(path = %path.display(), n_agents = high_water.len(), n_batches, n_events, n_files = files.len(), "WAL opened");
+
+        let (ops_tx, ops_rx) = mpsc::channel(OP_QUEUE_DEPTH);
+        let mut writer = Writer {
+            conn,
+            high_water,
+            store,
+        };
+        let handle = std::thread::Builder::new()
+            .name("wal-writer".into())
+            .spawn(move || writer.run(ops_rx))
+            .context("spawn WAL writer thread")?;
+        Ok((
+            Wal { ops: ops_tx },
+            WalThread(handle),
+            Recovered {
+                files,
+                n_batches,
+                n_events,
+            },
+        ))
+    }
+
+    /// Commits a batch; returns once it is durable (or refused).
+    pub async fn commit(&self, request: CommitRequest) -> Result<CommitOutcome, CommitError> {
+        let (reply, rx) = oneshot::channel();
+        self.ops
+            .send(Op::Commit { request, reply })
+            .await
+            .map_err(|_| CommitError::Closed)?;
+        rx.await.map_err(|_| CommitError::Closed)?
+    }
+
+    /// The stored high-water mark of an agent (0 if unknown), ordered after queued commits.
+    pub async fn high_water_mark(&self, agent_id: Arc<str>) -> anyhow::Result<u64> {
+        let (reply, rx) = oneshot::channel();
+        self.ops
+            .send(Op::HighWaterMark { agent_id, reply })
+            .await
+            .map_err(|_| anyhow::anyhow!("WAL writer stopped"))?;
+        rx.await.context("WAL writer stopped")
+    }
+
+    /// Records flushed files and deletes the batches they hold, in one transaction.
+    pub async fn finish_flush(
+        &self,
+        files: Vec<ParquetFile>,
+        batch_ids: Vec<i64>,
+    ) -> anyhow::Result<()> {
+        let (reply, rx) = oneshot::channel();
+        self.ops
+            .send(Op::FinishFlush {
+                files,
+                batch_ids,
+                reply,
+            })
+            .await
+            .map_err(|_| anyhow::anyhow!("WAL writer stopped"))?;
+        rx.await.context("WAL writer stopped")?
+    }
+}
+
+fn replay(conn: &Connection, store: &EventStore) -> anyhow::Result<(usize, usize)> {
+    let mut stmt = conn.prepare(
+        "SELECT id, agent_id, after_seq, last_seq, n_events, uncompressed_bytes, compression, received_ms, payload
+         FROM batches ORDER BY id",
+    )?;
+    let mut rows = stmt.query([])?;
+    let (mut n_batches, mut n_events) = (0, 0);
+    while let Some(row) = rows.next()? {
+        let id: i64 = row.get(0)?;
+        let agent_id: String = row.get(1)?;
+        let batch = Batch {
+            after_seq: row.get(2)?,
+            last_seq: row.get(3)?,
+            n_events: row.get(4)?,
+            uncompressed_bytes: row.get(5)?,
+            compression: if row.get::<_, i64>(6)? == 0 {
+                Compression::None
+            } else {
+                Compression::Zstd
+            },
+            payload: row.get(8)?,
+        };
+        let received_ms: i64 = row.get(7)?;
+        let events = batch::decode(&batch)
+            .with_context(|| format!("WAL batch {id} of agent {agent_id} is corrupt"))?;
+        n_batches += 1;
+        n_events += events.len();
+        store.insert(
+            id,
+            schema::to_record_batches(&agent_id, received_ms, &events),
+        );
+    }
+    Ok((n_batches, n_events))
+}
+
+struct Writer {
+    conn: Connection,
+    /// Mirror of the `high_water` table, changed only after the transaction that wrote it.
+    high_water: HashMap<Arc<str>, u64>,
+    store: Arc<EventStore>,
+}
+
+/// A commit that passed the chain check, waiting for the transaction.
+struct Accepted {
+    agent_id: Arc<str>,
+    events: Vec<Event>,
+    batch: Batch,
+}
+
+impl Writer {
+    fn run(&mut self, mut ops: mpsc::Receiver<Op>) {
+        let mut commits: Vec<(CommitRequest, CommitReply)> = Vec::new();
+        let mut others: Vec<Op> = Vec::new();
+        while let Some(first) = ops.blocking_recv() {
+            let mut next = Some(first);
+            while let Some(op) = next.take() {
+                match op {
+                    Op::Commit { request, reply } => commits.push((request, reply)),
+                    other => others.push(other),
+                }
+                if commits.len() < MAX_GROUP_BATCHES {
+                    next = ops.try_recv().ok();
+                }
+            }
+            if !commits.is_empty() {
+                self.commit_group(&mut commits);
+            }
+            for op in others.drain(..) {
+                match op {
+                    Op::Commit { .. } => unreachable!("commits are grouped"),
+                    Op::HighWaterMark { agent_id, reply } => {
+                        let _ = reply.send(self.high_water.get(&agent_id).copied().unwrap_or(0));
+                    }
+                    Op::FinishFlush {
+                        files,
+                        batch_ids,
+                        reply,
+                    } => {
+                        let _ = reply.send(self.finish_flush(&files, &batch_ids));
+                    }
+                }
+            }
+        }
+        tracing::debug!("WAL writer stopped");
+    }
+
+    fn commit_group(&mut self, commits: &mut Vec<(CommitRequest, CommitReply)>) {
+        let received_ms = now_unix_ms();
+        // Chain check against the marks as they will be once earlier commits of this group land.
+        let mut marks: HashMap<Arc<str>, u64> = HashMap::new();
+        let mut outcomes: Vec<Result<Option<Accepted>, CommitError>> =
+            Vec::with_capacity(commits.len());
+        for (request, _) in commits.iter_mut() {
+            let mark = *marks
+                .entry(Arc::clone(&request.agent_id))
+                .or_insert_with(|| self.high_water.get(&request.agent_id).copied().unwrap_or(0));
+            if request.after_seq > mark {
+                outcomes.push(Err(CommitError::Gap {
+                    after_seq: request.after_seq,
+                    high_water_mark: mark,
+                }));
+                continue;
+            }
+            if request.last_seq <= mark {
+                outcomes.push(Ok(None));
+                continue;
+            }
+            let mut events = std::mem::take(&mut request.events);
+            let mut batch = std::mem::replace(&mut request.batch, empty_batch());
+            if request.after_seq < mark {
+                // Partial replay (the agent re-batched after a reconnect): keep the new events.
+                events.retain(|e| e.seq > mark);
+                match batch::encode(mark, &events) {
+                    Ok(b) => batch = b,
+                    Err(error) => {
+                        outcomes.push(Err(CommitError::Storage(format!(
+                            "re-encode partial batch: {error}"
+                        ))));
+                        continue;
+                    }
+                }
+            }
+            marks.insert(Arc::clone(&request.agent_id), request.last_seq);
+            outcomes.push(Ok(Some(Accepted {
+                agent_id: Arc::clone(&request.agent_id),
+                events,
+                batch,
+            })));
+        }
+
+        let result = (|| -> rusqlite::Result<Vec<i64>> {
+            let tx = self.conn.transaction()?;
+            let mut ids = Vec::new();
+            {
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO batches (agent_id, after_seq, last_seq, n_events, uncompressed_bytes, compression, received_ms, payload)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )?;
+                for accepted in outcomes.iter().flatten().flatten() {
+                    let b = &accepted.batch;
+                    let compression = match b.compression {
+                        Compression::None => 0,
+                        Compression::Zstd => 1,
+                    };
+                    insert.execute(params![
+                        &*accepted.agent_id,
+                        b.after_seq,
+                        b.last_seq,
+                        b.n_events,
+                        b.uncompressed_bytes,
+                        compression,
+                        received_ms,
+                        b.payload
+                    ])?;
+                    ids.push(tx.last_insert_rowid());
+                }
+                let mut mark = tx.prepare_cached(
+                    "INSERT INTO high_water (agent_id, seq, updated_ms) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (agent_id) DO UPDATE SET seq = excluded.seq, updated_ms = excluded.updated_ms",
+                )?;
+                for (agent_id, seq) in &marks {
+                    if self.high_water.get(agent_id) != Some(seq) {
+                        mark.execute(params![&**agent_id, seq, received_ms])?;
+                    }
+                }
+            }
+            tx.commit()?;
+            Ok(ids)
+        })();
+
+        match result {
+            Ok(ids) => {
+                self.high_water.extend(marks);
+                let mut ids = ids.into_iter();
+                for ((_, reply), outcome) in commits.drain(..).zip(outcomes) {
+                    let reply_value = match outcome {
+                        Ok(Some(accepted)) => {
+                            let id = ids.next().expect("one id per accepted batch");
+                            self.store.insert(
+                                id,
+                                schema::to_record_batches(
+                                    &accepted.agent_id,
+                                    received_ms,
+                                    &accepted.events,
+                                ),
+                            );
+                            Ok(CommitOutcome::Stored {
+                                n_new: accepted.events.len() as u32,
+                            })
+                        }
+                        Ok(None) => Ok(CommitOutcome::Duplicate),
+                        Err(error) => Err(error),
+                    };
+                    let _ = reply.send(reply_value);
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, n_batches = commits.len(), "WAL commit failed");
+                for (_, reply) in commits.drain(..) {
+                    let _ = reply.send(Err(CommitError::Storage(error.to_string())));
+                }
+            }
+        }
+    }
+
+    fn finish_flush(&mut self, files: &[ParquetFile], batch_ids: &[i64]) -> anyhow::Result<()> {
+        let created_ms = now_unix_ms();
+        let tx = self.conn.transaction()?;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT OR REPLACE INTO parquet_files (path, hour_ms, n_rows, n_bytes, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for file in files {
+                insert.execute(params![
+                    file.path,
+                    file.hour_ms,
+                    file.n_rows,
+                    file.n_bytes,
+                    created_ms
+                ])?;
+            }
+            let mut delete = tx.prepare_cached("DELETE FROM batches WHERE id = ?1")?;
+            for id in batch_ids {
+                delete.execute(params![id])?;
+            }
+        }
+        tx.commit().context("commit flush")?;
+        Ok(())
+    }
+}
+
+fn empty_batch() -> Batch {
+    Batch {
+        after_seq: 0,
+        last_seq: 0,
+        n_events: 0,
+        uncompressed_bytes: 0,
+        compression: Compression::None,
+        payload: Vec::new(),
+    }
+}
+
+pub fn now_unix_ms() -> i64 {
+    let now = std::time::SystemTime::now();
+    now.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
