@@ -1,1 +1,1140 @@
+//! The end-to-end test harness: a temp directory per test, the fleet PKI in it, and the real
+//! `runnel-agent` and `runnel-aggregator` binaries run as child processes against each other.
+//!
+//! Processes are configured through real config files, listen on port 0 and report the addresses
+//! they bound through their runtime files (`agent.runtime.json`, `aggregator.runtime.json`), which
+//! the harness polls with a deadline. Their stdout and stderr go to files in the test directory.
+//! Every wait has a deadline and says what it waited for; when a test panics for any reason the
+//! [`TestDir`] prints each process's command, exit status and the tail of its output, and keeps
+//! the directory for a post-mortem. Processes are killed when their handle is dropped.
+//!
+//! The harness must not sleep to let something happen: it polls for the observable outcome.
 
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::fs::OpenOptions;
+use std::future::Future;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_json::{Value, json};
+
+/// How long a process may take to write its runtime file after it was spawned. Generous: debug
+/// builds on 2 shared cores start slowly, and a timeout here only delays a failure.
+pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a process may take to exit after SIGTERM.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Default deadline for events to travel from agent to a query result.
+pub const ARRIVAL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Bytes of each log file shown when a test fails.
+const LOG_TAIL_BYTES: usize = 12_000;
+
+/// Interval between two polls of a condition.
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Paths of the binaries under test. Build it with [`binaries!`] in an integration test, where
+/// Cargo sets `CARGO_BIN_EXE_*`.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub agent: PathBuf,
+    pub aggregator: PathBuf,
+}
+
+/// The [`Binaries`] of this package, for integration tests in `tests/tests/`.
+#[macro_export]
+macro_rules! binaries {
+    () => {
+        $crate::Binaries {
+            agent: ::std::path::PathBuf::from(env!("CARGO_BIN_EXE_runnel-test-agent")),
+            aggregator: ::std::path::PathBuf::from(env!("CARGO_BIN_EXE_runnel-test-aggregator")),
+        }
+    };
+}
+
+/// What the harness knows about one process, for the failure report.
+#[derive(Debug, Clone)]
+struct ProcessRecord {
+    label: String,
+    command: String,
+    stdout: PathBuf,
+    stderr: PathBuf,
+    /// Exit statuses seen so far, as text, in order.
+    exits: Vec<String>,
+}
+
+type Registry = Arc<Mutex<Vec<ProcessRecord>>>;
+
+/// A temp directory for one test. On a panic it prints the report of every process started in it
+/// and keeps the directory (its path is printed).
+pub struct TestDir {
+    dir: tempfile::TempDir,
+    registry: Registry,
+}
+
+impl TestDir {
+    pub fn new(test_name: &str) -> TestDir {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("runnel-{test_name}-"))
+            .tempdir()
+            .expect("create a temp dir for the test");
+        TestDir {
+            dir,
+            registry: Arc::new(Mutex::new(Vec::new())),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn join(&self, relative: impl AsRef<Path>) -> PathBuf {
+        self.dir.path().join(relative)
+    }
+
+    /// Command, exit statuses and the output tail of every process started in this directory.
+    pub fn report(&self) -> String {
+        let records = self.registry.lock().expect("registry lock").clone();
+        let mut out = String::new();
+        for record in &records {
+            let _ = writeln!(
+                out,
+                "\n===== {}: {}\n      exits: {}",
+                record.label,
+                record.command,
+                if record.exits.is_empty() {
+                    "(still running or killed on drop)".to_owned()
+                } else {
+                    record.exits.join(", ")
+                }
+            );
+            for (name, path) in [("stdout", &record.stdout), ("stderr", &record.stderr)] {
+                let _ = writeln!(
+                    out,
+                    "----- {} {name} ({}), last {LOG_TAIL_BYTES} bytes:\n{}",
+                    record.label,
+                    path.display(),
+                    tail(path, LOG_TAIL_BYTES)
+                );
+            }
+        }
+        out
+    }
+
+    /// Polls `check` until it returns `Ok(())`, at most `timeout`. An `Err` means "not yet" and
+    /// says what was seen; on timeout the test panics with `what` and the last thing seen (the
+    /// process report follows when the `TestDir` drops during the panic).
+    pub async fn wait_until<F, Fut>(&self, timeout: Duration, what: &str, check: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = anyhow::Result<()>>,
+    {
+        if let Err(last) = poll_until(timeout, check).await {
+            panic!(
+                "timed out after {timeout:?} waiting until {what}; last seen: {last:#}\n(process report follows)"
+            );
+        }
+    }
+
+    fn register(&self, record: ProcessRecord) -> usize {
+        let mut registry = self.registry.lock().expect("registry lock");
+        registry.push(record);
+        registry.len() - 1
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dir.disable_cleanup(true);
+            eprintln!(
+                "{}\n===== test directory kept at {}",
+                self.report(),
+                self.dir.path().display()
+            );
+        }
+    }
+}
+
+/// Polls `check` until it returns `Ok(())` or `timeout` passed; returns the last error then.
+pub async fn poll_until<F, Fut>(timeout: Duration, mut check: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check().await {
+            Ok(()) => return Ok(()),
+            Err(last) if Instant::now() >= deadline => return Err(last),
+            Err(_) => tokio::time::sleep(POLL_INTERVAL).await,
+        }
+    }
+}
+
+/// The last `max_bytes` of a file, lossily decoded.
+pub fn tail(path: &Path, max_bytes: usize) -> String {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let start = bytes.len().saturating_sub(max_bytes);
+            String::from_utf8_lossy(&bytes[start..]).into_owned()
+        }
+        Err(error) => format!("(cannot read: {error})"),
+    }
+}
+
+/// Quotes a string for TOML (a JSON string is a valid TOML basic string).
+fn toml_string(text: &str) -> String {
+    serde_json::to_string(text).expect("a string serialises")
+}
+
+fn toml_path(path: &Path) -> String {
+    toml_string(path.to_str().expect("test paths are UTF-8"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Certificates
+
+/// The fleet PKI of a test: CA and server certificate (for `localhost` and `127.0.0.1`), made by
+/// the aggregator's own `certs` code.
+#[derive(Debug, Clone)]
+pub struct Certs {
+    pub dir: PathBuf,
+    pub ca_cert: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+}
+
+/// An agent certificate; `name` is its common name, the agent id.
+#[derive(Debug, Clone)]
+pub struct AgentCert {
+    pub name: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Validity of test certificates in days.
+const TEST_CERT_DAYS: u32 = 30;
+
+impl Certs {
+    pub fn init(dir: &Path) -> Certs {
+        let names = ["localhost".to_owned(), "127.0.0.1".to_owned()];
+        let files = runnel_aggregator::certs::init(dir, &names, TEST_CERT_DAYS, false)
+            .unwrap_or_else(|error| panic!("certs init in {}: {error:#}", dir.display()));
+        Certs {
+            dir: dir.to_owned(),
+            ca_cert: files.ca_cert,
+            server_cert: files.server_cert,
+            server_key: files.server_key,
+        }
+    }
+
+    pub fn issue_agent(&self, name: &str) -> AgentCert {
+        let out_dir = self.dir.join("agents");
+        let files =
+            runnel_aggregator::certs::issue_agent(&self.dir, name, &out_dir, TEST_CERT_DAYS)
+                .unwrap_or_else(|error| panic!("certs issue-agent {name}: {error:#}"));
+        AgentCert {
+            name: name.to_owned(),
+            cert: files.cert,
+            key: files.key,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes
+
+/// One child process with its output in files, registered with its `TestDir` for the report.
+struct ManagedChild {
+    label: String,
+    program: PathBuf,
+    args: Vec<String>,
+    stdout: PathBuf,
+    stderr: PathBuf,
+    registry: Registry,
+    record_idx: usize,
+    child: Option<Child>,
+    n_starts: u32,
+}
+
+impl ManagedChild {
+    fn new(dir: &TestDir, label: &str, program: &Path, args: Vec<String>, log_dir: &Path) -> Self {
+        let stdout = log_dir.join(format!("{label}.stdout"));
+        let stderr = log_dir.join(format!("{label}.stderr"));
+        let record_idx = dir.register(ProcessRecord {
+            label: label.to_owned(),
+            command: format!("{} {}", program.display(), args.join(" ")),
+            stdout: stdout.clone(),
+            stderr: stderr.clone(),
+            exits: Vec::new(),
+        });
+        ManagedChild {
+            label: label.to_owned(),
+            program: program.to_owned(),
+            args,
+            stdout,
+            stderr,
+            registry: dir.registry.clone(),
+            record_idx,
+            child: None,
+            n_starts: 0,
+        }
+    }
+
+    /// Spawns the process; output is appended to its files after a header naming the start.
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "{} is already running", self.label);
+        self.n_starts += 1;
+        let open = |path: &Path| {
+            let mut file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .unwrap_or_else(|error| panic!("open {}: {error}", path.display()));
+            writeln!(
+                file,
+                "===== harness: start #{} of {}",
+                self.n_starts, self.label
+            )
+            .expect("write log header");
+            file
+        };
+        let stdout = open(&self.stdout);
+        let stderr = open(&self.stderr);
+        let child = Command::new(&self.program)
+            .args(&self.args)
+            .env(
+                "RUNNEL_LOG",
+                std::env::var("RUNNEL_LOG").unwrap_or_else(|_| "info".to_owned()),
+            )
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|error| {
+                panic!(
+                    "spawn {} {}: {error}",
+                    self.program.display(),
+                    self.args.join(" ")
+                )
+            });
+        self.child = Some(child);
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    fn record_exit(&self, status: &str) {
+        let mut registry = self.registry.lock().expect("registry lock");
+        registry[self.record_idx]
+            .exits
+            .push(format!("start #{}: {status}", self.n_starts));
+    }
+
+    /// Panics (with the process's stderr) if it has exited.
+    fn assert_running(&mut self, context: &str) {
+        let child = self.child.as_mut().expect("process was started");
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            self.child = None;
+            self.record_exit(&status.to_string());
+            panic!(
+                "{} exited with {status} while {context}; stderr:\n{}",
+                self.label,
+                tail(&self.stderr, LOG_TAIL_BYTES)
+            );
+        }
+    }
+
+    /// SIGKILL and reap. No-op when not running.
+    fn kill_hard(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let status = child.wait().expect("wait for killed child");
+            self.record_exit(&format!("{status} (SIGKILL by harness)"));
+        }
+    }
+
+    /// SIGTERM, then wait at most [`STOP_TIMEOUT`]; SIGKILL and panic if it does not exit.
+    fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("stop: process is running");
+        send_sigterm(child.id());
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.record_exit(&format!("{status} (after SIGTERM)"));
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let status = child.wait().expect("wait for killed child");
+                self.record_exit(&format!(
+                    "{status} (SIGKILL: no exit {STOP_TIMEOUT:?} after SIGTERM)"
+                ));
+                panic!(
+                    "{} did not exit within {STOP_TIMEOUT:?} after SIGTERM",
+                    self.label
+                );
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// Waits for a JSON runtime file naming this process's pid; panics if the process exits or
+    /// the deadline passes.
+    fn wait_runtime_file(&mut self, path: &Path) -> Value {
+        let pid = self.pid().expect("process was started");
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        loop {
+            self.assert_running(&format!("waiting for {}", path.display()));
+            let last = match std::fs::read_to_string(path) {
+                Ok(text) => match serde_json::from_str::<Value>(&text) {
+                    Ok(value) if value["pid"].as_u64() == Some(u64::from(pid)) => return value,
+                    Ok(value) => format!("file names another pid: {value}"),
+                    Err(error) => format!("not (yet) valid JSON: {error}: {text:?}"),
+                },
+                Err(error) => format!("{error}"),
+            };
+            if Instant::now() >= deadline {
+                panic!(
+                    "{} did not write {} within {STARTUP_TIMEOUT:?} ({last}); stderr:\n{}",
+                    self.label,
+                    path.display(),
+                    tail(&self.stderr, LOG_TAIL_BYTES)
+                );
+            }
+            std::thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// All of stderr so far (every start).
+    fn stderr_text(&self) -> String {
+        std::fs::read(&self.stderr)
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for ManagedChild {
+    fn drop(&mut self) {
+        self.kill_hard();
+    }
+}
+
+/// Sends SIGTERM, as systemd does on `stop`.
+#[allow(unsafe_code)]
+fn send_sigterm(pid: u32) {
+    let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours; `pid` is our own child,
+    // not yet reaped, so it cannot name another process.
+    let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert_eq!(
+        rc,
+        0,
+        "kill({pid}, SIGTERM): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+fn parse_addr(value: &Value, key: &str, file: &str) -> SocketAddr {
+    value[key]
+        .as_str()
+        .and_then(|text| text.parse().ok())
+        .unwrap_or_else(|| panic!("{file}: `{key}` is not an address: {value}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Aggregator
+
+/// Config knobs of a test aggregator; the rest is the shipped default.
+#[derive(Debug, Clone)]
+pub struct AggregatorOptions {
+    /// `storage.synchronous`.
+    pub synchronous: &'static str,
+    /// `storage.flush_interval_ms`.
+    pub flush_interval_ms: u64,
+    /// `ingest.idle_timeout_ms`.
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for AggregatorOptions {
+    fn default() -> Self {
+        AggregatorOptions {
+            synchronous: "normal",
+            flush_interval_ms: 60_000,
+            idle_timeout_ms: 3_000,
+        }
+    }
+}
+
+/// A `runnel-aggregator serve` process. After the first start its ingest port is pinned in the
+/// config, so restarts come back where the agents reconnect.
+pub struct AggregatorProcess {
+    process: ManagedChild,
+    config_path: PathBuf,
+    data_dir: PathBuf,
+    certs: Certs,
+    options: AggregatorOptions,
+    ingest_listen: SocketAddr,
+    ingest: SocketAddr,
+    query: SocketAddr,
+}
+
+impl AggregatorProcess {
+    pub fn start(
+        bins: &Binaries,
+        dir: &TestDir,
+        certs: &Certs,
+        options: AggregatorOptions,
+    ) -> Self {
+        let home = dir.join("aggregator");
+        std::fs::create_dir_all(&home).expect("create aggregator dir");
+        let config_path = home.join("aggregator.toml");
+        let process = ManagedChild::new(
+            dir,
+            "aggregator",
+            &bins.aggregator,
+            vec![
+                "serve".into(),
+                "--config".into(),
+                config_path.display().to_string(),
+            ],
+            &home,
+        );
+        let unbound: SocketAddr = ([127, 0, 0, 1], 0).into();
+        let mut aggregator = AggregatorProcess {
+            process,
+            config_path,
+            data_dir: home.join("data"),
+            certs: certs.clone(),
+            options,
+            ingest_listen: unbound,
+            ingest: unbound,
+            query: unbound,
+        };
+        aggregator.spawn();
+        aggregator
+    }
+
+    fn write_config(&self) {
+        let text = format!(
+            "[aggregator]\n\
+             data_dir = {data_dir}\n\
+             \n\
+             [ingest]\n\
+             listen = {ingest}\n\
+             ca_cert = {ca}\n\
+             cert = {cert}\n\
+             key = {key}\n\
+             idle_timeout_ms = {idle}\n\
+             \n\
+             [storage]\n\
+             synchronous = {sync}\n\
+             flush_interval_ms = {flush}\n\
+             \n\
+             [query]\n\
+             listen = \"127.0.0.1:0\"\n",
+            data_dir = toml_path(&self.data_dir),
+            ingest = toml_string(&self.ingest_listen.to_string()),
+            ca = toml_path(&self.certs.ca_cert),
+            cert = toml_path(&self.certs.server_cert),
+            key = toml_path(&self.certs.server_key),
+            idle = self.options.idle_timeout_ms,
+            sync = toml_string(self.options.synchronous),
+            flush = self.options.flush_interval_ms,
+        );
+        std::fs::write(&self.config_path, text).expect("write aggregator config");
+    }
+
+    fn spawn(&mut self) {
+        self.write_config();
+        let runtime_path = self.data_dir.join("aggregator.runtime.json");
+        match std::fs::remove_file(&runtime_path) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => panic!("remove stale {}: {error}", runtime_path.display()),
+        }
+        self.process.spawn();
+        let runtime = self.process.wait_runtime_file(&runtime_path);
+        self.ingest = parse_addr(&runtime, "ingest", "aggregator.runtime.json");
+        self.query = parse_addr(&runtime, "query", "aggregator.runtime.json");
+        if self.ingest_listen.port() != 0 {
+            assert_eq!(
+                self.ingest, self.ingest_listen,
+                "aggregator came back on another ingest port"
+            );
+        }
+        // Pin the port: a restart must come back where the agents reconnect.
+        self.ingest_listen = self.ingest;
+    }
+
+    /// The QUIC ingest address agents connect to.
+    pub fn ingest_addr(&self) -> SocketAddr {
+        self.ingest
+    }
+
+    /// The HTTP SQL API address of the current start.
+    pub fn query_addr(&self) -> SocketAddr {
+        self.query
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
+    /// SIGKILL: no chance to flush, close or say goodbye.
+    pub fn kill_hard(&mut self) {
+        self.process.kill_hard();
+    }
+
+    /// SIGTERM and wait; panics unless it exits with status 0.
+    pub fn stop(&mut self) {
+        let status = self.process.stop();
+        assert!(
+            status.success(),
+            "aggregator exited with {status} after SIGTERM"
+        );
+    }
+
+    /// Starts again (after `stop` or `kill_hard`) on the same ingest port and data directory.
+    pub fn restart(&mut self) {
+        self.process.kill_hard();
+        self.spawn();
+    }
+
+    /// Panics with its stderr if it has exited.
+    pub fn assert_running(&mut self) {
+        self.process.assert_running("the test expected it to run");
+    }
+
+    /// Everything it wrote to stderr, over all starts.
+    pub fn stderr(&self) -> String {
+        self.process.stderr_text()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Agent
+
+/// Config knobs of a test agent; the rest is the shipped default.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// `buffer.synchronous`.
+    pub synchronous: &'static str,
+    /// `uplink.max_batch_age_ms`.
+    pub max_batch_age_ms: u64,
+    /// `uplink.max_batch_events`.
+    pub max_batch_events: u64,
+    /// `sources.http.max_body_bytes` (None: default).
+    pub max_body_bytes: Option<u64>,
+    /// `sources.http.max_event_bytes` (None: default).
+    pub max_event_bytes: Option<u64>,
+    /// `uplink.keep_alive_interval_ms`.
+    pub keep_alive_interval_ms: u64,
+    /// `uplink.idle_timeout_ms`: how fast the agent notices a dead aggregator.
+    pub idle_timeout_ms: u64,
+    /// `uplink.reconnect_max_ms`.
+    pub reconnect_max_ms: u64,
+}
+
+impl Default for AgentOptions {
+    fn default() -> Self {
+        AgentOptions {
+            synchronous: "normal",
+            max_batch_age_ms: 20,
+            max_batch_events: 1000,
+            max_body_bytes: None,
+            max_event_bytes: None,
+            keep_alive_interval_ms: 300,
+            idle_timeout_ms: 2_000,
+            reconnect_max_ms: 500,
+        }
+    }
+}
+
+/// A `runnel-agent run` process with its own data directory.
+pub struct AgentProcess {
+    process: ManagedChild,
+    config_path: PathBuf,
+    data_dir: PathBuf,
+    agent_id: String,
+    http: SocketAddr,
+}
+
+/// Where an agent ships to and what it trusts.
+#[derive(Debug, Clone)]
+pub struct Uplink {
+    pub aggregator: SocketAddr,
+    /// The CA the agent checks the aggregator's certificate against.
+    pub ca_cert: PathBuf,
+}
+
+impl AgentProcess {
+    /// Starts an agent whose files live in `<test dir>/<label>/`.
+    pub fn start(
+        bins: &Binaries,
+        dir: &TestDir,
+        label: &str,
+        cert: &AgentCert,
+        uplink: &Uplink,
+        options: AgentOptions,
+    ) -> Self {
+        let home = dir.join(label);
+        std::fs::create_dir_all(&home).expect("create agent dir");
+        let config_path = home.join("agent.toml");
+        let data_dir = home.join("data");
+        let config = agent_config(&data_dir, cert, uplink, &options);
+        std::fs::write(&config_path, config).expect("write agent config");
+        let process = ManagedChild::new(
+            dir,
+            label,
+            &bins.agent,
+            vec![
+                "run".into(),
+                "--config".into(),
+                config_path.display().to_string(),
+            ],
+            &home,
+        );
+        let mut agent = AgentProcess {
+            process,
+            config_path,
+            data_dir,
+            agent_id: String::new(),
+            http: ([127, 0, 0, 1], 0).into(),
+        };
+        agent.spawn();
+        agent
+    }
+
+    fn spawn(&mut self) {
+        let runtime_path = self.data_dir.join("agent.runtime.json");
+        match std::fs::remove_file(&runtime_path) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => panic!("remove stale {}: {error}", runtime_path.display()),
+        }
+        self.process.spawn();
+        let runtime = self.process.wait_runtime_file(&runtime_path);
+        self.http = parse_addr(&runtime, "http", "agent.runtime.json");
+        self.agent_id = runtime["agent_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("agent.runtime.json has no agent_id: {runtime}"))
+            .to_owned();
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// The HTTP source address of the current start (port 0: it changes on restart).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http
+    }
+
+    /// The agent id it reported (the CN of its certificate).
+    pub fn agent_id(&self) -> &str {
+        &self.agent_id
+    }
+
+    pub fn kill_hard(&mut self) {
+        self.process.kill_hard();
+    }
+
+    /// SIGTERM and wait; panics unless it exits with status 0.
+    pub fn stop(&mut self) {
+        let status = self.process.stop();
+        assert!(status.success(), "agent exited with {status} after SIGTERM");
+    }
+
+    /// Starts again with the same config and data directory.
+    pub fn restart(&mut self) {
+        self.process.kill_hard();
+        self.spawn();
+    }
+
+    pub fn assert_running(&mut self) {
+        self.process.assert_running("the test expected it to run");
+    }
+
+    pub fn stderr(&self) -> String {
+        self.process.stderr_text()
+    }
+}
+
+/// The text of a test agent's config file.
+pub fn agent_config(
+    data_dir: &Path,
+    cert: &AgentCert,
+    uplink: &Uplink,
+    options: &AgentOptions,
+) -> String {
+    let mut http = String::from("listen = \"127.0.0.1:0\"\n");
+    if let Some(n) = options.max_body_bytes {
+        let _ = writeln!(http, "max_body_bytes = {n}");
+    }
+    if let Some(n) = options.max_event_bytes {
+        let _ = writeln!(http, "max_event_bytes = {n}");
+    }
+    format!(
+        "[agent]\n\
+         data_dir = {data_dir}\n\
+         labels = {{ test = \"e2e\" }}\n\
+         \n\
+         [sources.http]\n\
+         {http}\
+         \n\
+         [buffer]\n\
+         synchronous = {sync}\n\
+         \n\
+         [uplink]\n\
+         aggregator = {aggregator}\n\
+         server_name = \"localhost\"\n\
+         ca_cert = {ca}\n\
+         cert = {cert}\n\
+         key = {key}\n\
+         max_batch_events = {batch_events}\n\
+         max_batch_age_ms = {batch_age}\n\
+         reconnect_min_ms = 20\n\
+         reconnect_max_ms = {reconnect_max}\n\
+         keep_alive_interval_ms = {keep_alive}\n\
+         idle_timeout_ms = {idle}\n",
+        data_dir = toml_path(data_dir),
+        sync = toml_string(options.synchronous),
+        aggregator = toml_string(&uplink.aggregator.to_string()),
+        ca = toml_path(&uplink.ca_cert),
+        cert = toml_path(&cert.cert),
+        key = toml_path(&cert.key),
+        batch_events = options.max_batch_events,
+        batch_age = options.max_batch_age_ms,
+        reconnect_max = options.reconnect_max_ms,
+        keep_alive = options.keep_alive_interval_ms,
+        idle = options.idle_timeout_ms,
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP: events in, SQL out
+
+/// Per-request deadline of the harness's HTTP calls; a hung request is a bug worth a failure.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// An HTTP client that ignores proxy settings of the environment.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(HTTP_TIMEOUT)
+        .build()
+        .expect("build HTTP client")
+}
+
+/// The answer of the agent's HTTP source.
+#[derive(Debug, Clone)]
+pub struct PostOutcome {
+    pub status: u16,
+    /// The body parsed as JSON, or `Value::String` with the raw text when it is not JSON.
+    pub body: Value,
+    pub retry_after: Option<String>,
+}
+
+/// POSTs `body` as it is to `/v1/events`.
+pub async fn post_body(
+    client: &reqwest::Client,
+    http: SocketAddr,
+    body: impl Into<reqwest::Body>,
+) -> anyhow::Result<PostOutcome> {
+    let url = format!("http://{http}/v1/events");
+    let response = client
+        .post(&url)
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .with_context(|| format!("POST {url}"))?;
+    let status = response.status().as_u16();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned());
+    let text = response
+        .text()
+        .await
+        .with_context(|| format!("read answer of POST {url}"))?;
+    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    Ok(PostOutcome {
+        status,
+        body,
+        retry_after,
+    })
+}
+
+/// POSTs `events` as one JSON array.
+pub async fn post_events(
+    client: &reqwest::Client,
+    http: SocketAddr,
+    events: &[Value],
+) -> anyhow::Result<PostOutcome> {
+    post_body(client, http, Value::Array(events.to_vec()).to_string()).await
+}
+
+/// A test event with a unique `event_id` and a few fields that land in the core columns and in
+/// `attrs`.
+pub fn test_event(event_id: &str) -> Value {
+    json!({
+        "event_id": event_id,
+        "name": "page_view",
+        "user_id": format!("user-{}", event_id.len()),
+        "session_id": "s-1",
+        "url": format!("/products/{event_id}"),
+        "tags": ["e2e"],
+        "score": 0.5,
+    })
+}
+
+/// Runs `sql` on the aggregator's HTTP API; non-200 answers are errors carrying the body.
+pub async fn query(addr: SocketAddr, sql: &str) -> anyhow::Result<Value> {
+    let url = format!("http://{addr}/api/v1/query");
+    let response = http_client()
+        .post(&url)
+        .json(&json!({ "sql": sql }))
+        .send()
+        .await
+        .with_context(|| format!("POST {url} {sql:?}"))?;
+    let status = response.status();
+    let text = response
+        .text()
+        .await
+        .with_context(|| format!("read answer to {sql:?}"))?;
+    anyhow::ensure!(status.is_success(), "{sql:?}: HTTP {status}: {text}");
+    serde_json::from_str(&text).with_context(|| format!("{sql:?}: answer is not JSON: {text}"))
+}
+
+/// Runs a query whose answer is one number (`SELECT count(*) ...`).
+pub async fn query_count(addr: SocketAddr, sql: &str) -> anyhow::Result<u64> {
+    let answer = query(addr, sql).await?;
+    answer["rows"][0][0]
+        .as_u64()
+        .with_context(|| format!("{sql:?}: expected one number, got {answer}"))
+}
+
+/// Runs a query and returns its first column as strings (JSON null: "NULL"); fails when the
+/// answer was truncated.
+pub async fn query_strings(addr: SocketAddr, sql: &str) -> anyhow::Result<Vec<String>> {
+    let answer = query(addr, sql).await?;
+    anyhow::ensure!(
+        answer["truncated"] != Value::Bool(true),
+        "{sql:?}: answer truncated"
+    );
+    let rows = answer["rows"]
+        .as_array()
+        .with_context(|| format!("{sql:?}: no rows array in {answer}"))?;
+    Ok(rows
+        .iter()
+        .map(|row| match &row[0] {
+            Value::String(text) => text.clone(),
+            Value::Null => "NULL".to_owned(),
+            other => other.to_string(),
+        })
+        .collect())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Load: clients posting continuously, remembering what was acknowledged
+
+/// Concurrent clients that post small batches of uniquely named events until stopped, and record
+/// every event id the agent acknowledged (HTTP 200).
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Vec<String>>>,
+    tasks: Vec<tokio::task::JoinHandle<ClientReport>>,
+}
+
+/// What one load client saw.
+#[derive(Debug, Default)]
+pub struct ClientReport {
+    pub n_requests_ok: u64,
+    pub n_requests_failed: u64,
+    pub n_busy: u64,
+    pub last_failure: Option<String>,
+}
+
+/// Everything the load saw once stopped.
+#[derive(Debug)]
+pub struct LoadReport {
+    pub acked: BTreeSet<String>,
+    pub clients: Vec<ClientReport>,
+}
+
+impl Load {
+    /// Starts `n_clients` clients posting to `http`; event ids are `<prefix>-<client>-<n>`. A
+    /// client stops at its first transport error (the agent is gone) unless `retry_errors`.
+    pub fn start(http: SocketAddr, n_clients: usize, prefix: &str, retry_errors: bool) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let client = http_client();
+        let tasks = (0..n_clients)
+            .map(|client_idx| {
+                let stop = stop.clone();
+                let acked = acked.clone();
+                let client = client.clone();
+                let prefix = format!("{prefix}-{client_idx}");
+                tokio::spawn(async move {
+                    load_client(client, http, prefix, stop, acked, retry_errors).await
+                })
+            })
+            .collect();
+        Load { stop, acked, tasks }
+    }
+
+    /// Number of events acknowledged so far.
+    pub fn n_acked(&self) -> usize {
+        self.acked.lock().expect("acked lock").len()
+    }
+
+    /// Stops the clients and returns what they saw.
+    pub async fn stop(self) -> LoadReport {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut clients = Vec::new();
+        for task in self.tasks {
+            clients.push(task.await.expect("load client panicked"));
+        }
+        let acked: Vec<String> = std::mem::take(&mut *self.acked.lock().expect("acked lock"));
+        let n_acked = acked.len();
+        let acked: BTreeSet<String> = acked.into_iter().collect();
+        assert_eq!(
+            acked.len(),
+            n_acked,
+            "an event id was acknowledged twice: the load is broken"
+        );
+        LoadReport { acked, clients }
+    }
+}
+
+async fn load_client(
+    client: reqwest::Client,
+    http: SocketAddr,
+    prefix: String,
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Vec<String>>>,
+    retry_errors: bool,
+) -> ClientReport {
+    let mut report = ClientReport::default();
+    let mut event_idx = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        let n_events = fastrand::usize(1..=20);
+        let ids: Vec<String> = (0..n_events)
+            .map(|i| format!("{prefix}-{}", event_idx + i as u64))
+            .collect();
+        event_idx += n_events as u64;
+        let events: Vec<Value> = ids.iter().map(|id| test_event(id)).collect();
+        match post_events(&client, http, &events).await {
+            Ok(outcome) if outcome.status == 200 => {
+                assert_eq!(
+                    outcome.body["accepted"].as_u64(),
+                    Some(n_events as u64),
+                    "200 answer does not count the events: {}",
+                    outcome.body
+                );
+                report.n_requests_ok += 1;
+                acked.lock().expect("acked lock").extend(ids);
+            }
+            Ok(outcome) if outcome.status == 503 => {
+                // Backpressure: the ids of this request were not acknowledged; new ids next time.
+                report.n_busy += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok(outcome) => {
+                panic!(
+                    "agent answered HTTP {} to valid events: {}",
+                    outcome.status, outcome.body
+                )
+            }
+            Err(error) => {
+                report.n_requests_failed += 1;
+                report.last_failure = Some(format!("{error:#}"));
+                if !retry_errors {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    report
+}
+
+/// Event ids stored more than once, as `id xN` (should always be empty).
+pub async fn duplicate_event_ids(query_addr: SocketAddr) -> anyhow::Result<Vec<String>> {
+    let answer = query(
+        query_addr,
+        "SELECT event_id, count(*) AS c FROM events GROUP BY event_id HAVING count(*) > 1 ORDER BY event_id LIMIT 20",
+    )
+    .await?;
+    let rows = answer["rows"].as_array().context("rows")?;
+    Ok(rows
+        .iter()
+        .map(|row| format!("{} x{}", row[0], row[1]))
+        .collect())
+}
+
+/// Asserts storage holds no duplicate: every (agent_id, seq) and every event_id appears once.
+pub async fn assert_no_duplicates(query_addr: SocketAddr) {
+    let n_rows = query_count(query_addr, "SELECT count(*) FROM events")
+        .await
+        .expect("count rows");
+    let n_distinct_seq = query_count(
+        query_addr,
+        "SELECT count(*) FROM (SELECT DISTINCT agent_id, seq FROM events)",
+    )
+    .await
+    .expect("count distinct (agent_id, seq)");
+    let n_distinct_ids = query_count(query_addr, "SELECT count(DISTINCT event_id) FROM events")
+        .await
+        .expect("count distinct event_id");
+    let duplicates = duplicate_event_ids(query_addr)
+        .await
+        .expect("find duplicate event ids");
+    assert!(
+        n_rows == n_distinct_seq && n_rows == n_distinct_ids && duplicates.is_empty(),
+        "duplicates in storage: {n_rows} rows, {n_distinct_seq} distinct (agent_id, seq), \
+         {n_distinct_ids} distinct event_id; first duplicated ids: {duplicates:?}"
+    );
+}
+
+/// Waits until every id in `acked` is stored (listing stored ids whose prefix is `id_prefix`).
+pub async fn wait_all_stored(
+    dir: &TestDir,
+    query_addr: SocketAddr,
+    id_prefix: &str,
+    acked: &BTreeSet<String>,
+) {
+    let sql = format!("SELECT event_id FROM events WHERE event_id LIKE '{id_prefix}%'");
+    let what = format!("all {} acknowledged events are stored", acked.len());
+    dir.wait_until(ARRIVAL_TIMEOUT, &what, || {
+        let sql = sql.clone();
+        async move {
+            let stored: BTreeSet<String> =
+                query_strings(query_addr, &sql).await?.into_iter().collect();
+            let missing: Vec<&String> = acked.difference(&stored).collect();
+            anyhow::ensure!(
+                missing.is_empty(),
+                "{} of {} acknowledged ids missing, such as {:?} ({} stored)",
+                missing.len(),
+                acked.len(),
+                &missing[..missing.len().min(5)],
+                stored.len()
+            );
+            Ok(())
+        }
+    })
+    .await;
+}
