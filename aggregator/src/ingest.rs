@@ -312,14 +312,13 @@ async fn sequence(
                 return;
             }
         };
+        // Submitted in chain order without waiting: the writer commits them in this order and
+        // checks each against the mark the previous one left, so after a failed commit every
+        // later batch of this agent fails its chain check too; nothing is stored out of order.
+        // The stream task that sees a failure closes the connection.
         for (request, reply) in ready {
-            // Commit one at a time per connection so a failure cannot let a later batch of this
-            // agent through ahead of an earlier one; the writer still groups across agents.
-            let outcome = wal.commit(request).await;
-            let failed = outcome.is_err();
-            let _ = reply.send(outcome);
-            if failed {
-                connection.close(CLOSE_PROTOCOL_ERROR.into(), b"commit failed");
+            if wal.submit(request, reply).await.is_err() {
+                connection.close(CLOSE_PROTOCOL_ERROR.into(), b"aggregator shutting down");
                 return;
             }
         }
@@ -377,10 +376,19 @@ async fn handle_batch_stream(
         Ok(Ok(CommitOutcome::Stored { n_new })) => AckOutcome::Stored { n_new },
         Ok(Ok(CommitOutcome::Duplicate)) => AckOutcome::Duplicate,
         Ok(Err(error)) => {
-            tracing::warn!(agent_id = %agent_id, last_seq, %error, "batch not stored");
-            AckOutcome::Rejected {
+            tracing::warn!(agent_id = %agent_id, last_seq, %error, "batch not stored; closing the connection");
+            let outcome = AckOutcome::Rejected {
                 reason: error.to_string(),
-            }
+            };
+            let _ = write_frame(
+                &mut send,
+                &AckMessage::Ack(Ack { last_seq, outcome }),
+                MAX_CONTROL_FRAME_BYTES,
+            )
+            .await;
+            let _ = send.finish();
+            connection.close(CLOSE_PROTOCOL_ERROR.into(), b"batch not stored");
+            return;
         }
         Err(_) => AckOutcome::Rejected {
             reason: "batch out of sequence".into(),

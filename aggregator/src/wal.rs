@@ -67,7 +67,7 @@ pub enum CommitError {
     Closed,
 }
 
-type CommitReply = oneshot::Sender<Result<CommitOutcome, CommitError>>;
+pub type CommitReply = oneshot::Sender<Result<CommitOutcome, CommitError>>;
 
 enum Op {
     Commit {
@@ -206,11 +206,22 @@ impl Wal {
     /// Commits a batch; returns once it is durable (or refused).
     pub async fn commit(&self, request: CommitRequest) -> Result<CommitOutcome, CommitError> {
         let (reply, rx) = oneshot::channel();
+        self.submit(request, reply).await?;
+        rx.await.map_err(|_| CommitError::Closed)?
+    }
+
+    /// Queues a batch for commit without waiting for it; `reply` gets the outcome. Batches
+    /// submitted one after another by one task are committed in that order, which is what lets
+    /// an agent's chain be pipelined into one group commit.
+    pub async fn submit(
+        &self,
+        request: CommitRequest,
+        reply: CommitReply,
+    ) -> Result<(), CommitError> {
         self.ops
             .send(Op::Commit { request, reply })
             .await
-            .map_err(|_| CommitError::Closed)?;
-        rx.await.map_err(|_| CommitError::Closed)?
+            .map_err(|_| CommitError::Closed)
     }
 
     /// The stored high-water mark of an agent (0 if unknown), ordered after queued commits.
