@@ -38,6 +38,9 @@ pub const ARRIVAL_TIMEOUT: Duration = Duration::from_secs(120);
 /// Bytes of each log file shown when a test fails.
 const LOG_TAIL_BYTES: usize = 12_000;
 
+/// Set this environment variable to keep the directories of passing tests too.
+pub const KEEP_ENV: &str = "RUNNEL_TEST_KEEP";
+
 /// Interval between two polls of a condition.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
 
@@ -158,6 +161,12 @@ impl Drop for TestDir {
             eprintln!(
                 "{}\n===== test directory kept at {}",
                 self.report(),
+                self.dir.path().display()
+            );
+        } else if std::env::var_os(KEEP_ENV).is_some() {
+            self.dir.disable_cleanup(true);
+            eprintln!(
+                "===== {KEEP_ENV} is set: test directory kept at {}",
                 self.dir.path().display()
             );
         }
@@ -1110,31 +1119,50 @@ pub async fn assert_no_duplicates(query_addr: SocketAddr) {
     );
 }
 
-/// Waits until every id in `acked` is stored (listing stored ids whose prefix is `id_prefix`).
+/// Rows per page when listing stored event ids: below the API's default `max_result_rows`.
+const EVENT_IDS_PAGE_ROWS: usize = 50_000;
+
+/// Every stored event id that starts with `id_prefix`, page by page.
+pub async fn stored_event_ids(
+    query_addr: SocketAddr,
+    id_prefix: &str,
+) -> anyhow::Result<BTreeSet<String>> {
+    let mut ids = BTreeSet::new();
+    for page_idx in 0.. {
+        let sql = format!(
+            "SELECT event_id FROM events WHERE event_id LIKE '{id_prefix}%' ORDER BY event_id LIMIT {EVENT_IDS_PAGE_ROWS} OFFSET {}",
+            page_idx * EVENT_IDS_PAGE_ROWS
+        );
+        let page = query_strings(query_addr, &sql).await?;
+        let n_rows = page.len();
+        ids.extend(page);
+        if n_rows < EVENT_IDS_PAGE_ROWS {
+            break;
+        }
+    }
+    Ok(ids)
+}
+
+/// Waits until every id in `acked` is stored (among stored ids that start with `id_prefix`).
 pub async fn wait_all_stored(
     dir: &TestDir,
     query_addr: SocketAddr,
     id_prefix: &str,
     acked: &BTreeSet<String>,
 ) {
-    let sql = format!("SELECT event_id FROM events WHERE event_id LIKE '{id_prefix}%'");
     let what = format!("all {} acknowledged events are stored", acked.len());
-    dir.wait_until(ARRIVAL_TIMEOUT, &what, || {
-        let sql = sql.clone();
-        async move {
-            let stored: BTreeSet<String> =
-                query_strings(query_addr, &sql).await?.into_iter().collect();
-            let missing: Vec<&String> = acked.difference(&stored).collect();
-            anyhow::ensure!(
-                missing.is_empty(),
-                "{} of {} acknowledged ids missing, such as {:?} ({} stored)",
-                missing.len(),
-                acked.len(),
-                &missing[..missing.len().min(5)],
-                stored.len()
-            );
-            Ok(())
-        }
+    dir.wait_until(ARRIVAL_TIMEOUT, &what, || async move {
+        let stored = stored_event_ids(query_addr, id_prefix).await?;
+        let missing: Vec<&String> = acked.difference(&stored).collect();
+        anyhow::ensure!(
+            missing.is_empty(),
+            "{} of {} acknowledged ids missing, such as {:?} ({} stored)",
+            missing.len(),
+            acked.len(),
+            &missing[..missing.len().min(5)],
+            stored.len()
+        );
+        Ok(())
     })
     .await;
 }

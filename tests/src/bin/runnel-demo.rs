@@ -39,8 +39,14 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("RUNNEL_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("runnel-demo: error: start the async runtime: {error}");
@@ -58,12 +64,21 @@ fn main() -> ExitCode {
 
 async fn demo(args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.dir).with_context(|| format!("create {}", args.dir.display()))?;
-    let dir = std::fs::canonicalize(&args.dir).with_context(|| format!("resolve {}", args.dir.display()))?;
+    let dir = std::fs::canonicalize(&args.dir)
+        .with_context(|| format!("resolve {}", args.dir.display()))?;
     let certs = dir.join("certs");
     if !certs.join(runnel_aggregator::certs::CA_KEY).exists() {
-        runnel_aggregator::certs::init(&certs, &["localhost".into(), "127.0.0.1".into()], 825, false)?;
+        runnel_aggregator::certs::init(
+            &certs,
+            &["localhost".into(), "127.0.0.1".into()],
+            825,
+            false,
+        )?;
         runnel_aggregator::certs::issue_agent(&certs, "demo-agent", &certs, 825)?;
-        println!("generated a CA, a server and an agent certificate in {}", certs.display());
+        println!(
+            "generated a CA, a server and an agent certificate in {}",
+            certs.display()
+        );
     }
 
     let query_listen = preferred_addr(QUERY_PORT);
@@ -80,8 +95,16 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     )?;
     let aggregator_config = runnel_config::load_aggregator(&aggregator_toml)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let aggregator = tokio::spawn(runnel_aggregator::run(aggregator_config.clone(), stop_rx.clone()));
-    let aggregator_runtime = wait_for_runtime(&aggregator_config.data_dir.join(runnel_aggregator::RUNTIME_FILE)).await?;
+    let aggregator = tokio::spawn(runnel_aggregator::run(
+        aggregator_config.clone(),
+        stop_rx.clone(),
+    ));
+    let aggregator_runtime = wait_for_runtime(
+        &aggregator_config
+            .data_dir
+            .join(runnel_aggregator::RUNTIME_FILE),
+    )
+    .await?;
     let ingest = runtime_addr(&aggregator_runtime, "ingest")?;
     let query = runtime_addr(&aggregator_runtime, "query")?;
 
@@ -99,7 +122,8 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     )?;
     let agent_config = runnel_config::load_agent(&agent_toml)?;
     let agent = tokio::spawn(runnel_agent::run(agent_config.clone(), stop_rx.clone()));
-    let agent_runtime = wait_for_runtime(&agent_config.data_dir.join(runnel_agent::RUNTIME_FILE)).await?;
+    let agent_runtime =
+        wait_for_runtime(&agent_config.data_dir.join(runnel_agent::RUNTIME_FILE)).await?;
     let http = runtime_addr(&agent_runtime, "http")?;
     println!("aggregator: QUIC ingest on {ingest}, SQL API on http://{query}");
     println!("agent:      HTTP source on http://{http}, shipping to {ingest}");
@@ -120,7 +144,10 @@ async fn demo(args: Args) -> anyhow::Result<()> {
             );
             break;
         }
-        anyhow::ensure!(Instant::now() < deadline, "only {n} of {target} events arrived within 60 s");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {n} of {target} events arrived within 60 s"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     println!("\n$ runnel-aggregator query \"{SAMPLE_QUERY}\"");
@@ -140,7 +167,11 @@ async fn demo(args: Args) -> anyhow::Result<()> {
         println!(
             "  curl -s http://{query}/api/v1/query -d '{{\"sql\":\"SELECT count(*) FROM events\"}}'"
         );
-        println!("Configs: {} and {}. Press Ctrl-C to stop.", aggregator_toml.display(), agent_toml.display());
+        println!(
+            "Configs: {} and {}. Press Ctrl-C to stop.",
+            aggregator_toml.display(),
+            agent_toml.display()
+        );
         runnel_aggregator::cli::wait_for_signal().await;
         println!("stopping...");
         let _ = stop_tx.send(true);
@@ -173,17 +204,35 @@ async fn wait_for_runtime(path: &Path) -> anyhow::Result<serde_json::Value> {
         {
             return Ok(value);
         }
-        anyhow::ensure!(Instant::now() < deadline, "{} did not appear within 30 s", path.display());
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{} did not appear within 30 s",
+            path.display()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 fn runtime_addr(runtime: &serde_json::Value, key: &str) -> anyhow::Result<SocketAddr> {
-    runtime[key].as_str().with_context(|| format!("runtime file has no {key}"))?.parse().context("runtime address")
+    runtime[key]
+        .as_str()
+        .with_context(|| format!("runtime file has no {key}"))?
+        .parse()
+        .context("runtime address")
 }
 
-async fn send_sample_events(client: &reqwest::Client, http: SocketAddr, n_events: usize) -> anyhow::Result<()> {
-    const NAMES: [&str; 5] = ["page_view", "page_view", "add_to_cart", "search", "checkout"];
+async fn send_sample_events(
+    client: &reqwest::Client,
+    http: SocketAddr,
+    n_events: usize,
+) -> anyhow::Result<()> {
+    const NAMES: [&str; 5] = [
+        "page_view",
+        "page_view",
+        "add_to_cart",
+        "search",
+        "checkout",
+    ];
     const PATHS: [&str; 4] = ["/", "/pricing", "/docs", "/blog/runnel"];
     let now_ms = runnel_agent::now_unix_ms();
     let events: Vec<serde_json::Value> = (0..n_events)
@@ -206,12 +255,20 @@ async fn send_sample_events(client: &reqwest::Client, http: SocketAddr, n_events
             .send()
             .await
             .context("POST sample events to the agent")?;
-        anyhow::ensure!(response.status().is_success(), "agent answered {}", response.status());
+        anyhow::ensure!(
+            response.status().is_success(),
+            "agent answered {}",
+            response.status()
+        );
     }
     Ok(())
 }
 
-async fn query_json(client: &reqwest::Client, query: SocketAddr, sql: &str) -> anyhow::Result<serde_json::Value> {
+async fn query_json(
+    client: &reqwest::Client,
+    query: SocketAddr,
+    sql: &str,
+) -> anyhow::Result<serde_json::Value> {
     let response = client
         .post(format!("http://{query}/api/v1/query"))
         .json(&serde_json::json!({ "sql": sql }))
@@ -220,11 +277,17 @@ async fn query_json(client: &reqwest::Client, query: SocketAddr, sql: &str) -> a
         .context("query the aggregator")?;
     let status = response.status();
     let body: serde_json::Value = response.json().await.context("read the query answer")?;
-    anyhow::ensure!(status.is_success(), "query failed ({status}): {}", body["error"]);
+    anyhow::ensure!(
+        status.is_success(),
+        "query failed ({status}): {}",
+        body["error"]
+    );
     Ok(body)
 }
 
 async fn count_events(client: &reqwest::Client, query: SocketAddr) -> anyhow::Result<u64> {
     let body = query_json(client, query, "SELECT count(*) FROM events").await?;
-    body["rows"][0][0].as_u64().context("count(*) is not a number")
+    body["rows"][0][0]
+        .as_u64()
+        .context("count(*) is not a number")
 }
