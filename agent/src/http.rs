@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::{DefaultBodyLimit, State};
+use axum::http::HeaderMap;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -25,23 +26,33 @@ const RETRY_AFTER_FULL_S: u64 = 1;
 
 struct SourceState {
     buffer: Buffer,
+    max_body_bytes: usize,
     max_event_bytes: usize,
 }
 
 pub fn router(config: &HttpSourceConfig, buffer: Buffer) -> axum::Router {
     let state = Arc::new(SourceState {
         buffer,
+        max_body_bytes: config.max_body_bytes,
         max_event_bytes: config.max_event_bytes,
     });
     axum::Router::new()
         .route("/v1/events", post(post_events))
         .route("/healthz", get(|| async { "ok\n" }))
-        .layer(DefaultBodyLimit::max(config.max_body_bytes))
+        .layer(DefaultBodyLimit::disable())
         .with_state(state)
 }
 
-async fn post_events(State(state): State<Arc<SourceState>>, body: axum::body::Bytes) -> Response {
+async fn post_events(
+    State(state): State<Arc<SourceState>>,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Response {
     let receive_time_ms = crate::now_unix_ms();
+    let body = match read_body(&headers, body, state.max_body_bytes).await {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
     let events = match decode::json::decode(&body, receive_time_ms, DEFAULT_STREAM) {
         Ok(events) => events,
         Err(error) => return error_response(StatusCode::BAD_REQUEST, &error.to_string()),
@@ -89,6 +100,44 @@ async fn post_events(State(state): State<Arc<SourceState>>, body: axum::body::By
         }
         Err(error) => error_response(StatusCode::INTERNAL_SERVER_ERROR, &error.to_string()),
     }
+}
+
+/// Reads the body up to `max_bytes`, refusing larger ones with a JSON 413 that names the key
+/// (before reading, when Content-Length already says so).
+async fn read_body(
+    headers: &HeaderMap,
+    body: axum::body::Body,
+    max_bytes: usize,
+) -> Result<axum::body::Bytes, Response> {
+    let too_large = || {
+        error_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!(
+                "request body is over the limit of {max_bytes} bytes (sources.http.max_body_bytes); send fewer events per request"
+            ),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max_bytes as u64) {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, max_bytes)
+        .await
+        .map_err(|error| {
+            let length_limit = std::error::Error::source(&error)
+                .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
+            if length_limit {
+                too_large()
+            } else {
+                error_response(
+                    StatusCode::BAD_REQUEST,
+                    &format!("reading the request body failed: {error}"),
+                )
+            }
+        })
 }
 
 fn error_response(status: StatusCode, message: &str) -> Response {

@@ -54,6 +54,7 @@ pub async fn run(uplink: Uplink, mut shutdown: watch::Receiver<bool>) {
         uplink.config.reconnect_min_ms,
         uplink.config.reconnect_max_ms,
     );
+    let mut last_error: Option<String> = None;
     loop {
         if *shutdown.borrow() {
             break;
@@ -66,12 +67,25 @@ pub async fn run(uplink: Uplink, mut shutdown: watch::Receiver<bool>) {
             Ok(()) => break,
             Err(error) => {
                 let delay = backoff.next_delay();
-                tracing::warn!(
-                    error = format!("{error:#}"),
-                    aggregator = %uplink.config.aggregator,
-                    retry_in_ms = delay.as_millis() as u64,
-                    "uplink connection failed"
-                );
+                let error = format!("{error:#}");
+                // A misconfigured or unreachable aggregator fails the same way on every retry:
+                // warn on the first failure, when the reason changes, and every 10th retry.
+                let n_failures = backoff.n_failures();
+                if n_failures == 1
+                    || n_failures.is_multiple_of(10)
+                    || last_error.as_deref() != Some(error.as_str())
+                {
+                    tracing::warn!(
+                        error,
+                        aggregator = %uplink.config.aggregator,
+                        n_failures,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "uplink connection failed"
+                    );
+                } else {
+                    tracing::debug!(error, n_failures, "uplink connection failed again");
+                }
+                last_error = Some(error);
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = stopped(&mut shutdown) => break,
@@ -290,6 +304,8 @@ struct Backoff {
     min_ms: u64,
     max_ms: u64,
     current_ms: u64,
+    /// Failures since the last successful connection.
+    n_failures: u64,
 }
 
 impl Backoff {
@@ -298,10 +314,12 @@ impl Backoff {
             min_ms,
             max_ms,
             current_ms: min_ms,
+            n_failures: 0,
         }
     }
 
     fn next_delay(&mut self) -> Duration {
+        self.n_failures += 1;
         let base = self.current_ms;
         self.current_ms = (self.current_ms.saturating_mul(2)).min(self.max_ms);
         let half = base / 2;
@@ -310,6 +328,11 @@ impl Backoff {
 
     fn reset(&mut self) {
         self.current_ms = self.min_ms;
+        self.n_failures = 0;
+    }
+
+    fn n_failures(&self) -> u64 {
+        self.n_failures
     }
 }
 

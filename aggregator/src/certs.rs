@@ -76,7 +76,15 @@ pub fn init(
     }
     let ca_key = KeyPair::generate().context("generate CA key")?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).context("CA parameters")?;
-    ca_params.distinguished_name = name("Runnel fleet CA");
+    // A name unique to this CA: an agent whose certificate comes from another Runnel CA is then
+    // refused as "unknown issuer", which says what is wrong, rather than "bad signature".
+    let created = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ");
+    let nonce = u32::from_le_bytes(
+        ca_key.public_key_raw()[1..5]
+            .try_into()
+            .expect("keys are longer than 4 bytes"),
+    );
+    ca_params.distinguished_name = name(&format!("Runnel fleet CA {created} {nonce:08x}"));
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     ca_params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,

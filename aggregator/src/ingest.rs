@@ -91,6 +91,75 @@ pub fn server_config(config: &IngestConfig) -> anyhow::Result<quinn::ServerConfi
     Ok(server)
 }
 
+/// Binds the ingest endpoint.
+///
+/// The stateless-reset key is derived from the server's private key, so it is the same after a
+/// restart: packets of a connection the previous process had are answered with a reset the agent
+/// recognises, and agents reconnect at once instead of waiting out their idle timeout.
+pub fn endpoint(config: &IngestConfig) -> anyhow::Result<quinn::Endpoint> {
+    let server_config = server_config(config)?;
+    let key_pem = std::fs::read(&config.key)
+        .with_context(|| format!("read ingest.key {}", config.key.display()))?;
+    let mut material = b"runnel stateless reset v1\0".to_vec();
+    material.extend_from_slice(&key_pem);
+    let secret = ring::digest::digest(&ring::digest::SHA256, &material);
+    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_ref());
+    let endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    let socket = std::net::UdpSocket::bind(config.listen)
+        .with_context(|| format!("bind ingest.listen = {} (UDP)", config.listen))?;
+    let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
+    quinn::Endpoint::new(endpoint_config, Some(server_config), socket, runtime)
+        .with_context(|| format!("start QUIC on {}", config.listen))
+}
+
+/// Logs at most one line per `interval_ms` for each key (remote IP and reason), counting what it
+/// held back: a misconfigured agent retrying its handshake must not flood the log, nor hide a
+/// different problem from another peer.
+pub struct LogLimiter {
+    interval_ms: u64,
+    /// Last time logged and lines held back since, by key.
+    entries: std::sync::Mutex<std::collections::HashMap<String, (u64, u64)>>,
+}
+
+/// Keys remembered at most; past that the memory is cleared (a flood of distinct peers is then
+/// logged once each again, still bounded by the rate they can open handshakes).
+const MAX_LOG_LIMITER_KEYS: usize = 1024;
+
+impl LogLimiter {
+    pub fn new(interval_ms: u64) -> LogLimiter {
+        LogLimiter {
+            interval_ms,
+            entries: std::sync::Mutex::default(),
+        }
+    }
+
+    /// `Some(n_suppressed_since_last)` when a line for `key` may be logged now.
+    pub fn allow(&self, key: &str, now_ms: u64) -> Option<u64> {
+        let mut entries = self
+            .entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((last_ms, n_suppressed)) = entries.get_mut(key) {
+            if now_ms.saturating_sub(*last_ms) < self.interval_ms {
+                *n_suppressed += 1;
+                return None;
+            }
+            let held_back = std::mem::take(n_suppressed);
+            *last_ms = now_ms;
+            return Some(held_back);
+        }
+        if entries.len() >= MAX_LOG_LIMITER_KEYS {
+            entries.clear();
+        }
+        entries.insert(key.to_owned(), (now_ms, 0));
+        Some(0)
+    }
+}
+
+/// Refused handshakes: one log line per peer address and reason every 10 seconds at most.
+static REFUSALS: std::sync::LazyLock<LogLimiter> =
+    std::sync::LazyLock::new(|| LogLimiter::new(10_000));
+
 fn load_certs(path: &std::path::Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     let certs = CertificateDer::pem_file_iter(path)
         .with_context(|| format!("read certificates from {}", path.display()))?
@@ -134,7 +203,11 @@ pub async fn serve(
                     }
                 }
                 Err(error) => {
-                    tracing::warn!(%remote, %error, "agent connection refused during the TLS handshake");
+                    let now_ms = u64::try_from(crate::wal::now_unix_ms()).unwrap_or(0);
+                    let key = format!("{} {error}", remote.ip());
+                    if let Some(n_suppressed) = REFUSALS.allow(&key, now_ms) {
+                        tracing::warn!(%remote, %error, n_suppressed, "agent connection refused during the TLS handshake");
+                    }
                 }
             }
             drop(permit);
@@ -426,4 +499,23 @@ async fn read_frame<T: DeserializeOwned>(
         .await
         .context("read frame payload")?;
     Ok(frame::decode_payload(&payload)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_limiter_is_per_key_and_counts_what_it_holds_back() {
+        let limiter = LogLimiter::new(1000);
+        assert_eq!(limiter.allow("a", 5_000), Some(0));
+        assert_eq!(limiter.allow("a", 5_500), None);
+        assert_eq!(limiter.allow("a", 5_900), None);
+        assert_eq!(
+            limiter.allow("b", 5_900),
+            Some(0),
+            "another key is not held back"
+        );
+        assert_eq!(limiter.allow("a", 6_000), Some(2));
+    }
 }

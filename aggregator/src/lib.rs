@@ -64,9 +64,7 @@ pub async fn run(
         &config.storage.events_dir,
     )?);
 
-    let server_config = ingest::server_config(&config.ingest)?;
-    let endpoint = quinn::Endpoint::server(server_config, config.ingest.listen)
-        .with_context(|| format!("bind ingest.listen = {} (UDP)", config.ingest.listen))?;
+    let endpoint = ingest::endpoint(&config.ingest)?;
     let ingest_addr = endpoint.local_addr().context("read ingest address")?;
     let query_listener = tokio::net::TcpListener::bind(config.query.listen)
         .await
@@ -102,6 +100,14 @@ pub async fn run(
         .context("query API")?;
     let _ = ingest.await;
     let _ = flusher.await;
+    // A last flush makes the next start faster; skipping it loses nothing (the WAL replays).
+    match store.flush(&wal).await {
+        Ok(flushed) => tracing::info!(n_rows = flushed.n_rows, "flushed to Parquet at shutdown"),
+        Err(error) => tracing::warn!(
+            error = format!("{error:#}"),
+            "flush at shutdown failed; the WAL will replay"
+        ),
+    }
     drop(wal);
     // Connection tasks may still hold WAL handles for a moment; the WAL is consistent at every
     // commit, so waiting is a courtesy, not a requirement.
