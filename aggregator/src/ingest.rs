@@ -93,8 +93,8 @@ pub fn server_config(config: &IngestConfig) -> anyhow::Result<quinn::ServerConfi
 
 /// Binds the ingest endpoint.
 ///
-/// The stateless-reset key is derived from the server's private key, so it is the same after a
-/// restart: packets of a connection the previous process had are answered with a reset the agent
+/// The stateless-reset key and the connection-id key are derived from the server's private key,
+/// so they are the same after a restart: packets of a connection the previous process had are answered with a reset the agent
 /// recognises, and agents reconnect at once instead of waiting out their idle timeout.
 pub fn endpoint(config: &IngestConfig) -> anyhow::Result<quinn::Endpoint> {
     let server_config = server_config(config)?;
@@ -104,7 +104,17 @@ pub fn endpoint(config: &IngestConfig) -> anyhow::Result<quinn::Endpoint> {
     material.extend_from_slice(&key_pem);
     let secret = ring::digest::digest(&ring::digest::SHA256, &material);
     let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_ref());
-    let endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    // Connection ids are validated with a keyed hash; a random key per process would make the
+    // restarted endpoint drop the old connections' packets as invalid instead of resetting them.
+    let cid_key = u64::from_le_bytes(
+        secret.as_ref()[..8]
+            .try_into()
+            .expect("SHA-256 is 32 bytes"),
+    );
+    endpoint_config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
     let socket = std::net::UdpSocket::bind(config.listen)
         .with_context(|| format!("bind ingest.listen = {} (UDP)", config.listen))?;
     let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
