@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::common::{Checker, GIB, KIB, MIB, Synchronous, Unit, quote};
 use crate::error::ConfigError;
+use crate::sources::{
+    MqttSourceConfig, RawMqtt, RawSegment, RawSnowplow, SegmentConfig, SnowplowConfig,
+};
 
 // Limits copied from runnel-common as literals, so this crate builds without it; the values must
 // match `runnel_common::limits`.
@@ -54,6 +57,12 @@ pub struct AgentConfig {
     pub labels: BTreeMap<String, String>,
     /// The HTTP event source.
     pub http: HttpSourceConfig,
+    /// The Snowplow collector on the HTTP source.
+    pub snowplow: SnowplowConfig,
+    /// The Segment collector on the HTTP source.
+    pub segment: SegmentConfig,
+    /// MQTT subscribers.
+    pub mqtt: Vec<MqttSourceConfig>,
     /// The on-disk event buffer.
     pub buffer: BufferConfig,
     /// The QUIC connection to the aggregator.
@@ -69,6 +78,12 @@ pub struct HttpSourceConfig {
     pub max_body_bytes: usize,
     /// Largest single event after decoding.
     pub max_event_bytes: usize,
+    /// Stream for generic JSON events that do not name one.
+    pub stream: String,
+    /// Origins allowed by CORS (`*` for any); empty: no CORS headers.
+    pub cors_allowed_origins: Vec<String>,
+    /// Bearer tokens accepted on `/v1/events`; empty: no token needed.
+    pub auth_tokens: Vec<String>,
 }
 
 /// `[buffer]`, validated.
@@ -155,6 +170,15 @@ struct RawSources {
     /// `[sources.http]`: the HTTP source (generic JSON, Snowplow, Segment).
     #[serde(default)]
     http: RawHttpSource,
+    /// `[sources.snowplow]`: the Snowplow tracker protocol on the HTTP source.
+    #[serde(default)]
+    snowplow: RawSnowplow,
+    /// `[sources.segment]`: the Segment HTTP tracking API on the HTTP source.
+    #[serde(default)]
+    segment: RawSegment,
+    /// `[[sources.mqtt]]`: subscribers to MQTT brokers, one table each.
+    #[serde(default)]
+    mqtt: Vec<RawMqtt>,
 }
 
 /// `[sources.http]`
@@ -170,6 +194,14 @@ struct RawHttpSource {
     /// Largest single event in bytes after decoding; larger events are rejected with a reason.
     /// Allowed: 256 to 1048576 (1 MiB, the wire format's limit). Default: 65536 (64 KiB).
     max_event_bytes: Option<u64>,
+    /// Stream for generic JSON events (`POST /v1/events`) that do not name one. Default: "default".
+    stream: Option<String>,
+    /// Browser origins allowed to post events (CORS), such as ["https://shop.example"], or ["*"]
+    /// for any. Default: empty (no CORS headers; browsers on other origins are refused).
+    cors_allowed_origins: Option<Vec<String>>,
+    /// Bearer tokens accepted on `POST /v1/events` (`Authorization: Bearer <token>`).
+    /// Default: empty (no token needed).
+    auth_tokens: Option<Vec<String>>,
 }
 
 /// `[buffer]`
@@ -255,12 +287,18 @@ impl RawAgentFile {
         })?;
         let labels = validate_labels(checker, self.agent.labels.unwrap_or_default())?;
         let http = self.sources.http.validate(checker)?;
+        let snowplow = self.sources.snowplow.validate(checker)?;
+        let segment = self.sources.segment.validate(checker)?;
+        let mqtt = crate::sources::validate_mqtt(checker, self.sources.mqtt)?;
         let buffer = self.buffer.validate(checker, &data_dir)?;
         let uplink = self.uplink.validate(checker, &http)?;
         Ok(AgentConfig {
             data_dir,
             labels,
             http,
+            snowplow,
+            segment,
+            mqtt,
             buffer,
             uplink,
         })
@@ -323,10 +361,37 @@ impl RawHttpSource {
             Some(MAX_EVENT_BYTES),
             Unit::Bytes,
         )?;
+        let stream =
+            crate::sources::stream_name(checker, "sources.http.stream", self.stream, "default")?;
+        let cors_allowed_origins = self.cors_allowed_origins.unwrap_or_default();
+        for (idx, origin) in cors_allowed_origins.iter().enumerate() {
+            let ok = origin == "*"
+                || ((origin.starts_with("http://") || origin.starts_with("https://"))
+                    && !origin.ends_with('/')
+                    && !origin.contains(' '));
+            if !ok {
+                return Err(checker.invalid(
+                    &format!("sources.http.cors_allowed_origins[{idx}]"),
+                    quote(origin),
+                    "must be \"*\" or an origin such as \"https://shop.example\" (scheme and host, no path or trailing /)",
+                ));
+            }
+        }
+        let auth_tokens = self.auth_tokens.unwrap_or_default();
+        if let Some(idx) = auth_tokens.iter().position(|t| t.len() < 16) {
+            return Err(checker.invalid(
+                &format!("sources.http.auth_tokens[{idx}]"),
+                "\"...\"",
+                "must be at least 16 characters (a token short enough to guess protects nothing)",
+            ));
+        }
         Ok(HttpSourceConfig {
             listen,
             max_body_bytes,
             max_event_bytes,
+            stream,
+            cors_allowed_origins,
+            auth_tokens,
         })
     }
 }

@@ -12,6 +12,7 @@ mod agent;
 mod aggregator;
 mod common;
 mod error;
+mod sources;
 
 pub use agent::{
     AgentConfig, BufferConfig, HttpSourceConfig, UplinkConfig, WhenFull, load_agent, parse_agent,
@@ -21,3 +22,4 @@ pub use aggregator::{
 };
 pub use common::Synchronous;
 pub use error::ConfigError;
+pub use sources::{MqttPayload, MqttSourceConfig, SegmentConfig, SnowplowConfig};

@@ -160,8 +160,8 @@ fn unknown_key_is_rejected_with_its_name() {
 
 #[test]
 fn unknown_section_is_rejected() {
-    let message = error_with("[sources.mqtt]\nurl = \"mqtt://localhost\"");
-    assert!(message.contains("unknown field `mqtt`"), "{message}");
+    let message = error_with("[sources.kafka]\nbrokers = \"localhost\"");
+    assert!(message.contains("unknown field `kafka`"), "{message}");
 }
 
 #[test]
@@ -408,4 +408,101 @@ fn idle_timeout_upper_bound() {
         error.to_string(),
         "agent.toml: uplink.idle_timeout_ms = 600001: must be at most 600000"
     );
+}
+
+const UPLINK: &str = "[uplink]\naggregator = \"127.0.0.1:9480\"\nca_cert = \"ca.pem\"\ncert = \"a.pem\"\nkey = \"a.key\"\n";
+
+fn parse_with(sources: &str) -> Result<runnel_config::AgentConfig, String> {
+    runnel_config::parse_agent(
+        &format!("{sources}\n{UPLINK}"),
+        std::path::Path::new("agent.toml"),
+    )
+    .map_err(|e| e.to_string())
+}
+
+#[test]
+fn mqtt_subscriber_defaults_and_url_forms() {
+    let config = parse_with(
+        "[[sources.mqtt]]\nname = \"b\"\nurl = \"mqtt://127.0.0.1\"\ntopics = [\"a/#\"]",
+    )
+    .unwrap();
+    let mqtt = &config.mqtt[0];
+    assert_eq!(
+        (mqtt.host.as_str(), mqtt.port, mqtt.tls, mqtt.qos),
+        ("127.0.0.1", 1883, false, 1)
+    );
+    assert_eq!(
+        (mqtt.clean_session, mqtt.keep_alive_s, mqtt.stream.as_str()),
+        (false, 30, "telemetry")
+    );
+    assert_eq!(mqtt.payload, runnel_config::MqttPayload::Json);
+    let config = parse_with(
+        "[[sources.mqtt]]\nname = \"b\"\nurl = \"mqtts://broker:9999\"\nca_cert = \"ca.pem\"\ntopics = [\"a\"]",
+    )
+    .unwrap();
+    assert_eq!((config.mqtt[0].port, config.mqtt[0].tls), (9999, true));
+}
+
+#[test]
+fn mqtt_errors_name_the_entry_and_key() {
+    let cases = [
+        (
+            "[[sources.mqtt]]\nurl = \"mqtt://h\"\ntopics = [\"a\"]",
+            "agent.toml: sources.mqtt[0].name is required",
+        ),
+        (
+            "[[sources.mqtt]]\nname = \"b\"\nurl = \"tcp://h\"\ntopics = [\"a\"]",
+            "agent.toml: sources.mqtt[0].url = \"tcp://h\": must start with mqtt:// or mqtts://",
+        ),
+        (
+            "[[sources.mqtt]]\nname = \"b\"\nurl = \"mqtt://h\"\ntopics = [\"a/#/b\"]",
+            "agent.toml: sources.mqtt[0].topics[0] = \"a/#/b\": `#` must be a whole level and the last one",
+        ),
+        (
+            "[[sources.mqtt]]\nname = \"b\"\nurl = \"mqtt://h\"\ntopics = [\"a\"]\nqos = 2",
+            "agent.toml: sources.mqtt[0].qos = 2: must be 0 or 1",
+        ),
+        (
+            "[[sources.mqtt]]\nname = \"b\"\nurl = \"mqtts://h\"\ntopics = [\"a\"]",
+            "agent.toml: sources.mqtt[0].ca_cert is required",
+        ),
+        (
+            "[[sources.mqtt]]\nname = \"b\"\nurl = \"mqtt://h\"\ntopics = [\"a\"]\n[[sources.mqtt]]\nname = \"b\"\nurl = \"mqtt://h\"\ntopics = [\"a\"]",
+            "agent.toml: sources.mqtt[1].name = \"b\": must be unique",
+        ),
+        (
+            "[[sources.mqtt]]\nname = \"b\"\nurl = \"mqtt://h\"\ntopics = [\"a\"]\ntopic_template = \"plant/site\"",
+            "agent.toml: sources.mqtt[0].topic_template = \"plant/site\": names no level",
+        ),
+        (
+            "[sources.http]\ncors_allowed_origins = [\"https://shop.example/\"]",
+            "agent.toml: sources.http.cors_allowed_origins[0] = \"https://shop.example/\": must be \"*\" or an origin",
+        ),
+        (
+            "[sources.http]\nauth_tokens = [\"short\"]",
+            "agent.toml: sources.http.auth_tokens[0] = \"...\": must be at least 16 characters",
+        ),
+        (
+            "[sources.segment]\nstream = \"a b\"",
+            "agent.toml: sources.segment.stream = \"a b\": must be 1 to 63 characters",
+        ),
+    ];
+    for (text, expected) in cases {
+        let message = parse_with(text).unwrap_err();
+        assert!(
+            message.starts_with(expected),
+            "{text}\n  got: {message}\n  want prefix: {expected}"
+        );
+    }
+}
+
+#[test]
+fn collectors_default_on_with_clickstream() {
+    let config = parse_with("").unwrap();
+    assert!(config.snowplow.enabled && config.segment.enabled);
+    assert_eq!(
+        (config.snowplow.stream.as_str(), config.http.stream.as_str()),
+        ("clickstream", "default")
+    );
+    assert!(config.segment.write_keys.is_empty() && config.http.cors_allowed_origins.is_empty());
 }
