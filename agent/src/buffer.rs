@@ -79,10 +79,26 @@ pub struct Stats {
 
 type AppendReply = oneshot::Sender<Result<Appended, AppendError>>;
 
+/// Identifies a message a source acknowledged (or is about to) by its protocol's delivery id, so
+/// a redelivery after a crash between our commit and the source's ack is recognised. For MQTT:
+/// the subscriber's name, the packet id and a digest of topic and payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryMark {
+    pub source: String,
+    pub delivery_id: u32,
+    pub digest: [u8; 16],
+}
+
 enum Op {
     Append {
         events: Vec<EncodedEvent>,
+        /// Recorded in the same transaction as the events.
+        marks: Vec<DeliveryMark>,
         reply: AppendReply,
+    },
+    Delivered {
+        mark: DeliveryMark,
+        reply: oneshot::Sender<anyhow::Result<bool>>,
     },
     Read {
         after_seq: u64,
@@ -154,12 +170,33 @@ impl Buffer {
 
     /// Commits events and returns their sequence numbers. Returns only after the commit.
     pub async fn append(&self, events: Vec<EncodedEvent>) -> Result<Appended, AppendError> {
+        self.append_marked(events, Vec::new()).await
+    }
+
+    /// As [`Buffer::append`], also recording `marks` in the same transaction: either the events
+    /// and their marks are committed, or neither.
+    pub async fn append_marked(
+        &self,
+        events: Vec<EncodedEvent>,
+        marks: Vec<DeliveryMark>,
+    ) -> Result<Appended, AppendError> {
         let (reply, rx) = oneshot::channel();
         self.ops
-            .send(Op::Append { events, reply })
+            .send(Op::Append {
+                events,
+                marks,
+                reply,
+            })
             .await
             .map_err(|_| AppendError::Closed)?;
         rx.await.map_err(|_| AppendError::Closed)?
+    }
+
+    /// Whether a message with exactly this mark was committed (its events are, or were, here).
+    pub async fn delivered(&self, mark: DeliveryMark) -> anyhow::Result<bool> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Op::Delivered { mark, reply }).await?;
+        rx.await.context("buffer writer stopped")?
     }
 
     /// Reads up to `max_events` events with `seq > after_seq`, in order, stopping before
@@ -220,6 +257,12 @@ impl Buffer {
     }
 }
 
+struct PendingAppend {
+    events: Vec<EncodedEvent>,
+    marks: Vec<DeliveryMark>,
+    reply: AppendReply,
+}
+
 struct Writer {
     path: PathBuf,
     conn: Connection,
@@ -260,7 +303,7 @@ impl Writer {
     }
 
     fn run(&mut self, mut ops: mpsc::Receiver<Op>, head_tx: watch::Sender<Head>, stats: &Stats) {
-        let mut appends: Vec<(Vec<EncodedEvent>, AppendReply)> = Vec::new();
+        let mut appends: Vec<PendingAppend> = Vec::new();
         let mut others: Vec<Op> = Vec::new();
         while let Some(first) = ops.blocking_recv() {
             // Group commit: take everything already queued, up to a bound, into one transaction.
@@ -268,9 +311,17 @@ impl Writer {
             let mut next = Some(first);
             while let Some(op) = next.take() {
                 match op {
-                    Op::Append { events, reply } => {
+                    Op::Append {
+                        events,
+                        marks,
+                        reply,
+                    } => {
                         n_group_events += events.len();
-                        appends.push((events, reply));
+                        appends.push(PendingAppend {
+                            events,
+                            marks,
+                            reply,
+                        });
                     }
                     other => others.push(other),
                 }
@@ -289,18 +340,17 @@ impl Writer {
         tracing::debug!(path = %self.path.display(), "buffer writer stopped");
     }
 
-    fn commit_appends(
-        &mut self,
-        appends: &mut Vec<(Vec<EncodedEvent>, AppendReply)>,
-        stats: &Stats,
-    ) {
+    fn commit_appends(&mut self, appends: &mut Vec<PendingAppend>, stats: &Stats) {
         let mut outcomes: Vec<Result<Appended, AppendError>> = Vec::with_capacity(appends.len());
         let head_before = self.head;
         let result = (|| -> rusqlite::Result<()> {
             let tx = self.conn.transaction()?;
             {
                 let mut insert = tx.prepare_cached("INSERT INTO events (data) VALUES (?1)")?;
-                for (events, _) in appends.iter() {
+                let mut mark = tx.prepare_cached(
+                    "INSERT OR REPLACE INTO deliveries (source, delivery_id, digest) VALUES (?1, ?2, ?3)",
+                )?;
+                for PendingAppend { events, marks, .. } in appends.iter() {
                     let n_bytes: u64 = events.iter().map(|e| e.0.len() as u64).sum();
                     if self.head.n_bytes + n_bytes > self.max_bytes {
                         match self.when_full {
@@ -322,6 +372,9 @@ impl Writer {
                             first_seq = last_seq;
                         }
                     }
+                    for m in marks {
+                        mark.execute(params![m.source, m.delivery_id, &m.digest[..]])?;
+                    }
                     self.head.n_events += events.len() as u64;
                     self.head.n_bytes += n_bytes;
                     self.head.last_seq = self.head.last_seq.max(last_seq);
@@ -336,7 +389,9 @@ impl Writer {
         match result {
             Ok(()) => {
                 stats.n_commits.fetch_add(1, Ordering::Relaxed);
-                for ((events, reply), outcome) in appends.drain(..).zip(outcomes) {
+                for (PendingAppend { events, reply, .. }, outcome) in
+                    appends.drain(..).zip(outcomes)
+                {
                     match &outcome {
                         Ok(_) => stats
                             .n_appended
@@ -354,7 +409,7 @@ impl Writer {
                 // Nothing of this group is committed: refuse all of it, so no source acks it.
                 self.head = head_before;
                 tracing::warn!(%error, n_requests = appends.len(), "buffer commit failed");
-                for (_, reply) in appends.drain(..) {
+                for PendingAppend { reply, .. } in appends.drain(..) {
                     let _ = reply.send(Err(AppendError::Storage(error.to_string())));
                 }
             }
@@ -364,6 +419,21 @@ impl Writer {
     fn handle(&mut self, op: Op, stats: &Stats) {
         match op {
             Op::Append { .. } => unreachable!("appends are grouped by run()"),
+            Op::Delivered { mark, reply } => {
+                let found = self
+                    .conn
+                    .prepare_cached(
+                        "SELECT count(*) FROM deliveries WHERE source = ?1 AND delivery_id = ?2 AND digest = ?3",
+                    )
+                    .and_then(|mut stmt| {
+                        stmt.query_row(params![mark.source, mark.delivery_id, &mark.digest[..]], |row| {
+                            row.get::<_, u64>(0)
+                        })
+                    })
+                    .map(|n| n > 0)
+                    .context("look up delivery mark");
+                let _ = reply.send(found);
+            }
             Op::Read {
                 after_seq,
                 max_events,
@@ -488,7 +558,15 @@ fn open_connection(path: &Path, synchronous: &str) -> anyhow::Result<Connection>
          CREATE TABLE IF NOT EXISTS events (
              seq INTEGER PRIMARY KEY AUTOINCREMENT,
              data BLOB NOT NULL
-         );"
+         );
+         -- The last committed message per source and delivery id (an MQTT packet id is reused
+         -- only after it was acknowledged), so bounded by 65536 rows per subscriber.
+         CREATE TABLE IF NOT EXISTS deliveries (
+             source TEXT NOT NULL,
+             delivery_id INTEGER NOT NULL,
+             digest BLOB NOT NULL,
+             PRIMARY KEY (source, delivery_id)
+         ) WITHOUT ROWID;"
     ))
     .with_context(|| format!("initialise buffer {}", path.display()))?;
     Ok(conn)

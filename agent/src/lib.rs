@@ -9,6 +9,7 @@ pub mod buffer;
 pub mod cli;
 pub mod decode;
 pub mod http;
+pub mod mqtt;
 pub mod tls;
 pub mod uplink;
 
@@ -48,6 +49,21 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> anyhow
     write_runtime_file(&config.data_dir, http_addr, &identity.agent_id)?;
     tracing::info!(agent_id = %identity.agent_id, http = %http_addr, aggregator = %config.uplink.aggregator, "agent started");
 
+    let mqtt_sources: Vec<_> = config
+        .mqtt
+        .iter()
+        .map(|mqtt_config| {
+            tokio::spawn(mqtt::run(
+                mqtt::MqttSource {
+                    config: mqtt_config.clone(),
+                    agent_id: identity.agent_id.clone(),
+                    buffer: buffer.clone(),
+                    max_event_bytes: config.http.max_event_bytes,
+                },
+                shutdown.clone(),
+            ))
+        })
+        .collect();
     let uplink = tokio::spawn(uplink::run(
         uplink::Uplink {
             config: config.uplink.clone(),
@@ -58,12 +74,26 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> anyhow
         shutdown.clone(),
     ));
     let mut http_shutdown = shutdown.clone();
-    axum::serve(listener, http::router(&config.http, buffer.clone()))
-        .with_graceful_shutdown(async move {
-            let _ = http_shutdown.wait_for(|stop| *stop).await;
-        })
-        .await
-        .context("HTTP source")?;
+    let router = http::router(
+        &config.http,
+        &config.snowplow,
+        &config.segment,
+        buffer.clone(),
+    );
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        let _ = http_shutdown.wait_for(|stop| *stop).await;
+    })
+    .await
+    .context("HTTP source")?;
+    for source in mqtt_sources {
+        if let Err(error) = source.await {
+            tracing::error!(%error, "MQTT source task failed");
+        }
+    }
     if let Err(error) = uplink.await {
         tracing::error!(%error, "uplink task failed");
     }

@@ -1,0 +1,534 @@
+//! MQTT subscriber source: one task per `[[sources.mqtt]]`, rumqttc with manual acks.
+//!
+//! The event loop task only polls the connection and hands publishes, in order, to a worker over
+//! a bounded queue. The worker decodes them, commits the events to the buffer (several messages
+//! per commit), and only then sends the PUBACKs, in the order the publishes arrived (MQTT 3.1.1
+//! §4.6). A crash or a full buffer therefore leaves unacknowledged messages with the broker, which
+//! redelivers them on the persistent session.
+//!
+//! A crash between our commit and the broker receiving the PUBACK makes the broker redeliver a
+//! message we already stored, flagged DUP. Each commit records (subscriber, packet id, digest of
+//! topic and payload) in the same transaction as the events; a DUP publish whose mark is found is
+//! acknowledged without storing it again.
+//!
+//! Must not block the event loop on the buffer: the queue between the two is the only place a
+//! slow buffer pushes back, and acks never wait on the event loop (the client's request queue is
+//! larger than the broker's in-flight window).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use rumqttc::{
+    AsyncClient, Event as MqttEvent, MqttOptions, Packet, Publish, QoS, SubscribeFilter,
+};
+use runnel_common::{Event, SourceKind, Value};
+use runnel_config::{MqttPayload, MqttSourceConfig};
+use tokio::sync::{mpsc, watch};
+
+use crate::buffer::{AppendError, Buffer, DeliveryMark, EncodedEvent};
+use crate::decode::{self, Received};
+
+/// Largest MQTT packet accepted from the broker: the wire format's event limit plus topic and
+/// header room. Larger packets close the connection (rumqttc), so they stay at the broker.
+const MAX_INCOMING_PACKET_BYTES: usize = runnel_common::limits::MAX_EVENT_BYTES + 64 * 1024;
+
+/// Most publishes committed together.
+const MAX_PUBLISHES_PER_COMMIT: usize = 512;
+
+/// Wait before retrying a commit the buffer refused as full.
+const FULL_RETRY_MS: u64 = 200;
+
+pub struct MqttSource {
+    pub config: MqttSourceConfig,
+    pub agent_id: String,
+    pub buffer: Buffer,
+    pub max_event_bytes: usize,
+}
+
+/// Runs the subscriber until `shutdown`. Connection failures are logged and retried.
+pub async fn run(source: MqttSource, mut shutdown: watch::Receiver<bool>) {
+    let config = &source.config;
+    let client_id = config
+        .client_id
+        .clone()
+        .unwrap_or_else(|| format!("runnel-{}-{}", source.agent_id, config.name));
+    let options = match options(config, &client_id) {
+        Ok(options) => options,
+        Err(error) => {
+            tracing::error!(source = %config.name, error = format!("{error:#}"), "MQTT source not started");
+            return;
+        }
+    };
+    // Acks go through this queue too: it must hold a full in-flight window of them so the worker
+    // never waits on the event loop while the event loop waits on the worker.
+    let request_capacity = usize::from(config.max_inflight) + 64;
+    let (client, mut eventloop) = AsyncClient::new(options, request_capacity);
+    let (to_worker, from_loop) = mpsc::channel::<Publish>(usize::from(config.max_inflight).max(16));
+    let worker = tokio::spawn(worker(
+        Arc::new(WorkerState {
+            name: config.name.clone(),
+            stream: config.stream.clone(),
+            payload: config.payload,
+            template: config.topic_template.clone(),
+            buffer: source.buffer.clone(),
+            max_event_bytes: source.max_event_bytes,
+        }),
+        client.clone(),
+        from_loop,
+    ));
+    let filters: Vec<SubscribeFilter> = config
+        .topics
+        .iter()
+        .map(|topic| SubscribeFilter::new(topic.clone(), qos(config.qos)))
+        .collect();
+    let mut delay_ms = config.reconnect_min_ms;
+    let mut n_failures = 0u64;
+    loop {
+        let event = tokio::select! {
+            event = eventloop.poll() => event,
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        };
+        match event {
+            Ok(MqttEvent::Incoming(Packet::ConnAck(connack))) => {
+                tracing::info!(
+                    source = %config.name,
+                    broker = %format!("{}:{}", config.host, config.port),
+                    client_id,
+                    session_present = connack.session_present,
+                    "MQTT connected"
+                );
+                delay_ms = config.reconnect_min_ms;
+                n_failures = 0;
+                // Subscribing again on a persistent session is harmless and covers a broker that
+                // lost the session.
+                if let Err(error) = client.try_subscribe_many(filters.clone()) {
+                    tracing::warn!(source = %config.name, %error, "MQTT subscribe not queued");
+                }
+            }
+            Ok(MqttEvent::Incoming(Packet::Publish(publish))) => {
+                if to_worker.send(publish).await.is_err() {
+                    break;
+                }
+            }
+            Ok(MqttEvent::Incoming(Packet::SubAck(suback))) => {
+                let refused = suback
+                    .return_codes
+                    .iter()
+                    .filter(|code| matches!(code, rumqttc::SubscribeReasonCode::Failure))
+                    .count();
+                if refused > 0 {
+                    tracing::warn!(source = %config.name, refused, "broker refused topic filters");
+                }
+            }
+            Ok(_) => {}
+            Err(error) => {
+                n_failures += 1;
+                let jittered = delay_ms / 2 + fastrand::u64(0..=(delay_ms / 2).max(1));
+                if n_failures == 1 || n_failures.is_multiple_of(10) {
+                    tracing::warn!(
+                        source = %config.name,
+                        broker = %format!("{}:{}", config.host, config.port),
+                        %error,
+                        n_failures,
+                        retry_in_ms = jittered,
+                        "MQTT connection failed"
+                    );
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(jittered)) => {}
+                    _ = shutdown.wait_for(|stop| *stop) => break,
+                }
+                delay_ms = (delay_ms * 2).min(config.reconnect_max_ms);
+            }
+        }
+    }
+    drop(to_worker);
+    // The worker finishes what it holds (commits, acks) before we disconnect.
+    let _ = tokio::time::timeout(Duration::from_secs(5), worker).await;
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        while eventloop.poll().await.is_ok() {}
+    })
+    .await;
+}
+
+fn qos(level: u8) -> QoS {
+    if level == 0 {
+        QoS::AtMostOnce
+    } else {
+        QoS::AtLeastOnce
+    }
+}
+
+fn options(config: &MqttSourceConfig, client_id: &str) -> anyhow::Result<MqttOptions> {
+    let mut options = MqttOptions::new(client_id, config.host.clone(), config.port);
+    options
+        .set_keep_alive(Duration::from_secs(config.keep_alive_s))
+        .set_clean_session(config.clean_session)
+        .set_manual_acks(true)
+        .set_inflight(config.max_inflight)
+        .set_max_packet_size(MAX_INCOMING_PACKET_BYTES, 64 * 1024);
+    if let Some(username) = &config.username {
+        options.set_credentials(
+            username.clone(),
+            config.password.clone().unwrap_or_default(),
+        );
+    }
+    if config.tls {
+        let ca = config.ca_cert.as_ref().context("mqtts:// needs ca_cert")?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in crate::tls::load_certs(ca)? {
+            roots
+                .add(cert)
+                .with_context(|| format!("add broker CA from {}", ca.display()))?;
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .context("TLS with the ring provider")?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        options.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(Arc::new(tls)),
+        ));
+    }
+    Ok(options)
+}
+
+struct WorkerState {
+    name: String,
+    stream: String,
+    payload: MqttPayload,
+    template: Option<String>,
+    buffer: Buffer,
+    max_event_bytes: usize,
+}
+
+/// A decoded publish waiting for its commit.
+struct Pending {
+    publish: Publish,
+    events: Vec<EncodedEvent>,
+    mark: Option<DeliveryMark>,
+}
+
+async fn worker(
+    state: Arc<WorkerState>,
+    client: AsyncClient,
+    mut from_loop: mpsc::Receiver<Publish>,
+) {
+    let mut batch: Vec<Pending> = Vec::new();
+    while let Some(first) = from_loop.recv().await {
+        let mut next = Some(first);
+        while let Some(publish) = next.take() {
+            batch.push(prepare(&state, publish).await);
+            if batch.len() < MAX_PUBLISHES_PER_COMMIT {
+                next = from_loop.try_recv().ok();
+            }
+        }
+        commit_and_ack(&state, &client, &mut batch).await;
+    }
+}
+
+/// Decodes a publish. A redelivery of a message already stored gets no events (it is only
+/// acknowledged).
+async fn prepare(state: &WorkerState, publish: Publish) -> Pending {
+    let mark = (publish.qos != QoS::AtMostOnce).then(|| DeliveryMark {
+        source: state.name.clone(),
+        delivery_id: u32::from(publish.pkid),
+        digest: digest(&publish.topic, &publish.payload),
+    });
+    if publish.dup
+        && let Some(mark) = &mark
+    {
+        match state.buffer.delivered(mark.clone()).await {
+            Ok(true) => {
+                tracing::debug!(source = %state.name, pkid = publish.pkid, "redelivery of a stored message; acknowledging only");
+                return Pending {
+                    publish,
+                    events: Vec::new(),
+                    mark: None,
+                };
+            }
+            Ok(false) => {}
+            Err(error) => {
+                tracing::warn!(source = %state.name, error = format!("{error:#}"), "delivery lookup failed; storing")
+            }
+        }
+    }
+    let received = Received {
+        receive_time_ms: crate::now_unix_ms(),
+        stream: state.stream.clone(),
+        ..Received::default()
+    };
+    let events = decode_publish(
+        &decode_publish_state(state),
+        &publish.topic,
+        &publish.payload,
+        &received,
+    );
+    let mut encoded = Vec::with_capacity(events.len());
+    for event in events {
+        let e = match EncodedEvent::encode(&event) {
+            Ok(e) if e.0.len() <= state.max_event_bytes => e,
+            Ok(e) => {
+                let reason = format!(
+                    "event is {} bytes encoded, over sources.http.max_event_bytes ({})",
+                    e.0.len(),
+                    state.max_event_bytes
+                );
+                dead_letter_encoded(&reason, &publish.payload, &received)
+            }
+            Err(error) => dead_letter_encoded(
+                &format!("event does not encode: {error}"),
+                &publish.payload,
+                &received,
+            ),
+        };
+        encoded.push(e);
+    }
+    Pending {
+        publish,
+        events: encoded,
+        mark,
+    }
+}
+
+fn dead_letter_encoded(reason: &str, payload: &[u8], received: &Received) -> EncodedEvent {
+    let event = decode::dead_letter(SourceKind::Mqtt, reason, payload, received);
+    EncodedEvent::encode(&event).expect("a dead letter is small and always encodes")
+}
+
+/// Commits the events of every pending publish in one transaction, then acks them in order.
+/// Retries while the buffer is full: nothing is acknowledged that is not stored.
+async fn commit_and_ack(state: &WorkerState, client: &AsyncClient, batch: &mut Vec<Pending>) {
+    let events: Vec<EncodedEvent> = batch
+        .iter()
+        .flat_map(|p| p.events.iter().cloned())
+        .collect();
+    let marks: Vec<DeliveryMark> = batch.iter().filter_map(|p| p.mark.clone()).collect();
+    if !events.is_empty() || !marks.is_empty() {
+        loop {
+            match state
+                .buffer
+                .append_marked(events.clone(), marks.clone())
+                .await
+            {
+                Ok(_) => break,
+                Err(AppendError::Full { .. }) => {
+                    tracing::debug!(source = %state.name, "buffer full; MQTT messages stay unacknowledged");
+                    tokio::time::sleep(Duration::from_millis(FULL_RETRY_MS)).await;
+                }
+                Err(error) => {
+                    // Not stored: do not ack. The broker redelivers on the next session.
+                    tracing::warn!(source = %state.name, %error, n_messages = batch.len(), "MQTT messages not stored");
+                    batch.clear();
+                    return;
+                }
+            }
+        }
+    }
+    for pending in batch.drain(..) {
+        if pending.publish.qos != QoS::AtMostOnce
+            && let Err(error) = client.ack(&pending.publish).await
+        {
+            tracing::debug!(source = %state.name, %error, "PUBACK not sent (the broker will redeliver; the mark prevents a duplicate)");
+        }
+    }
+}
+
+/// 16 bytes of SHA-256 over topic and payload.
+fn digest(topic: &str, payload: &[u8]) -> [u8; 16] {
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    context.update(&(topic.len() as u64).to_le_bytes());
+    context.update(topic.as_bytes());
+    context.update(payload);
+    let full = context.finish();
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&full.as_ref()[..16]);
+    out
+}
+
+/// Turns one MQTT message into events (or a dead letter).
+pub fn decode_publish(
+    state_payload: &WorkerStateView<'_>,
+    topic: &str,
+    payload: &[u8],
+    received: &Received,
+) -> Vec<Event> {
+    let topic_attrs = topic_fields(state_payload.template, topic);
+    let last_level = topic.rsplit('/').next().unwrap_or(topic);
+    let mut events = match state_payload.payload {
+        MqttPayload::Json => {
+            match decode::json::decode(payload, received.receive_time_ms, &received.stream) {
+                Ok(events) => events,
+                Err(error) => {
+                    let reason = format!("payload on {topic}: {error}");
+                    let mut dead =
+                        decode::dead_letter(SourceKind::Mqtt, &reason, payload, received);
+                    dead.attrs
+                        .insert("topic".into(), Value::String(topic.to_owned()));
+                    return vec![dead];
+                }
+            }
+        }
+        MqttPayload::Text => match std::str::from_utf8(payload) {
+            Ok(text) => vec![raw_event(received, Value::String(text.to_owned()))],
+            Err(error) => {
+                let reason = format!("payload on {topic} is not UTF-8: {error}");
+                let mut dead = decode::dead_letter(SourceKind::Mqtt, &reason, payload, received);
+                dead.attrs
+                    .insert("topic".into(), Value::String(topic.to_owned()));
+                return vec![dead];
+            }
+        },
+        MqttPayload::Bytes => vec![raw_event(received, Value::Bytes(payload.to_vec()))],
+    };
+    for event in &mut events {
+        event.source = SourceKind::Mqtt;
+        if event.name.is_empty() {
+            event.name = last_level.to_owned();
+        }
+        event
+            .attrs
+            .insert("topic".into(), Value::String(topic.to_owned()));
+        for (key, value) in &topic_attrs {
+            event
+                .attrs
+                .entry(key.clone())
+                .or_insert_with(|| Value::String(value.clone()));
+        }
+    }
+    events
+}
+
+/// The parts of a subscriber's config that decoding needs.
+pub struct WorkerStateView<'a> {
+    pub payload: MqttPayload,
+    pub template: Option<&'a str>,
+}
+
+fn decode_publish_state<'a>(state: &'a WorkerState) -> WorkerStateView<'a> {
+    WorkerStateView {
+        payload: state.payload,
+        template: state.template.as_deref(),
+    }
+}
+
+fn raw_event(received: &Received, payload: Value) -> Event {
+    let mut attrs = BTreeMap::new();
+    attrs.insert("payload".to_owned(), payload);
+    Event {
+        seq: 0,
+        event_time_ms: received.receive_time_ms,
+        receive_time_ms: received.receive_time_ms,
+        source: SourceKind::Mqtt,
+        stream: received.stream.clone(),
+        name: String::new(),
+        event_id: None,
+        user_id: None,
+        session_id: None,
+        score: None,
+        tags: Vec::new(),
+        attrs,
+    }
+}
+
+/// `plant/{site}/{device}/telemetry` + `plant/berlin/press-4/telemetry` -> site, device.
+/// A topic that does not fit the template yields nothing.
+pub fn topic_fields(template: Option<&str>, topic: &str) -> Vec<(String, String)> {
+    let Some(template) = template else {
+        return Vec::new();
+    };
+    let pattern: Vec<&str> = template.split('/').collect();
+    let levels: Vec<&str> = topic.split('/').collect();
+    if pattern.len() != levels.len() {
+        return Vec::new();
+    }
+    let mut fields = Vec::new();
+    for (p, level) in pattern.iter().zip(&levels) {
+        match p.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
+            Some(name) => fields.push((name.to_owned(), (*level).to_owned())),
+            None if p == level => {}
+            None => return Vec::new(),
+        }
+    }
+    fields
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn received() -> Received {
+        Received {
+            receive_time_ms: 5,
+            stream: "telemetry".into(),
+            ..Received::default()
+        }
+    }
+
+    #[test]
+    fn templates_turn_levels_into_fields() {
+        let t = Some("plant/{site}/{device}/telemetry");
+        assert_eq!(
+            topic_fields(t, "plant/berlin/press-4/telemetry"),
+            vec![
+                ("site".into(), "berlin".into()),
+                ("device".into(), "press-4".into())
+            ]
+        );
+        assert!(topic_fields(t, "plant/berlin/press-4/alarms").is_empty());
+        assert!(topic_fields(t, "plant/berlin").is_empty());
+    }
+
+    #[test]
+    fn json_text_bytes_and_dead_letters() {
+        let view = |payload| WorkerStateView {
+            payload,
+            template: Some("plant/{site}/{device}"),
+        };
+        let events = decode_publish(
+            &view(MqttPayload::Json),
+            "plant/b/p4",
+            br#"[{"temp":21.5},{"temp":22}]"#,
+            &received(),
+        );
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[0].name, "p4");
+        assert_eq!(events[0].source, SourceKind::Mqtt);
+        assert_eq!(events[0].attrs["site"], Value::String("b".into()));
+        assert_eq!(events[0].attrs["topic"], Value::String("plant/b/p4".into()));
+        assert_eq!(events[1].attrs["temp"], Value::Int(22));
+
+        let dead = decode_publish(
+            &view(MqttPayload::Json),
+            "plant/b/p4",
+            b"\x00\x01",
+            &received(),
+        );
+        assert_eq!(dead[0].stream, decode::DEAD_LETTER_STREAM);
+        let Value::String(reason) = &dead[0].attrs["reason"] else {
+            panic!("reason")
+        };
+        assert!(
+            reason.starts_with("payload on plant/b/p4: invalid JSON"),
+            "{reason}"
+        );
+
+        let text = decode_publish(&view(MqttPayload::Text), "a", b"ON", &received());
+        assert_eq!(text[0].attrs["payload"], Value::String("ON".into()));
+        let not_text = decode_publish(&view(MqttPayload::Text), "a", b"\xff", &received());
+        assert_eq!(not_text[0].stream, decode::DEAD_LETTER_STREAM);
+        let bytes = decode_publish(&view(MqttPayload::Bytes), "a", b"\xff", &received());
+        assert_eq!(bytes[0].attrs["payload"], Value::Bytes(vec![0xff]));
+    }
+
+    #[test]
+    fn digests_depend_on_topic_and_payload() {
+        assert_eq!(digest("a", b"x"), digest("a", b"x"));
+        assert_ne!(digest("a", b"x"), digest("b", b"x"));
+        assert_ne!(digest("ab", b""), digest("a", b"b"));
+    }
+}
