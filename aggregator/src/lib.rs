@@ -63,6 +63,7 @@ pub async fn run(
         Arc::clone(&store),
         &config.storage.events_dir,
     )?);
+    engine.create_views().await?;
 
     let endpoint = ingest::endpoint(&config.ingest)?;
     let ingest_addr = endpoint.local_addr().context("read ingest address")?;

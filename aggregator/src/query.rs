@@ -127,7 +127,8 @@ impl QueryEngine {
         let session = SessionConfig::new()
             .with_information_schema(true)
             .with_target_partitions(2);
-        let ctx = SessionContext::new_with_config_rt(session, runtime);
+        let mut ctx = SessionContext::new_with_config_rt(session, runtime);
+        datafusion_functions_json::register_all(&mut ctx)?;
         let root = format!("file://{}", events_root.display());
         ctx.register_table("events", Arc::new(EventsTable { store, root }))?;
         Ok(QueryEngine {
@@ -137,6 +138,23 @@ impl QueryEngine {
         })
     }
 
+    /// Creates the views over `events` (`dead_letters`). Separate from `new` because planning
+    /// SQL is async.
+    pub async fn create_views(&self) -> anyhow::Result<()> {
+        self.ctx.sql(DEAD_LETTERS_VIEW).await?;
+        Ok(())
+    }
+}
+
+/// Dead letters: input a source could not decode, kept with the reason and (capped) raw bytes.
+/// They are events on stream `dead_letters`; this view puts their attributes in columns.
+pub const DEAD_LETTERS_VIEW: &str = "CREATE VIEW dead_letters AS SELECT agent_id, seq, receive_time, source, \
+     json_get_str(attrs, 'reason') AS reason, json_get_str(attrs, 'topic') AS topic, \
+     json_get_int(attrs, 'raw_bytes') AS raw_bytes, json_get_bool(attrs, 'raw_truncated') AS raw_truncated, \
+     json_get_str(attrs, 'raw') AS raw \
+     FROM events WHERE stream = 'dead_letters'";
+
+impl QueryEngine {
     pub async fn run(&self, sql: &str) -> Result<QueryResult, QueryError> {
         let started = Instant::now();
         let options = SQLOptions::new()
@@ -264,5 +282,121 @@ fn cell(
             Some(formatter) => J::String(formatter.value(row).to_string()),
             None => J::Null,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use runnel_common::{Event, SourceKind, Value};
+
+    use super::*;
+
+    fn event(seq: u64, stream: &str, attrs: &[(&str, Value)]) -> Event {
+        Event {
+            seq,
+            event_time_ms: 1_700_000_000_000,
+            receive_time_ms: 1_700_000_000_000,
+            source: SourceKind::Http,
+            stream: stream.into(),
+            name: "n".into(),
+            event_id: None,
+            user_id: None,
+            session_id: None,
+            score: None,
+            tags: vec![],
+            attrs: attrs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect::<BTreeMap<_, _>>(),
+        }
+    }
+
+    async fn engine() -> QueryEngine {
+        let store = Arc::new(EventStore::new(
+            Arc::new(datafusion::object_store::memory::InMemory::new()),
+            1000,
+        ));
+        let events = vec![
+            event(1, "web", &[("url", Value::String("/a".into()))]),
+            event(2, "web", &[("url", Value::String("/b".into()))]),
+            event(
+                3,
+                "dead_letters",
+                &[
+                    ("reason", Value::String("bad base64".into())),
+                    ("raw_bytes", Value::Int(4)),
+                ],
+            ),
+        ];
+        store.insert(1, crate::schema::to_record_batches("edge-1", 0, &events));
+        let config = runnel_config::parse_aggregator(
+            "[ingest]\nca_cert = \"c\"\ncert = \"c\"\nkey = \"k\"",
+            std::path::Path::new("aggregator.toml"),
+        )
+        .unwrap()
+        .query;
+        let engine =
+            QueryEngine::new(&config, store, std::path::Path::new("/nonexistent")).unwrap();
+        engine.create_views().await.unwrap();
+        engine
+    }
+
+    #[tokio::test]
+    async fn json_functions_and_dead_letters_view() {
+        let engine = engine().await;
+        let result = engine
+            .run("SELECT json_get_str(attrs, 'url') AS url FROM events WHERE stream = 'web' ORDER BY seq")
+            .await
+            .unwrap();
+        assert_eq!(
+            to_json(&result)["rows"],
+            serde_json::json!([["/a"], ["/b"]])
+        );
+        let result = engine
+            .run("SELECT agent_id, seq, reason, raw_bytes FROM dead_letters")
+            .await
+            .unwrap();
+        assert_eq!(
+            to_json(&result)["rows"],
+            serde_json::json!([["edge-1", 3, "bad base64", 4]])
+        );
+    }
+
+    #[tokio::test]
+    async fn only_reads_are_allowed() {
+        let engine = engine().await;
+        for sql in [
+            "CREATE TABLE t AS SELECT 1",
+            "DROP VIEW dead_letters",
+            "INSERT INTO events SELECT * FROM events",
+            "SET datafusion.execution.batch_size = 1",
+        ] {
+            let error = engine
+                .run(sql)
+                .await
+                .err()
+                .unwrap_or_else(|| panic!("{sql} was allowed"));
+            assert!(matches!(error, QueryError::Invalid(_)), "{sql}: {error}");
+        }
+        assert!(
+            engine
+                .run("SELECT count(*) FROM dead_letters")
+                .await
+                .is_ok(),
+            "the view survives"
+        );
+    }
+
+    #[tokio::test]
+    async fn results_are_cut_at_max_rows() {
+        let engine = engine().await;
+        let engine = QueryEngine {
+            max_result_rows: 2,
+            ..engine
+        };
+        let result = engine.run("SELECT seq FROM events").await.unwrap();
+        assert_eq!((result.n_rows, result.truncated), (2, true));
     }
 }
