@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 use crate::common::{Checker, GIB, KIB, MIB, Synchronous, Unit, quote};
 use crate::error::ConfigError;
 use crate::sources::{
-    MqttSourceConfig, RawMqtt, RawSegment, RawSnowplow, SegmentConfig, SnowplowConfig,
+    MqttListenerConfig, MqttSourceConfig, RawMqtt, RawMqttListener, RawSegment, RawSnowplow,
+    SegmentConfig, SnowplowConfig,
 };
 
 // Limits copied from runnel-common as literals, so this crate builds without it; the values must
@@ -63,6 +64,8 @@ pub struct AgentConfig {
     pub segment: SegmentConfig,
     /// MQTT subscribers.
     pub mqtt: Vec<MqttSourceConfig>,
+    /// The MQTT listener (an MQTT server devices publish to).
+    pub mqtt_listener: MqttListenerConfig,
     /// The on-disk event buffer.
     pub buffer: BufferConfig,
     /// The QUIC connection to the aggregator.
@@ -179,6 +182,9 @@ struct RawSources {
     /// `[[sources.mqtt]]`: subscribers to MQTT brokers, one table each.
     #[serde(default)]
     mqtt: Vec<RawMqtt>,
+    /// `[sources.mqtt_listener]`: an MQTT server on the agent that devices publish to directly.
+    #[serde(default)]
+    mqtt_listener: RawMqttListener,
 }
 
 /// `[sources.http]`
@@ -290,6 +296,7 @@ impl RawAgentFile {
         let snowplow = self.sources.snowplow.validate(checker)?;
         let segment = self.sources.segment.validate(checker)?;
         let mqtt = crate::sources::validate_mqtt(checker, self.sources.mqtt)?;
+        let mqtt_listener = self.sources.mqtt_listener.validate(checker)?;
         let buffer = self.buffer.validate(checker, &data_dir)?;
         let uplink = self.uplink.validate(checker, &http)?;
         Ok(AgentConfig {
@@ -299,6 +306,7 @@ impl RawAgentFile {
             snowplow,
             segment,
             mqtt,
+            mqtt_listener,
             buffer,
             uplink,
         })

@@ -22,4 +22,6 @@ pub use aggregator::{
 };
 pub use common::Synchronous;
 pub use error::ConfigError;
-pub use sources::{MqttPayload, MqttSourceConfig, SegmentConfig, SnowplowConfig};
+pub use sources::{
+    MqttListenerConfig, MqttPayload, MqttSourceConfig, SegmentConfig, SnowplowConfig,
+};

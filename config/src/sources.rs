@@ -81,6 +81,117 @@ pub struct MqttSourceConfig {
     pub reconnect_max_ms: u64,
 }
 
+/// `[sources.mqtt_listener]`, validated: an MQTT server on the agent that devices publish to
+/// directly, so an edge host needs no separate broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MqttListenerConfig {
+    pub enabled: bool,
+    pub listen: std::net::SocketAddr,
+    /// Required from clients when set (with `password`).
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub stream: String,
+    pub payload: MqttPayload,
+    pub topic_template: Option<String>,
+    /// Most client connections at once; more are refused.
+    pub max_connections: usize,
+}
+
+/// `[sources.mqtt_listener]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawMqttListener {
+    /// Accept MQTT 3.1.1 publishes (QoS 0 and 1) from devices on this agent. QoS 1 publishes get
+    /// their PUBACK only after the event is committed to the buffer. Default: false.
+    enabled: Option<bool>,
+    /// Address and port to listen on. Default: "127.0.0.1:1883" (use "0.0.0.0:1883" for devices
+    /// on the network; pick another port if a broker already runs here).
+    listen: Option<String>,
+    /// User name clients must send (with `password`). Default: none (anonymous clients allowed).
+    username: Option<String>,
+    /// Password clients must send. Default: none.
+    password: Option<String>,
+    /// Stream the events land in. Default: "telemetry".
+    stream: Option<String>,
+    /// Payload format: "json", "text" or "bytes", as for [[sources.mqtt]]. Default: "json".
+    payload: Option<String>,
+    /// Topic levels to attrs, as for [[sources.mqtt]]. Default: none.
+    topic_template: Option<String>,
+    /// Most client connections at once; more are refused. Allowed: 1 to 100000. Default: 1000.
+    max_connections: Option<u64>,
+}
+
+impl RawMqttListener {
+    pub(crate) fn validate(self, checker: &Checker<'_>) -> Result<MqttListenerConfig, ConfigError> {
+        let listen = checker.socket_addr(
+            "sources.mqtt_listener.listen",
+            self.listen.as_deref(),
+            std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 1883)),
+        )?;
+        if self.username.is_some() != self.password.is_some() {
+            let missing = if self.username.is_some() {
+                "password"
+            } else {
+                "username"
+            };
+            return Err(checker.missing(
+                &format!("sources.mqtt_listener.{missing}"),
+                "username and password go together",
+            ));
+        }
+        let payload = payload_format(
+            checker,
+            "sources.mqtt_listener.payload",
+            self.payload.as_deref(),
+        )?;
+        if let Some(template) = &self.topic_template
+            && let Err(problem) = check_topic_template(template)
+        {
+            return Err(checker.invalid(
+                "sources.mqtt_listener.topic_template",
+                quote(template),
+                problem,
+            ));
+        }
+        let max_connections = checker.int_usize(
+            "sources.mqtt_listener.max_connections",
+            self.max_connections,
+            1000,
+            1,
+            Some(100_000),
+            Unit::Plain,
+        )?;
+        Ok(MqttListenerConfig {
+            enabled: self.enabled.unwrap_or(false),
+            listen,
+            username: self.username,
+            password: self.password,
+            stream: stream_name(
+                checker,
+                "sources.mqtt_listener.stream",
+                self.stream,
+                DEFAULT_TELEMETRY,
+            )?,
+            payload,
+            topic_template: self.topic_template,
+            max_connections,
+        })
+    }
+}
+
+fn payload_format(
+    checker: &Checker<'_>,
+    key: &str,
+    raw: Option<&str>,
+) -> Result<MqttPayload, ConfigError> {
+    match raw.unwrap_or("json") {
+        "json" => Ok(MqttPayload::Json),
+        "text" => Ok(MqttPayload::Text),
+        "bytes" => Ok(MqttPayload::Bytes),
+        other => Err(checker.invalid(key, quote(other), "must be \"json\", \"text\" or \"bytes\"")),
+    }
+}
+
 /// `[sources.snowplow]`
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -371,18 +482,7 @@ impl RawMqtt {
             Unit::Plain,
         )?)
         .expect("bounded to u16 above");
-        let payload = match self.payload.as_deref().unwrap_or("json") {
-            "json" => MqttPayload::Json,
-            "text" => MqttPayload::Text,
-            "bytes" => MqttPayload::Bytes,
-            other => {
-                return Err(checker.invalid(
-                    &key("payload"),
-                    quote(other),
-                    "must be \"json\", \"text\" or \"bytes\"",
-                ));
-            }
-        };
+        let payload = payload_format(checker, &key("payload"), self.payload.as_deref())?;
         if let Some(template) = &self.topic_template
             && let Err(problem) = check_topic_template(template)
         {
