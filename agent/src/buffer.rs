@@ -35,24 +35,63 @@ const MAX_GROUP_EVENTS: usize = 50_000;
 
 /// An event encoded for storage (postcard, `seq` = 0).
 #[derive(Debug, Clone)]
-pub struct EncodedEvent(pub Vec<u8>);
+pub struct EncodedEvent(pub Vec<u8>, pub String);
 
 impl EncodedEvent {
+    /// Encodes an event for storage; the second field is its stream (for drop policies).
     pub fn encode(event: &Event) -> Result<EncodedEvent, postcard::Error> {
-        postcard::to_stdvec(event).map(EncodedEvent)
+        postcard::to_stdvec(event).map(|data| EncodedEvent(data, event.stream.clone()))
+    }
+}
+
+/// Stream of the agent's own drop reports: one event per (stream, reason) and commit that
+/// dropped events, committed in the same transaction as the drop, so the aggregator's counts
+/// are exact. Never dropped or evicted itself.
+pub const DROP_REPORT_STREAM: &str = "agent_drops";
+
+/// Priority of drop reports: above anything a config can set, so never evicted.
+const DROP_REPORT_PRIORITY: i64 = 1000;
+
+/// Why events were dropped; the `reason` of a drop report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum DropReason {
+    /// `when_full = "drop_newest"`: arriving events discarded.
+    BufferFullDropNewest,
+    /// `when_full = "drop_oldest"`: buffered events evicted for newer ones.
+    BufferFullEvicted,
+    /// `when_full = "drop_oldest"` but nothing evictable of the same or lower priority.
+    BufferFullNoRoom,
+}
+
+impl DropReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::BufferFullDropNewest => "buffer_full_drop_newest",
+            DropReason::BufferFullEvicted => "buffer_full_evicted",
+            DropReason::BufferFullNoRoom => "buffer_full_no_room",
+        }
     }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Appended {
+    /// Sequence numbers of the stored events; both 0 when none was stored (dropped).
     pub first_seq: u64,
     pub last_seq: u64,
+    /// Events of this request discarded by a drop policy (acknowledged, not stored).
+    pub n_dropped: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppendError {
+    /// Nothing stored (`when_full = "block"`). The events come back, so a caller that waits for
+    /// room can try again without having kept a copy.
     #[error("buffer is full ({buffered_bytes} of {max_bytes} bytes)")]
-    Full { buffered_bytes: u64, max_bytes: u64 },
+    Full {
+        buffered_bytes: u64,
+        max_bytes: u64,
+        events: Vec<EncodedEvent>,
+    },
     #[error("buffer write failed: {0}")]
     Storage(String),
     #[error("buffer is shut down")]
@@ -75,6 +114,8 @@ pub struct Stats {
     pub n_refused_full: AtomicU64,
     pub n_commits: AtomicU64,
     pub n_deleted: AtomicU64,
+    /// Events discarded or evicted by a drop policy.
+    pub n_dropped: AtomicU64,
 }
 
 type AppendReply = oneshot::Sender<Result<Appended, AppendError>>;
@@ -268,7 +309,12 @@ struct Writer {
     conn: Connection,
     max_bytes: u64,
     when_full: WhenFull,
+    priorities: std::collections::BTreeMap<String, u8>,
     head: Head,
+    /// Highest sequence number handed to the uplink since it last (re)connected. Rows at or below
+    /// it may be in flight and are never evicted: evicting them would count as dropped events
+    /// the aggregator then stores anyway.
+    read_mark: u64,
 }
 
 impl Writer {
@@ -279,6 +325,14 @@ impl Writer {
                 .with_context(|| format!("create buffer directory {}", parent.display()))?;
         }
         let conn = open_connection(&path, config.synchronous.as_pragma())?;
+        if config.when_full == WhenFull::DropOldest {
+            // Eviction picks the lowest priority, oldest first; without this index each eviction
+            // would scan the buffer. Only built for drop_oldest: it costs every insert.
+            conn.execute_batch(
+                "CREATE INDEX IF NOT EXISTS events_by_priority ON events (priority, seq)",
+            )
+            .with_context(|| format!("index buffer {}", path.display()))?;
+        }
         let (n_events, n_bytes): (u64, u64) = conn
             .query_row(
                 "SELECT count(*), coalesce(sum(length(data)), 0) FROM events",
@@ -298,7 +352,9 @@ impl Writer {
             conn,
             max_bytes: config.max_bytes,
             when_full: config.when_full,
+            priorities: config.stream_priorities.clone(),
             head,
+            read_mark: 0,
         })
     }
 
@@ -343,63 +399,109 @@ impl Writer {
     fn commit_appends(&mut self, appends: &mut Vec<PendingAppend>, stats: &Stats) {
         let mut outcomes: Vec<Result<Appended, AppendError>> = Vec::with_capacity(appends.len());
         let head_before = self.head;
+        let mut drops: std::collections::BTreeMap<(String, DropReason), u64> =
+            std::collections::BTreeMap::new();
+        let Writer {
+            conn,
+            head,
+            priorities,
+            ..
+        } = self;
+        let (max_bytes, when_full, read_mark) = (self.max_bytes, self.when_full, self.read_mark);
         let result = (|| -> rusqlite::Result<()> {
-            let tx = self.conn.transaction()?;
-            {
-                let mut insert = tx.prepare_cached("INSERT INTO events (data) VALUES (?1)")?;
-                let mut mark = tx.prepare_cached(
-                    "INSERT OR REPLACE INTO deliveries (source, delivery_id, digest) VALUES (?1, ?2, ?3)",
-                )?;
-                for PendingAppend { events, marks, .. } in appends.iter() {
-                    let n_bytes: u64 = events.iter().map(|e| e.0.len() as u64).sum();
-                    if self.head.n_bytes + n_bytes > self.max_bytes {
-                        match self.when_full {
-                            WhenFull::Block => {
-                                outcomes.push(Err(AppendError::Full {
-                                    buffered_bytes: self.head.n_bytes,
-                                    max_bytes: self.max_bytes,
-                                }));
-                                continue;
-                            }
+            let tx = conn.transaction()?;
+            for PendingAppend { events, marks, .. } in appends.iter() {
+                let n_bytes: u64 = events.iter().map(|e| e.0.len() as u64).sum();
+                if head.n_bytes + n_bytes > max_bytes {
+                    let made_room = match when_full {
+                        WhenFull::Block => {
+                            outcomes.push(Err(AppendError::Full {
+                                buffered_bytes: head.n_bytes,
+                                max_bytes,
+                                events: Vec::new(),
+                            }));
+                            continue;
                         }
-                    }
-                    let mut first_seq = 0;
-                    let mut last_seq = 0;
-                    for event in events {
-                        insert.execute(params![event.0])?;
-                        last_seq = u64::try_from(tx.last_insert_rowid()).unwrap_or(0);
-                        if first_seq == 0 {
-                            first_seq = last_seq;
+                        WhenFull::DropNewest => false,
+                        WhenFull::DropOldest => {
+                            let needed = head.n_bytes + n_bytes - max_bytes;
+                            let ceiling = events
+                                .iter()
+                                .map(|e| stream_priority(priorities, &e.1))
+                                .max()
+                                .unwrap_or(0);
+                            evict(&tx, head, read_mark, needed, ceiling, &mut drops)? >= needed
                         }
+                    };
+                    if !made_room {
+                        let reason = match when_full {
+                            WhenFull::DropOldest => DropReason::BufferFullNoRoom,
+                            _ => DropReason::BufferFullDropNewest,
+                        };
+                        for event in events {
+                            *drops.entry((event.1.clone(), reason)).or_default() += 1;
+                        }
+                        // The source's delivery is settled: a redelivery must not be stored either.
+                        insert_marks(&tx, marks)?;
+                        outcomes.push(Ok(Appended {
+                            first_seq: 0,
+                            last_seq: 0,
+                            n_dropped: events.len(),
+                        }));
+                        continue;
                     }
-                    for m in marks {
-                        mark.execute(params![m.source, m.delivery_id, &m.digest[..]])?;
-                    }
-                    self.head.n_events += events.len() as u64;
-                    self.head.n_bytes += n_bytes;
-                    self.head.last_seq = self.head.last_seq.max(last_seq);
-                    outcomes.push(Ok(Appended {
-                        first_seq,
-                        last_seq,
-                    }));
                 }
+                let (first_seq, last_seq) = insert_events(&tx, head, priorities, events)?;
+                insert_marks(&tx, marks)?;
+                head.n_events += events.len() as u64;
+                head.n_bytes += n_bytes;
+                outcomes.push(Ok(Appended {
+                    first_seq,
+                    last_seq,
+                    n_dropped: 0,
+                }));
+            }
+            if !drops.is_empty() {
+                let reports = drop_reports(&drops);
+                let n_report_bytes: u64 = reports.iter().map(|e| e.0.len() as u64).sum();
+                // Reports may exceed max_bytes by their own (small) size: losing them would make
+                // the drop counts wrong, which is worse.
+                insert_events(&tx, head, priorities, &reports)?;
+                head.n_events += reports.len() as u64;
+                head.n_bytes += n_report_bytes;
             }
             tx.commit()
         })();
         match result {
             Ok(()) => {
                 stats.n_commits.fetch_add(1, Ordering::Relaxed);
-                for (PendingAppend { events, reply, .. }, outcome) in
+                let n_dropped: u64 = drops.values().sum();
+                if n_dropped > 0 {
+                    stats.n_dropped.fetch_add(n_dropped, Ordering::Relaxed);
+                    tracing::debug!(
+                        n_dropped,
+                        policy = when_full.as_str(),
+                        "buffer full: events dropped"
+                    );
+                }
+                for (PendingAppend { events, reply, .. }, mut outcome) in
                     appends.drain(..).zip(outcomes)
                 {
                     match &outcome {
-                        Ok(_) => stats
-                            .n_appended
-                            .fetch_add(events.len() as u64, Ordering::Relaxed),
+                        Ok(appended) => stats.n_appended.fetch_add(
+                            (events.len() - appended.n_dropped) as u64,
+                            Ordering::Relaxed,
+                        ),
                         Err(_) => stats
                             .n_refused_full
                             .fetch_add(events.len() as u64, Ordering::Relaxed),
                     };
+                    if let Err(AppendError::Full {
+                        events: returned, ..
+                    }) = &mut outcome
+                    {
+                        *returned = events;
+                    }
                     // The requester may have gone away (client disconnected); the events are
                     // committed either way and will be shipped.
                     let _ = reply.send(outcome);
@@ -486,6 +588,11 @@ impl Writer {
             event.seq = seq;
             events.push(event);
         }
+        drop(rows);
+        drop(stmt);
+        if let Some(last) = events.last() {
+            self.read_mark = self.read_mark.max(last.seq);
+        }
         Ok(events)
     }
 
@@ -507,6 +614,8 @@ impl Writer {
     }
 
     fn reconcile(&mut self, high_water_mark: u64) -> anyhow::Result<Reconciled> {
+        // A new connection: nothing above the mark is in flight any more.
+        self.read_mark = high_water_mark;
         let mut renumbered_by = 0;
         if high_water_mark > self.head.last_seq {
             // The aggregator has stored sequence numbers this buffer never assigned: the buffer
@@ -542,6 +651,136 @@ impl Writer {
     }
 }
 
+fn stream_priority(priorities: &std::collections::BTreeMap<String, u8>, stream: &str) -> i64 {
+    if stream == DROP_REPORT_STREAM {
+        return DROP_REPORT_PRIORITY;
+    }
+    i64::from(
+        priorities
+            .get(stream)
+            .copied()
+            .unwrap_or(runnel_config::DEFAULT_STREAM_PRIORITY),
+    )
+}
+
+/// Inserts events; returns the first and last sequence number assigned.
+fn insert_events(
+    tx: &rusqlite::Transaction<'_>,
+    head: &mut Head,
+    priorities: &std::collections::BTreeMap<String, u8>,
+    events: &[EncodedEvent],
+) -> rusqlite::Result<(u64, u64)> {
+    let mut insert =
+        tx.prepare_cached("INSERT INTO events (data, stream, priority) VALUES (?1, ?2, ?3)")?;
+    let (mut first_seq, mut last_seq) = (0, 0);
+    for event in events {
+        insert.execute(params![
+            event.0,
+            event.1,
+            stream_priority(priorities, &event.1)
+        ])?;
+        last_seq = u64::try_from(tx.last_insert_rowid()).unwrap_or(0);
+        if first_seq == 0 {
+            first_seq = last_seq;
+        }
+    }
+    head.last_seq = head.last_seq.max(last_seq);
+    Ok((first_seq, last_seq))
+}
+
+fn insert_marks(tx: &rusqlite::Transaction<'_>, marks: &[DeliveryMark]) -> rusqlite::Result<()> {
+    let mut mark = tx.prepare_cached(
+        "INSERT OR REPLACE INTO deliveries (source, delivery_id, digest) VALUES (?1, ?2, ?3)",
+    )?;
+    for m in marks {
+        mark.execute(params![m.source, m.delivery_id, &m.digest[..]])?;
+    }
+    Ok(())
+}
+
+/// Evicts up to `needed` bytes of events above `read_mark` with priority at most `ceiling`,
+/// lowest priority and oldest first. Returns the bytes freed; counts evictions in `drops`.
+fn evict(
+    tx: &rusqlite::Transaction<'_>,
+    head: &mut Head,
+    read_mark: u64,
+    needed: u64,
+    ceiling: i64,
+    drops: &mut std::collections::BTreeMap<(String, DropReason), u64>,
+) -> rusqlite::Result<u64> {
+    /// Rows looked at per query while evicting.
+    const EVICT_CHUNK: u64 = 256;
+    let mut freed = 0u64;
+    let mut select = tx.prepare_cached(
+        "SELECT seq, length(data), stream FROM events WHERE seq > ?1 AND priority <= ?2
+         ORDER BY priority, seq LIMIT ?3",
+    )?;
+    let mut delete = tx.prepare_cached("DELETE FROM events WHERE seq = ?1")?;
+    while freed < needed {
+        let victims: Vec<(u64, u64, String)> = select
+            .query_map(params![read_mark, ceiling, EVICT_CHUNK], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        if victims.is_empty() {
+            break;
+        }
+        for (seq, n_bytes, stream) in victims {
+            if freed >= needed {
+                break;
+            }
+            delete.execute(params![seq])?;
+            freed += n_bytes;
+            head.n_events -= 1;
+            head.n_bytes -= n_bytes;
+            *drops
+                .entry((stream, DropReason::BufferFullEvicted))
+                .or_default() += 1;
+        }
+    }
+    Ok(freed)
+}
+
+/// One drop-report event per (stream, reason).
+fn drop_reports(
+    drops: &std::collections::BTreeMap<(String, DropReason), u64>,
+) -> Vec<EncodedEvent> {
+    let now_ms = crate::now_unix_ms();
+    drops
+        .iter()
+        .map(|((stream, reason), n)| {
+            let mut attrs = std::collections::BTreeMap::new();
+            attrs.insert(
+                "stream".to_owned(),
+                runnel_common::Value::String(stream.clone()),
+            );
+            attrs.insert(
+                "reason".to_owned(),
+                runnel_common::Value::String(reason.as_str().to_owned()),
+            );
+            attrs.insert(
+                "n_events".to_owned(),
+                runnel_common::Value::Int(i64::try_from(*n).unwrap_or(i64::MAX)),
+            );
+            let event = Event {
+                seq: 0,
+                event_time_ms: now_ms,
+                receive_time_ms: now_ms,
+                source: runnel_common::SourceKind::Internal,
+                stream: DROP_REPORT_STREAM.to_owned(),
+                name: "events_dropped".to_owned(),
+                event_id: None,
+                user_id: None,
+                session_id: None,
+                score: None,
+                tags: Vec::new(),
+                attrs,
+            };
+            EncodedEvent::encode(&event).expect("a drop report is small and always encodes")
+        })
+        .collect()
+}
+
 fn open_connection(path: &Path, synchronous: &str) -> anyhow::Result<Connection> {
     let conn = Connection::open(path).with_context(|| format!("open buffer {}", path.display()))?;
     let journal_mode: String = conn
@@ -557,7 +796,10 @@ fn open_connection(path: &Path, synchronous: &str) -> anyhow::Result<Connection>
          PRAGMA busy_timeout = 5000;
          CREATE TABLE IF NOT EXISTS events (
              seq INTEGER PRIMARY KEY AUTOINCREMENT,
-             data BLOB NOT NULL
+             data BLOB NOT NULL,
+             -- For drop policies: the event's stream and that stream's priority.
+             stream TEXT NOT NULL DEFAULT '',
+             priority INTEGER NOT NULL DEFAULT 100
          );
          -- The last committed message per source and delivery id (an MQTT packet id is reused
          -- only after it was acknowledged), so bounded by 65536 rows per subscriber.
@@ -569,6 +811,21 @@ fn open_connection(path: &Path, synchronous: &str) -> anyhow::Result<Connection>
          ) WITHOUT ROWID;"
     ))
     .with_context(|| format!("initialise buffer {}", path.display()))?;
+    // Buffers made before drop policies existed lack the two columns.
+    let has_stream: bool = conn
+        .query_row(
+            "SELECT count(*) FROM pragma_table_info('events') WHERE name = 'stream'",
+            [],
+            |row| row.get::<_, u64>(0),
+        )
+        .map(|n| n > 0)?;
+    if !has_stream {
+        conn.execute_batch(
+            "ALTER TABLE events ADD COLUMN stream TEXT NOT NULL DEFAULT '';
+             ALTER TABLE events ADD COLUMN priority INTEGER NOT NULL DEFAULT 100;",
+        )
+        .with_context(|| format!("upgrade buffer {}", path.display()))?;
+    }
     Ok(conn)
 }
 
@@ -595,6 +852,8 @@ mod tests {
             max_bytes,
             synchronous: Synchronous::Normal,
             when_full: WhenFull::Block,
+            block_timeout_ms: 0,
+            stream_priorities: Default::default(),
         }
     }
 
@@ -697,5 +956,154 @@ mod tests {
         let one = event(1).0.len();
         assert_eq!(buffer.read_after(0, 100, one * 3).await.unwrap().len(), 3);
         assert_eq!(buffer.read_after(0, 4, 1 << 20).await.unwrap().len(), 4);
+    }
+
+    fn on_stream(stream: &str) -> EncodedEvent {
+        let mut event = postcard::from_bytes::<Event>(&event(1).0).unwrap();
+        event.stream = stream.into();
+        EncodedEvent::encode(&event).unwrap()
+    }
+
+    /// Drop reports in the buffer, as (stream, reason, n_events).
+    async fn drop_reports_in(buffer: &Buffer) -> Vec<(String, String, i64)> {
+        let events = buffer.read_after(0, 1000, 1 << 30).await.unwrap();
+        let mut reports: Vec<(String, String, i64)> = events
+            .iter()
+            .filter(|e| e.stream == DROP_REPORT_STREAM)
+            .map(|e| {
+                let text = |k: &str| match &e.attrs[k] {
+                    Value::String(s) => s.clone(),
+                    other => panic!("{k}: {other:?}"),
+                };
+                let Value::Int(n) = e.attrs["n_events"] else {
+                    panic!("n_events")
+                };
+                (text("stream"), text("reason"), n)
+            })
+            .collect();
+        reports.sort();
+        reports
+    }
+
+    #[tokio::test]
+    async fn drop_newest_accepts_discards_and_reports() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = on_stream("web").0.len() as u64;
+        let config = BufferConfig {
+            when_full: WhenFull::DropNewest,
+            ..config(dir.path(), one * 2)
+        };
+        let (buffer, _thread) = Buffer::open(&config).unwrap();
+        buffer
+            .append(vec![on_stream("web"), on_stream("web")])
+            .await
+            .unwrap();
+        let dropped = buffer
+            .append(vec![on_stream("web"), on_stream("iot")])
+            .await
+            .unwrap();
+        assert_eq!(
+            (dropped.first_seq, dropped.last_seq, dropped.n_dropped),
+            (0, 0, 2)
+        );
+        assert_eq!(
+            drop_reports_in(&buffer).await,
+            vec![
+                ("iot".into(), "buffer_full_drop_newest".into(), 1),
+                ("web".into(), "buffer_full_drop_newest".into(), 1),
+            ]
+        );
+        assert_eq!(buffer.stats().n_dropped.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn drop_oldest_evicts_lowest_priority_first_and_never_upwards() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = |s: &str| on_stream(s).0.len() as u64;
+        let config = BufferConfig {
+            when_full: WhenFull::DropOldest,
+            stream_priorities: [("pings".to_string(), 10), ("orders".to_string(), 200)].into(),
+            ..config(dir.path(), size("pings") + size("orders") + size("web"))
+        };
+        let (buffer, _thread) = Buffer::open(&config).unwrap();
+        buffer
+            .append(vec![
+                on_stream("orders"),
+                on_stream("pings"),
+                on_stream("web"),
+            ])
+            .await
+            .unwrap();
+        // A "web" (priority 100) event evicts the ping (10), not the older order (200).
+        let stored = buffer.append(vec![on_stream("web")]).await.unwrap();
+        assert_eq!(stored.n_dropped, 0);
+        let streams = |events: Vec<Event>| events.into_iter().map(|e| e.stream).collect::<Vec<_>>();
+        let left = streams(buffer.read_after(0, 100, 1 << 30).await.unwrap());
+        assert_eq!(&left[..3], ["orders", "web", "web"]);
+        // A ping cannot evict anything of a higher priority: it is dropped itself.
+        let dropped = buffer.append(vec![on_stream("pings")]).await.unwrap();
+        assert_eq!(dropped.n_dropped, 1);
+        let reports = drop_reports_in(&buffer).await;
+        assert!(
+            reports.contains(&("pings".into(), "buffer_full_evicted".into(), 1)),
+            "{reports:?}"
+        );
+        assert!(
+            reports.contains(&("pings".into(), "buffer_full_no_room".into(), 1)),
+            "{reports:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn drop_oldest_never_evicts_what_the_uplink_has_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = on_stream("web").0.len() as u64;
+        let config = BufferConfig {
+            when_full: WhenFull::DropOldest,
+            ..config(dir.path(), one * 2)
+        };
+        let (buffer, _thread) = Buffer::open(&config).unwrap();
+        buffer
+            .append(vec![on_stream("web"), on_stream("web")])
+            .await
+            .unwrap();
+        // The uplink read both: they may be in flight.
+        assert_eq!(buffer.read_after(0, 10, 1 << 20).await.unwrap().len(), 2);
+        let outcome = buffer.append(vec![on_stream("web")]).await.unwrap();
+        assert_eq!(
+            outcome.n_dropped, 1,
+            "nothing evictable: the new event is dropped"
+        );
+        assert!(
+            !drop_reports_in(&buffer)
+                .await
+                .iter()
+                .any(|r| r.1 == "buffer_full_evicted")
+        );
+        // After a reconnect at mark 1, event 2 is no longer in flight and may be evicted.
+        buffer.reconcile(1).await.unwrap();
+        buffer.append(vec![on_stream("web")]).await.unwrap();
+        let reports = drop_reports_in(&buffer).await;
+        assert!(
+            reports.contains(&("web".into(), "buffer_full_evicted".into(), 1)),
+            "{reports:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn block_returns_the_events_for_a_retry() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = event(1).0.len() as u64;
+        let (buffer, _thread) = Buffer::open(&config(dir.path(), one)).unwrap();
+        buffer.append(vec![event(1)]).await.unwrap();
+        let Err(AppendError::Full { events, .. }) = buffer.append(vec![event(2), event(3)]).await
+        else {
+            panic!("expected Full");
+        };
+        assert_eq!(events.len(), 2);
+        assert!(
+            drop_reports_in(&buffer).await.is_empty(),
+            "block drops nothing"
+        );
     }
 }

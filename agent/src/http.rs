@@ -28,6 +28,9 @@ use crate::decode::{self, Received};
 /// as fast as the uplink ships, and clients back off on repeated 503s anyway.
 const RETRY_AFTER_FULL_S: u64 = 1;
 
+/// How often a request blocked on a full buffer tries again.
+const BLOCK_RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_millis(25);
+
 /// A transparent 1x1 GIF: the answer to Snowplow's pixel GET.
 const PIXEL_GIF: &[u8] = &[
     0x47, 0x49, 0x46, 0x38, 0x39, 0x61, 0x01, 0x00, 0x01, 0x00, 0x80, 0x00, 0x00, 0x00, 0x00, 0x00,
@@ -42,6 +45,7 @@ const SNOWPLOW_TP2: &str = "/com.snowplowanalytics.snowplow/tp2";
 
 struct SourceState {
     buffer: Buffer,
+    block_timeout_ms: u64,
     http: HttpSourceConfig,
     snowplow: SnowplowConfig,
     segment: SegmentConfig,
@@ -51,10 +55,12 @@ pub fn router(
     http: &HttpSourceConfig,
     snowplow: &SnowplowConfig,
     segment: &SegmentConfig,
+    block_timeout_ms: u64,
     buffer: Buffer,
 ) -> axum::Router {
     let state = Arc::new(SourceState {
         buffer,
+        block_timeout_ms,
         http: http.clone(),
         snowplow: snowplow.clone(),
         segment: segment.clone(),
@@ -112,6 +118,7 @@ async fn post_events(
             StatusCode::OK,
             Json(serde_json::json!({
                 "accepted": n_events,
+                "dropped": appended.n_dropped,
                 "first_seq": appended.first_seq,
                 "last_seq": appended.last_seq,
             })),
@@ -278,7 +285,20 @@ async fn commit(
         }
     }
     let n_events = encoded.len();
-    match state.buffer.append(encoded).await {
+    // With `block`, wait up to buffer.block_timeout_ms for the uplink to make room.
+    let deadline =
+        tokio::time::Instant::now() + std::time::Duration::from_millis(state.block_timeout_ms);
+    let mut pending = encoded;
+    let outcome = loop {
+        match state.buffer.append(pending).await {
+            Err(AppendError::Full { events, .. }) if tokio::time::Instant::now() < deadline => {
+                pending = events;
+                tokio::time::sleep(BLOCK_RETRY_INTERVAL).await;
+            }
+            outcome => break outcome,
+        }
+    };
+    match outcome {
         Ok(appended) => Ok((n_events, appended)),
         Err(error @ AppendError::Full { .. }) => {
             let mut response = error_response(StatusCode::SERVICE_UNAVAILABLE, &error.to_string());

@@ -78,6 +78,7 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> anyhow
         &config.http,
         &config.snowplow,
         &config.segment,
+        config.buffer.block_timeout_ms,
         buffer.clone(),
     );
     axum::serve(

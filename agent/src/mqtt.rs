@@ -303,20 +303,19 @@ fn dead_letter_encoded(reason: &str, payload: &[u8], received: &Received) -> Enc
 /// Commits the events of every pending publish in one transaction, then acks them in order.
 /// Retries while the buffer is full: nothing is acknowledged that is not stored.
 async fn commit_and_ack(state: &WorkerState, client: &AsyncClient, batch: &mut Vec<Pending>) {
-    let events: Vec<EncodedEvent> = batch
-        .iter()
-        .flat_map(|p| p.events.iter().cloned())
+    let mut events: Vec<EncodedEvent> = batch
+        .iter_mut()
+        .flat_map(|p| std::mem::take(&mut p.events))
         .collect();
     let marks: Vec<DeliveryMark> = batch.iter().filter_map(|p| p.mark.clone()).collect();
     if !events.is_empty() || !marks.is_empty() {
         loop {
-            match state
-                .buffer
-                .append_marked(events.clone(), marks.clone())
-                .await
-            {
+            match state.buffer.append_marked(events, marks.clone()).await {
                 Ok(_) => break,
-                Err(AppendError::Full { .. }) => {
+                Err(AppendError::Full {
+                    events: returned, ..
+                }) => {
+                    events = returned;
                     tracing::debug!(source = %state.name, "buffer full; MQTT messages stay unacknowledged");
                     tokio::time::sleep(Duration::from_millis(FULL_RETRY_MS)).await;
                 }

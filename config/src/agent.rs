@@ -30,6 +30,8 @@ const _: () = assert!(MAX_EVENT_BYTES <= MAX_BATCH_BYTES);
 const DEFAULT_DATA_DIR: &str = "/var/lib/runnel-agent";
 /// Longest label key or value: the DNS label limit, so labels fit in host names and metric labels.
 const MAX_LABEL_CHARS: usize = 63;
+/// Priority of streams not listed in `buffer.stream_priorities`.
+pub const DEFAULT_STREAM_PRIORITY: u8 = 100;
 
 /// What the agent does with a new event when its buffer is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,6 +40,11 @@ pub enum WhenFull {
     /// Backpressure: refuse new events (HTTP 503 with Retry-After, MQTT messages left
     /// unacknowledged) until the uplink drains the buffer. Nothing is lost.
     Block,
+    /// Accept and discard the new events, counted per stream.
+    DropNewest,
+    /// Evict the oldest events not yet handed to the uplink, lowest stream priority first, to
+    /// make room; counted per stream.
+    DropOldest,
 }
 
 impl WhenFull {
@@ -45,6 +52,8 @@ impl WhenFull {
     pub fn as_str(self) -> &'static str {
         match self {
             WhenFull::Block => "block",
+            WhenFull::DropNewest => "drop_newest",
+            WhenFull::DropOldest => "drop_oldest",
         }
     }
 }
@@ -100,6 +109,11 @@ pub struct BufferConfig {
     pub synchronous: Synchronous,
     /// Policy when the buffer is full.
     pub when_full: WhenFull,
+    /// With `block`: how long an HTTP request waits for room before it gets 503.
+    pub block_timeout_ms: u64,
+    /// Priority per stream for `drop_oldest` (lower is evicted first); unlisted streams have
+    /// [`DEFAULT_STREAM_PRIORITY`].
+    pub stream_priorities: BTreeMap<String, u8>,
 }
 
 /// `[uplink]`, validated.
@@ -223,10 +237,20 @@ struct RawBuffer {
     /// SQLite `synchronous` level: "off", "normal", "full" or "extra". Only "full" and "extra"
     /// keep every acknowledged event across power loss. Default: "full".
     synchronous: Option<String>,
-    /// What happens to new events when the buffer is full. "block": sources apply backpressure
-    /// (HTTP 503 with Retry-After, MQTT messages stay unacknowledged). Only "block" is supported
-    /// in this version. Default: "block".
+    /// What happens when the buffer is full. "block": sources get backpressure (HTTP waits up to
+    /// `block_timeout_ms`, then 503 with Retry-After; MQTT messages stay unacknowledged) and
+    /// nothing is lost. "drop_newest": new events are accepted and discarded. "drop_oldest": the
+    /// oldest events not yet being shipped are evicted, lowest `stream_priorities` first. Every
+    /// drop is counted per stream and reason and reaches the aggregator (table `agent_drops`).
+    /// Default: "block".
     when_full: Option<String>,
+    /// With "block": milliseconds an HTTP request waits for room before it gets 503.
+    /// Allowed: 0 to 60000. Default: 500.
+    block_timeout_ms: Option<u64>,
+    /// Stream priorities for "drop_oldest", 0 to 255: lower is evicted first, and an event never
+    /// evicts one of a higher priority. Unlisted streams: 100. Example:
+    /// { page_pings = 10, purchases = 200 }. Default: none listed.
+    stream_priorities: Option<BTreeMap<String, u8>>,
 }
 
 /// `[uplink]`
@@ -428,28 +452,40 @@ impl RawBuffer {
         )?;
         let when_full = match self.when_full.as_deref() {
             None | Some("block") => WhenFull::Block,
-            Some(other @ ("drop_newest" | "drop_oldest")) => {
-                return Err(checker.invalid(
-                    "buffer.when_full",
-                    quote(other),
-                    "only \"block\" is supported in this version; \"drop_newest\" and \
-                     \"drop_oldest\" are planned. \"block\" loses nothing: sources get \
-                     backpressure until the uplink drains the buffer",
-                ));
-            }
+            Some("drop_newest") => WhenFull::DropNewest,
+            Some("drop_oldest") => WhenFull::DropOldest,
             Some(other) => {
                 return Err(checker.invalid(
                     "buffer.when_full",
                     quote(other),
-                    "must be \"block\" (the only policy supported in this version)",
+                    "must be \"block\" (backpressure, loses nothing), \"drop_newest\" or \"drop_oldest\"",
                 ));
             }
         };
+        let block_timeout_ms = checker.int(
+            "buffer.block_timeout_ms",
+            self.block_timeout_ms,
+            500,
+            0,
+            Some(60_000),
+            Unit::Plain,
+        )?;
+        let stream_priorities = self.stream_priorities.unwrap_or_default();
+        for stream in stream_priorities.keys() {
+            crate::sources::stream_name(
+                checker,
+                "buffer.stream_priorities",
+                Some(stream.clone()),
+                "",
+            )?;
+        }
         Ok(BufferConfig {
             path,
             max_bytes,
             synchronous,
             when_full,
+            block_timeout_ms,
+            stream_priorities,
         })
     }
 }

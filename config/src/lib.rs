@@ -15,7 +15,8 @@ mod error;
 mod sources;
 
 pub use agent::{
-    AgentConfig, BufferConfig, HttpSourceConfig, UplinkConfig, WhenFull, load_agent, parse_agent,
+    AgentConfig, BufferConfig, DEFAULT_STREAM_PRIORITY, HttpSourceConfig, UplinkConfig, WhenFull,
+    load_agent, parse_agent,
 };
 pub use aggregator::{
     AggregatorConfig, IngestConfig, QueryConfig, StorageConfig, load_aggregator, parse_aggregator,

@@ -356,24 +356,24 @@ fn empty_path_is_refused() {
 }
 
 #[test]
-fn drop_policies_are_refused_with_a_helpful_message() {
-    for policy in ["drop_newest", "drop_oldest"] {
-        let message = error_with(&format!("[buffer]\nwhen_full = \"{policy}\""));
-        assert!(
-            message.starts_with(&format!("agent.toml: buffer.when_full = \"{policy}\": ")),
-            "{message}"
-        );
-        assert!(
-            message.contains("only \"block\" is supported in this version"),
-            "{message}"
-        );
-    }
+fn buffer_policies_priorities_and_unknown_policy() {
+    let config = parse_with(
+        "[buffer]\nwhen_full = \"drop_oldest\"\nstream_priorities = { page_pings = 10, purchases = 200 }",
+    )
+    .unwrap();
+    assert_eq!(config.buffer.when_full, runnel_config::WhenFull::DropOldest);
+    assert_eq!(config.buffer.stream_priorities["page_pings"], 10);
+    assert_eq!(config.buffer.block_timeout_ms, 500);
+    let config = parse_with("[buffer]\nwhen_full = \"drop_newest\"").unwrap();
+    assert_eq!(config.buffer.when_full, runnel_config::WhenFull::DropNewest);
     let message = error_with("[buffer]\nwhen_full = \"spill\"");
     assert_eq!(
         message,
-        "agent.toml: buffer.when_full = \"spill\": must be \"block\" (the only policy supported \
-         in this version)"
+        "agent.toml: buffer.when_full = \"spill\": must be \"block\" (backpressure, loses nothing), \
+         \"drop_newest\" or \"drop_oldest\""
     );
+    let message = parse_with("[buffer]\nstream_priorities = { purchases = 300 }").unwrap_err();
+    assert!(message.contains("stream_priorities"), "{message}");
 }
 
 #[test]
