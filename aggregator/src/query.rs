@@ -138,10 +138,11 @@ impl QueryEngine {
         })
     }
 
-    /// Creates the views over `events` (`dead_letters`). Separate from `new` because planning
-    /// SQL is async.
+    /// Creates the views over `events` (`dead_letters`, `agent_drops`). Separate from `new`
+    /// because planning SQL is async.
     pub async fn create_views(&self) -> anyhow::Result<()> {
         self.ctx.sql(DEAD_LETTERS_VIEW).await?;
+        self.ctx.sql(AGENT_DROPS_VIEW).await?;
         Ok(())
     }
 }
@@ -153,6 +154,14 @@ pub const DEAD_LETTERS_VIEW: &str = "CREATE VIEW dead_letters AS SELECT agent_id
      json_get_int(attrs, 'raw_bytes') AS raw_bytes, json_get_bool(attrs, 'raw_truncated') AS raw_truncated, \
      json_get_str(attrs, 'raw') AS raw \
      FROM events WHERE stream = 'dead_letters'";
+
+/// Events agents dropped under a `drop_newest` / `drop_oldest` buffer policy: one row per agent
+/// commit, stream and reason. `SELECT stream, sum(n_events) FROM agent_drops GROUP BY stream` is
+/// exact: each report was committed in the same transaction as the drop it counts.
+pub const AGENT_DROPS_VIEW: &str = "CREATE VIEW agent_drops AS SELECT agent_id, seq, receive_time AS time, \
+     json_get_str(attrs, 'stream') AS stream, json_get_str(attrs, 'reason') AS reason, \
+     json_get_int(attrs, 'n_events') AS n_events \
+     FROM events WHERE stream = 'agent_drops'";
 
 impl QueryEngine {
     pub async fn run(&self, sql: &str) -> Result<QueryResult, QueryError> {
@@ -329,6 +338,15 @@ mod tests {
                     ("raw_bytes", Value::Int(4)),
                 ],
             ),
+            event(
+                4,
+                "agent_drops",
+                &[
+                    ("stream", Value::String("web".into())),
+                    ("reason", Value::String("buffer_full_evicted".into())),
+                    ("n_events", Value::Int(7)),
+                ],
+            ),
         ];
         store.insert(1, crate::schema::to_record_batches("edge-1", 0, &events));
         let config = runnel_config::parse_aggregator(
@@ -361,6 +379,14 @@ mod tests {
         assert_eq!(
             to_json(&result)["rows"],
             serde_json::json!([["edge-1", 3, "bad base64", 4]])
+        );
+        let result = engine
+            .run("SELECT stream, reason, sum(n_events) FROM agent_drops GROUP BY stream, reason")
+            .await
+            .unwrap();
+        assert_eq!(
+            to_json(&result)["rows"],
+            serde_json::json!([["web", "buffer_full_evicted", 7]])
         );
     }
 
