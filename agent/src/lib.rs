@@ -1,8 +1,9 @@
 //! runnel-agent: captures events on an edge host, commits them to a durable SQLite buffer, and
 //! ships them over QUIC to the aggregator.
 //!
-//! Pipeline: sources ([`http`]) decode ([`decode`]) and append to the [`buffer`]; the
-//! [`uplink`] reads the buffer, sends batches, and deletes what the aggregator acknowledged.
+//! Pipeline: sources ([`http`], [`mqtt`], [`mqtt_listener`]) decode ([`decode`]) and append to the
+//! [`buffer`]; the [`uplink`] reads the buffer, sends batches, and deletes what the aggregator
+//! acknowledged.
 //! `main.rs` only parses the command line; everything else lives here so tests can run it.
 
 pub mod buffer;
@@ -10,6 +11,7 @@ pub mod cli;
 pub mod decode;
 pub mod http;
 pub mod mqtt;
+pub mod mqtt_listener;
 pub mod tls;
 pub mod uplink;
 
@@ -46,8 +48,29 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> anyhow
         .await
         .with_context(|| format!("bind sources.http.listen = {}", config.http.listen))?;
     let http_addr = listener.local_addr().context("read HTTP listen address")?;
-    write_runtime_file(&config.data_dir, http_addr, &identity.agent_id)?;
-    tracing::info!(agent_id = %identity.agent_id, http = %http_addr, aggregator = %config.uplink.aggregator, "agent started");
+    let mqtt_listener = if config.mqtt_listener.enabled {
+        let mqtt_listener = mqtt_listener::bind(&config.mqtt_listener).await?;
+        let addr = mqtt_listener
+            .local_addr()
+            .context("read MQTT listener address")?;
+        Some((mqtt_listener, addr))
+    } else {
+        None
+    };
+    let mqtt_listener_addr = mqtt_listener.as_ref().map(|(_, addr)| *addr);
+    write_runtime_file(
+        &config.data_dir,
+        http_addr,
+        mqtt_listener_addr,
+        &identity.agent_id,
+    )?;
+    tracing::info!(
+        agent_id = %identity.agent_id,
+        http = %http_addr,
+        mqtt_listener = ?mqtt_listener_addr,
+        aggregator = %config.uplink.aggregator,
+        "agent started"
+    );
 
     let mqtt_sources: Vec<_> = config
         .mqtt
@@ -64,6 +87,17 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> anyhow
             ))
         })
         .collect();
+    let mqtt_listener = mqtt_listener.map(|(listener, _)| {
+        tokio::spawn(mqtt_listener::serve(
+            listener,
+            mqtt_listener::MqttListener {
+                config: config.mqtt_listener.clone(),
+                buffer: buffer.clone(),
+                max_event_bytes: config.http.max_event_bytes,
+            },
+            shutdown.clone(),
+        ))
+    });
     let uplink = tokio::spawn(uplink::run(
         uplink::Uplink {
             config: config.uplink.clone(),
@@ -95,6 +129,11 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> anyhow
             tracing::error!(%error, "MQTT source task failed");
         }
     }
+    if let Some(listener) = mqtt_listener
+        && let Err(error) = listener.await
+    {
+        tracing::error!(%error, "MQTT listener task failed");
+    }
     if let Err(error) = uplink.await {
         tracing::error!(%error, "uplink task failed");
     }
@@ -106,8 +145,16 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> anyhow
     Ok(())
 }
 
-fn write_runtime_file(data_dir: &Path, http: SocketAddr, agent_id: &str) -> anyhow::Result<()> {
+fn write_runtime_file(
+    data_dir: &Path,
+    http: SocketAddr,
+    mqtt_listener: Option<SocketAddr>,
+    agent_id: &str,
+) -> anyhow::Result<()> {
     let path = data_dir.join(RUNTIME_FILE);
-    let text = serde_json::json!({ "pid": std::process::id(), "agent_id": agent_id, "http": http.to_string() });
+    let mut text = serde_json::json!({ "pid": std::process::id(), "agent_id": agent_id, "http": http.to_string() });
+    if let Some(addr) = mqtt_listener {
+        text["mqtt_listener"] = serde_json::Value::String(addr.to_string());
+    }
     std::fs::write(&path, text.to_string()).with_context(|| format!("write {}", path.display()))
 }

@@ -197,20 +197,20 @@ fn options(config: &MqttSourceConfig, client_id: &str) -> anyhow::Result<MqttOpt
     Ok(options)
 }
 
-struct WorkerState {
-    name: String,
-    stream: String,
-    payload: MqttPayload,
-    template: Option<String>,
-    buffer: Buffer,
-    max_event_bytes: usize,
+pub(crate) struct WorkerState {
+    pub(crate) name: String,
+    pub(crate) stream: String,
+    pub(crate) payload: MqttPayload,
+    pub(crate) template: Option<String>,
+    pub(crate) buffer: Buffer,
+    pub(crate) max_event_bytes: usize,
 }
 
 /// A decoded publish waiting for its commit.
-struct Pending {
-    publish: Publish,
-    events: Vec<EncodedEvent>,
-    mark: Option<DeliveryMark>,
+pub(crate) struct Pending {
+    pub(crate) publish: Publish,
+    pub(crate) events: Vec<EncodedEvent>,
+    pub(crate) mark: Option<DeliveryMark>,
 }
 
 async fn worker(
@@ -233,7 +233,7 @@ async fn worker(
 
 /// Decodes a publish. A redelivery of a message already stored gets no events (it is only
 /// acknowledged).
-async fn prepare(state: &WorkerState, publish: Publish) -> Pending {
+pub(crate) async fn prepare(state: &WorkerState, publish: Publish) -> Pending {
     let mark = (publish.qos != QoS::AtMostOnce).then(|| DeliveryMark {
         source: state.name.clone(),
         delivery_id: u32::from(publish.pkid),
@@ -338,7 +338,7 @@ async fn commit_and_ack(state: &WorkerState, client: &AsyncClient, batch: &mut V
 }
 
 /// 16 bytes of SHA-256 over topic and payload.
-fn digest(topic: &str, payload: &[u8]) -> [u8; 16] {
+pub(crate) fn digest(topic: &str, payload: &[u8]) -> [u8; 16] {
     let mut context = ring::digest::Context::new(&ring::digest::SHA256);
     context.update(&(topic.len() as u64).to_le_bytes());
     context.update(topic.as_bytes());
