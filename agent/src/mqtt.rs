@@ -37,6 +37,10 @@ const MAX_INCOMING_PACKET_BYTES: usize = runnel_common::limits::MAX_EVENT_BYTES 
 /// Most publishes committed together.
 const MAX_PUBLISHES_PER_COMMIT: usize = 512;
 
+/// Most event bytes committed together: well below the smallest `buffer.max_bytes` (1 MiB), so a
+/// batch always fits into a drained buffer and a full buffer cannot block it forever.
+const MAX_COMMIT_BYTES: usize = 256 * 1024;
+
 /// Wait before retrying a commit the buffer refused as full.
 const FULL_RETRY_MS: u64 = 200;
 
@@ -221,9 +225,12 @@ async fn worker(
     let mut batch: Vec<Pending> = Vec::new();
     while let Some(first) = from_loop.recv().await {
         let mut next = Some(first);
+        let mut n_batch_bytes = 0usize;
         while let Some(publish) = next.take() {
-            batch.push(prepare(&state, publish).await);
-            if batch.len() < MAX_PUBLISHES_PER_COMMIT {
+            let pending = prepare(&state, publish).await;
+            n_batch_bytes += pending.events.iter().map(|e| e.0.len()).sum::<usize>();
+            batch.push(pending);
+            if batch.len() < MAX_PUBLISHES_PER_COMMIT && n_batch_bytes < MAX_COMMIT_BYTES {
                 next = from_loop.try_recv().ok();
             }
         }
