@@ -698,11 +698,32 @@ impl AgentProcess {
         uplink: &Uplink,
         options: AgentOptions,
     ) -> Self {
+        AgentProcess::start_with(
+            bins,
+            dir,
+            label,
+            cert,
+            uplink,
+            options,
+            &AgentExtra::default(),
+        )
+    }
+
+    /// [`AgentProcess::start`] with config beyond [`AgentOptions`]: other sources, buffer size.
+    pub fn start_with(
+        bins: &Binaries,
+        dir: &TestDir,
+        label: &str,
+        cert: &AgentCert,
+        uplink: &Uplink,
+        options: AgentOptions,
+        extra: &AgentExtra,
+    ) -> Self {
         let home = dir.join(label);
         std::fs::create_dir_all(&home).expect("create agent dir");
         let config_path = home.join("agent.toml");
         let data_dir = home.join("data");
-        let config = agent_config(&data_dir, cert, uplink, &options);
+        let config = agent_config_with(&data_dir, cert, uplink, &options, extra);
         std::fs::write(&config_path, config).expect("write agent config");
         let process = ManagedChild::new(
             dir,
@@ -779,6 +800,44 @@ impl AgentProcess {
     pub fn stderr(&self) -> String {
         self.process.stderr_text()
     }
+}
+
+/// Agent config beyond [`AgentOptions`], for tests of other sources and of a full buffer.
+#[derive(Debug, Clone, Default)]
+pub struct AgentExtra {
+    /// `buffer.max_bytes` (None: default).
+    pub buffer_max_bytes: Option<u64>,
+    /// TOML appended to the config after every table the harness writes: whole tables such as
+    /// `[[sources.mqtt]]` or `[sources.segment]` (not `[agent]`, `[sources.http]`, `[buffer]` or
+    /// `[uplink]`, which the harness writes).
+    pub toml: String,
+}
+
+/// [`agent_config`] plus `extra`.
+pub fn agent_config_with(
+    data_dir: &Path,
+    cert: &AgentCert,
+    uplink: &Uplink,
+    options: &AgentOptions,
+    extra: &AgentExtra,
+) -> String {
+    let mut config = agent_config(data_dir, cert, uplink, options);
+    if let Some(n) = extra.buffer_max_bytes {
+        let with_size = format!("[buffer]\nmax_bytes = {n}\n");
+        assert!(
+            config.contains("[buffer]\n"),
+            "agent_config writes [buffer]"
+        );
+        config = config.replacen("[buffer]\n", &with_size, 1);
+    }
+    if !extra.toml.is_empty() {
+        config.push('\n');
+        config.push_str(&extra.toml);
+        if !extra.toml.ends_with('\n') {
+            config.push('\n');
+        }
+    }
+    config
 }
 
 /// The text of a test agent's config file.
@@ -885,6 +944,229 @@ pub async fn post_body(
         body,
         retry_after,
     })
+}
+
+/// The parts of an HTTP answer a test looks at.
+#[derive(Debug, Clone)]
+pub struct HttpReply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub bytes: Vec<u8>,
+}
+
+impl HttpReply {
+    /// The body as JSON, or `Value::String` with the (lossy) text when it is not JSON.
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&self.bytes).into_owned()))
+    }
+
+    /// A header as text ("" when absent).
+    pub fn header(&self, name: &str) -> String {
+        self.headers
+            .get(name)
+            .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// The `"error"` of a JSON error answer ("" when there is none).
+    pub fn error(&self) -> String {
+        self.json()["error"].as_str().unwrap_or_default().to_owned()
+    }
+}
+
+/// Sends a request built on [`http_client`] and reads the whole answer.
+pub async fn send(request: reqwest::RequestBuilder) -> anyhow::Result<HttpReply> {
+    let response = request.send().await.context("send request")?;
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let bytes = response.bytes().await.context("read answer")?.to_vec();
+    Ok(HttpReply {
+        status,
+        headers,
+        bytes,
+    })
+}
+
+/// POSTs `body` with `content_type` to `path` (such as `/v1/track`) on the agent's HTTP source.
+pub async fn post_path(
+    client: &reqwest::Client,
+    http: SocketAddr,
+    path: &str,
+    content_type: &str,
+    body: impl Into<reqwest::Body>,
+) -> anyhow::Result<HttpReply> {
+    let url = format!("http://{http}{path}");
+    send(
+        client
+            .post(&url)
+            .header("content-type", content_type)
+            .body(body),
+    )
+    .await
+    .with_context(|| format!("POST {url}"))
+}
+
+/// GETs `path_and_query` (such as `/i?e=pv&...`) on the agent's HTTP source.
+pub async fn get_path(
+    client: &reqwest::Client,
+    http: SocketAddr,
+    path_and_query: &str,
+) -> anyhow::Result<HttpReply> {
+    let url = format!("http://{http}{path_and_query}");
+    send(client.get(&url))
+        .await
+        .with_context(|| format!("GET {url}"))
+}
+
+/// Runs `sql` and returns its rows (fails when the answer was truncated).
+pub async fn query_rows(addr: SocketAddr, sql: &str) -> anyhow::Result<Vec<Vec<Value>>> {
+    let answer = query(addr, sql).await?;
+    anyhow::ensure!(
+        answer["truncated"] != Value::Bool(true),
+        "{sql:?}: answer truncated"
+    );
+    let rows = answer["rows"]
+        .as_array()
+        .with_context(|| format!("{sql:?}: no rows array in {answer}"))?;
+    rows.iter()
+        .map(|row| {
+            row.as_array()
+                .cloned()
+                .with_context(|| format!("{sql:?}: a row is not an array: {row}"))
+        })
+        .collect()
+}
+
+/// Waits until `sql` (a `SELECT count(*) ...`) answers exactly `n_expected`, failing at once when
+/// it answers more (a duplicate or something that should not be stored).
+pub async fn wait_count_of(dir: &TestDir, query_addr: SocketAddr, sql: &str, n_expected: u64) {
+    let what = format!("{sql:?} answers {n_expected}");
+    dir.wait_until(ARRIVAL_TIMEOUT, &what, || async move {
+        let n = query_count(query_addr, sql).await?;
+        assert!(
+            n <= n_expected,
+            "{sql:?} answers {n}, more than {n_expected}"
+        );
+        anyhow::ensure!(n == n_expected, "{sql:?} answers {n}");
+        Ok(())
+    })
+    .await;
+}
+
+/// Parses the `attrs` column (JSON text) of a query row.
+pub fn attrs_of(cell: &Value) -> Value {
+    let text = cell
+        .as_str()
+        .unwrap_or_else(|| panic!("attrs is not text: {cell}"));
+    serde_json::from_str(text).unwrap_or_else(|error| panic!("attrs is not JSON ({error}): {text}"))
+}
+
+/// One stored event as the aggregator answers it: the core columns, times as Unix ms, and `attrs`
+/// parsed.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub agent_id: String,
+    pub seq: u64,
+    pub event_time_ms: i64,
+    pub receive_time_ms: i64,
+    pub source: String,
+    pub stream: String,
+    pub name: String,
+    pub event_id: Option<String>,
+    pub user_id: Option<String>,
+    pub session_id: Option<String>,
+    pub attrs: Value,
+}
+
+/// Every stored event that matches `where_sql` (SQL after `WHERE`), in `seq` order.
+pub async fn stored_events(
+    query_addr: SocketAddr,
+    where_sql: &str,
+) -> anyhow::Result<Vec<StoredEvent>> {
+    let sql = format!(
+        "SELECT agent_id, seq, CAST(event_time AS BIGINT), CAST(receive_time AS BIGINT), source, \
+         stream, name, event_id, user_id, session_id, attrs FROM events WHERE {where_sql} \
+         ORDER BY agent_id, seq"
+    );
+    let text = |cell: &Value| -> anyhow::Result<String> {
+        cell.as_str()
+            .map(str::to_owned)
+            .with_context(|| format!("{sql:?}: expected text, got {cell}"))
+    };
+    let optional = |cell: &Value| -> anyhow::Result<Option<String>> {
+        if cell.is_null() {
+            Ok(None)
+        } else {
+            text(cell).map(Some)
+        }
+    };
+    let int = |cell: &Value| -> anyhow::Result<i64> {
+        cell.as_i64()
+            .with_context(|| format!("{sql:?}: expected an integer, got {cell}"))
+    };
+    let mut events = Vec::new();
+    for row in query_rows(query_addr, &sql).await? {
+        anyhow::ensure!(row.len() == 11, "{sql:?}: row of {} columns", row.len());
+        events.push(StoredEvent {
+            agent_id: text(&row[0])?,
+            seq: u64::try_from(int(&row[1])?)?,
+            event_time_ms: int(&row[2])?,
+            receive_time_ms: int(&row[3])?,
+            source: text(&row[4])?,
+            stream: text(&row[5])?,
+            name: text(&row[6])?,
+            event_id: optional(&row[7])?,
+            user_id: optional(&row[8])?,
+            session_id: optional(&row[9])?,
+            attrs: attrs_of(&row[10]),
+        });
+    }
+    Ok(events)
+}
+
+/// The aggregator and one agent of a fresh fleet, for tests of the agent's sources.
+pub struct Fleet {
+    // Field order is drop order: processes go before the directory that holds their logs.
+    pub agent: AgentProcess,
+    pub aggregator: AggregatorProcess,
+    pub certs: Certs,
+    pub dir: TestDir,
+}
+
+/// Starts an aggregator and an agent with certificate `agent_name` and `extra` config.
+pub fn start_fleet_with(
+    bins: &Binaries,
+    test_name: &str,
+    agent_name: &str,
+    aggregator_options: AggregatorOptions,
+    agent_options: AgentOptions,
+    extra: &AgentExtra,
+) -> Fleet {
+    let dir = TestDir::new(test_name);
+    let certs = Certs::init(&dir.join("certs"));
+    let aggregator = AggregatorProcess::start(bins, &dir, &certs, aggregator_options);
+    let cert = certs.issue_agent(agent_name);
+    let uplink = Uplink {
+        aggregator: aggregator.ingest_addr(),
+        ca_cert: certs.ca_cert.clone(),
+    };
+    let agent = AgentProcess::start_with(
+        bins,
+        &dir,
+        &format!("agent-{agent_name}"),
+        &cert,
+        &uplink,
+        agent_options,
+        extra,
+    );
+    assert_eq!(agent.agent_id(), agent_name);
+    Fleet {
+        agent,
+        aggregator,
+        certs,
+        dir,
+    }
 }
 
 /// POSTs `events` as one JSON array.
