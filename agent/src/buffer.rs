@@ -442,7 +442,7 @@ impl Writer {
                             *drops.entry((event.1.clone(), reason)).or_default() += 1;
                         }
                         // The source's delivery is settled: a redelivery must not be stored either.
-                        insert_marks(&tx, marks)?;
+                        insert_marks(&tx, marks, MAX_DELIVERY_MARKS)?;
                         outcomes.push(Ok(Appended {
                             first_seq: 0,
                             last_seq: 0,
@@ -452,7 +452,7 @@ impl Writer {
                     }
                 }
                 let (first_seq, last_seq) = insert_events(&tx, head, priorities, events)?;
-                insert_marks(&tx, marks)?;
+                insert_marks(&tx, marks, MAX_DELIVERY_MARKS)?;
                 head.n_events += events.len() as u64;
                 head.n_bytes += n_bytes;
                 outcomes.push(Ok(Appended {
@@ -525,7 +525,7 @@ impl Writer {
                 let found = self
                     .conn
                     .prepare_cached(
-                        "SELECT count(*) FROM deliveries WHERE source = ?1 AND delivery_id = ?2 AND digest = ?3",
+                        "SELECT count(*) FROM delivery_marks WHERE source = ?1 AND delivery_id = ?2 AND digest = ?3",
                     )
                     .and_then(|mut stmt| {
                         stmt.query_row(params![mark.source, mark.delivery_id, &mark.digest[..]], |row| {
@@ -688,13 +688,30 @@ fn insert_events(
     Ok((first_seq, last_seq))
 }
 
-fn insert_marks(tx: &rusqlite::Transaction<'_>, marks: &[DeliveryMark]) -> rusqlite::Result<()> {
+/// Most delivery marks kept. A subscriber needs at most 65536 (one per packet id), but listener
+/// clients choose their own ids, so the oldest marks beyond this are forgotten. A mark matters
+/// only until the peer has our PUBACK, which is seconds, not a million messages later.
+const MAX_DELIVERY_MARKS: i64 = 1_000_000;
+
+fn insert_marks(
+    tx: &rusqlite::Transaction<'_>,
+    marks: &[DeliveryMark],
+    max_marks: i64,
+) -> rusqlite::Result<()> {
+    if marks.is_empty() {
+        return Ok(());
+    }
+    // REPLACE deletes the old row and inserts a new one, so rowid order is recency order.
     let mut mark = tx.prepare_cached(
-        "INSERT OR REPLACE INTO deliveries (source, delivery_id, digest) VALUES (?1, ?2, ?3)",
+        "INSERT OR REPLACE INTO delivery_marks (source, delivery_id, digest) VALUES (?1, ?2, ?3)",
     )?;
     for m in marks {
         mark.execute(params![m.source, m.delivery_id, &m.digest[..]])?;
     }
+    tx.prepare_cached(
+        "DELETE FROM delivery_marks WHERE rowid <= (SELECT max(rowid) FROM delivery_marks) - ?1",
+    )?
+    .execute(params![max_marks])?;
     Ok(())
 }
 
@@ -802,13 +819,13 @@ fn open_connection(path: &Path, synchronous: &str) -> anyhow::Result<Connection>
              priority INTEGER NOT NULL DEFAULT 100
          );
          -- The last committed message per source and delivery id (an MQTT packet id is reused
-         -- only after it was acknowledged), so bounded by 65536 rows per subscriber.
-         CREATE TABLE IF NOT EXISTS deliveries (
+         -- only after it was acknowledged); at most MAX_DELIVERY_MARKS rows, oldest dropped.
+         CREATE TABLE IF NOT EXISTS delivery_marks (
              source TEXT NOT NULL,
              delivery_id INTEGER NOT NULL,
              digest BLOB NOT NULL,
-             PRIMARY KEY (source, delivery_id)
-         ) WITHOUT ROWID;"
+             UNIQUE (source, delivery_id)
+         );"
     ))
     .with_context(|| format!("initialise buffer {}", path.display()))?;
     // Buffers made before drop policies existed lack the two columns.
@@ -1105,5 +1122,29 @@ mod tests {
             drop_reports_in(&buffer).await.is_empty(),
             "block drops nothing"
         );
+    }
+
+    #[test]
+    fn delivery_marks_keep_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open_connection(&dir.path().join("b.sqlite"), "OFF").unwrap();
+        let mark = |id: u32| DeliveryMark {
+            source: "s".into(),
+            delivery_id: id,
+            digest: [id as u8; 16],
+        };
+        let tx = conn.transaction().unwrap();
+        insert_marks(&tx, &[mark(1), mark(2), mark(3), mark(4)], 3).unwrap();
+        // Replacing mark 2 makes it the newest.
+        insert_marks(&tx, &[mark(2)], 3).unwrap();
+        insert_marks(&tx, &[mark(5)], 3).unwrap();
+        let ids: Vec<u32> = tx
+            .prepare("SELECT delivery_id FROM delivery_marks ORDER BY rowid")
+            .unwrap()
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(ids, vec![4, 2, 5]);
     }
 }
