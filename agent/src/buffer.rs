@@ -780,18 +780,13 @@ fn drop_reports(
                 runnel_common::Value::Int(i64::try_from(*n).unwrap_or(i64::MAX)),
             );
             let event = Event {
-                seq: 0,
-                event_time_ms: now_ms,
-                receive_time_ms: now_ms,
-                source: runnel_common::SourceKind::Internal,
-                stream: DROP_REPORT_STREAM.to_owned(),
-                name: "events_dropped".to_owned(),
-                event_id: None,
-                user_id: None,
-                session_id: None,
-                score: None,
-                tags: Vec::new(),
                 attrs,
+                ..Event::new(
+                    runnel_common::SourceKind::Internal,
+                    DROP_REPORT_STREAM,
+                    "events_dropped",
+                    now_ms,
+                )
             };
             EncodedEvent::encode(&event).expect("a drop report is small and always encodes")
         })

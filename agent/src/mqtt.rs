@@ -426,18 +426,13 @@ fn raw_event(received: &Received, payload: Value) -> Event {
     let mut attrs = BTreeMap::new();
     attrs.insert("payload".to_owned(), payload);
     Event {
-        seq: 0,
-        event_time_ms: received.receive_time_ms,
-        receive_time_ms: received.receive_time_ms,
-        source: SourceKind::Mqtt,
-        stream: received.stream.clone(),
-        name: String::new(),
-        event_id: None,
-        user_id: None,
-        session_id: None,
-        score: None,
-        tags: Vec::new(),
         attrs,
+        ..Event::new(
+            SourceKind::Mqtt,
+            received.stream.clone(),
+            "",
+            received.receive_time_ms,
+        )
     }
 }
 

@@ -75,6 +75,30 @@ pub enum Value {
 }
 
 impl Event {
+    /// An event with the given origin, stream and name at `time_ms` (event and receive time),
+    /// and every optional field empty.
+    pub fn new(
+        source: SourceKind,
+        stream: impl Into<String>,
+        name: impl Into<String>,
+        time_ms: i64,
+    ) -> Event {
+        Event {
+            seq: 0,
+            event_time_ms: time_ms,
+            receive_time_ms: time_ms,
+            source,
+            stream: stream.into(),
+            name: name.into(),
+            event_id: None,
+            user_id: None,
+            session_id: None,
+            score: None,
+            tags: Vec::new(),
+            attrs: BTreeMap::new(),
+        }
+    }
+
     /// Size estimate used for buffer accounting and batch cutting before the event is encoded.
     /// Cheap and an over-estimate for typical events; the encoded size is checked separately.
     pub fn estimated_bytes(&self) -> usize {

@@ -208,7 +208,8 @@ pub fn to_value(value: Json) -> Value {
     }
 }
 
-fn kind(value: &Json) -> &'static str {
+/// "a number", "an object", ...: for error messages about a JSON value of the wrong type.
+pub fn kind(value: &Json) -> &'static str {
     match value {
         Json::Null => "null",
         Json::Bool(_) => "a boolean",

@@ -56,18 +56,13 @@ pub fn dead_letter(source: SourceKind, reason: &str, raw: &[u8], received: &Rece
         Value::Bool(raw.len() > kept.len()),
     );
     Event {
-        seq: 0,
-        event_time_ms: received.receive_time_ms,
-        receive_time_ms: received.receive_time_ms,
-        source,
-        stream: DEAD_LETTER_STREAM.to_owned(),
-        name: "dead_letter".to_owned(),
-        event_id: None,
-        user_id: None,
-        session_id: None,
-        score: None,
-        tags: Vec::new(),
         attrs,
+        ..Event::new(
+            source,
+            DEAD_LETTER_STREAM,
+            "dead_letter",
+            received.receive_time_ms,
+        )
     }
 }
 

@@ -26,6 +26,7 @@
 //!
 //! Must not: check the write key (the caller's job), read the clock, or store the write key.
 
+use crate::decode::json::kind;
 use std::collections::BTreeMap;
 
 use base64::Engine as _;
@@ -520,17 +521,6 @@ fn json_text_len(value: &Json) -> usize {
     // Writing a `serde_json::Value` to an infallible writer cannot fail (its keys are strings).
     serde_json::to_writer(&mut counter, value).expect("a JSON value serialises");
     counter.0
-}
-
-fn kind(value: &Json) -> &'static str {
-    match value {
-        Json::Null => "null",
-        Json::Bool(_) => "a boolean",
-        Json::Number(_) => "a number",
-        Json::String(_) => "a string",
-        Json::Array(_) => "an array",
-        Json::Object(_) => "an object",
-    }
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@
 //! `ip` / `ua`, the client address and `User-Agent` of the request fill `user_ipaddress` /
 //! `useragent`.
 
+use crate::decode::json::kind;
 use std::collections::BTreeMap;
 
 use base64::Engine as _;
@@ -590,17 +591,6 @@ fn percent_decode(text: &str) -> Result<String, DecodeError> {
 
 fn hex_digit(byte: u8) -> Option<u8> {
     (byte as char).to_digit(16).map(|digit| digit as u8)
-}
-
-fn kind(value: &Json) -> &'static str {
-    match value {
-        Json::Null => "null",
-        Json::Bool(_) => "a boolean",
-        Json::Number(_) => "a number",
-        Json::String(_) => "a string",
-        Json::Array(_) => "an array",
-        Json::Object(_) => "an object",
-    }
 }
 
 #[cfg(test)]
