@@ -60,7 +60,8 @@ impl Relay {
     pub fn start(target: SocketAddr) -> anyhow::Result<Relay> {
         let front = std::net::UdpSocket::bind(("127.0.0.1", 0)).context("bind relay socket")?;
         let back = std::net::UdpSocket::bind(("127.0.0.1", 0)).context("bind relay socket")?;
-        back.connect(target).context("connect relay to the aggregator")?;
+        back.connect(target)
+            .context("connect relay to the aggregator")?;
         front.set_nonblocking(true)?;
         back.set_nonblocking(true)?;
         let listen = front.local_addr()?;
@@ -76,7 +77,9 @@ impl Relay {
             .spawn(move || {
                 runtime.block_on(async move {
                     match (UdpSocket::from_std(front), UdpSocket::from_std(back)) {
-                        (Ok(front), Ok(back)) => forward(front, back, thread_counters, stop_rx).await,
+                        (Ok(front), Ok(back)) => {
+                            forward(front, back, thread_counters, stop_rx).await
+                        }
                         (Err(error), _) | (_, Err(error)) => {
                             eprintln!("runnel-bench: relay sockets unusable: {error}");
                         }
