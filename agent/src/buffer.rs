@@ -120,6 +120,15 @@ pub struct Stats {
 
 type AppendReply = oneshot::Sender<Result<Appended, AppendError>>;
 
+/// Events read for shipping, already laid out as a batch payload: the postcard encoding of
+/// `Vec<Event>` with every `seq` filled in. Built from the stored rows without decoding them.
+#[derive(Debug)]
+pub struct RawEvents {
+    pub last_seq: u64,
+    pub n_events: usize,
+    pub raw: Vec<u8>,
+}
+
 /// Identifies a message a source acknowledged (or is about to) by its protocol's delivery id, so
 /// a redelivery after a crash between our commit and the source's ack is recognised. For MQTT:
 /// the subscriber's name, the packet id and a digest of topic and payload.
@@ -136,6 +145,12 @@ enum Op {
         /// Recorded in the same transaction as the events.
         marks: Vec<DeliveryMark>,
         reply: AppendReply,
+    },
+    ReadRaw {
+        after_seq: u64,
+        max_events: usize,
+        max_bytes: usize,
+        reply: oneshot::Sender<anyhow::Result<Option<RawEvents>>>,
     },
     Delivered {
         mark: DeliveryMark,
@@ -250,6 +265,25 @@ impl Buffer {
     ) -> anyhow::Result<Vec<Event>> {
         let (reply, rx) = oneshot::channel();
         self.send(Op::Read {
+            after_seq,
+            max_events,
+            max_bytes,
+            reply,
+        })
+        .await?;
+        rx.await.context("buffer writer stopped")?
+    }
+
+    /// As [`Buffer::read_after`], but returns the events as a ready batch payload (`None` when
+    /// there is nothing after `after_seq`).
+    pub async fn read_raw(
+        &self,
+        after_seq: u64,
+        max_events: usize,
+        max_bytes: usize,
+    ) -> anyhow::Result<Option<RawEvents>> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Op::ReadRaw {
             after_seq,
             max_events,
             max_bytes,
@@ -521,6 +555,14 @@ impl Writer {
     fn handle(&mut self, op: Op, stats: &Stats) {
         match op {
             Op::Append { .. } => unreachable!("appends are grouped by run()"),
+            Op::ReadRaw {
+                after_seq,
+                max_events,
+                max_bytes,
+                reply,
+            } => {
+                let _ = reply.send(self.read_raw(after_seq, max_events, max_bytes));
+            }
             Op::Delivered { mark, reply } => {
                 let found = self
                     .conn
@@ -594,6 +636,52 @@ impl Writer {
             self.read_mark = self.read_mark.max(last.seq);
         }
         Ok(events)
+    }
+
+    fn read_raw(
+        &mut self,
+        after_seq: u64,
+        max_events: usize,
+        max_bytes: usize,
+    ) -> anyhow::Result<Option<RawEvents>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT seq, data FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2")?;
+        let mut rows = stmt.query(params![after_seq, max_events as u64])?;
+        let mut body = Vec::new();
+        let (mut n_events, mut last_seq) = (0usize, 0u64);
+        while let Some(row) = rows.next()? {
+            let seq: u64 = row.get(0)?;
+            let data = row.get_ref(1)?.as_blob()?;
+            if n_events > 0 && body.len() + data.len() > max_bytes {
+                break;
+            }
+            // A row is a postcard `Event` stored with `seq` = 0. `seq` is the struct's first
+            // field, a varint, so the row starts with the single byte 0; replacing that byte with
+            // the real sequence number gives the event as it travels.
+            anyhow::ensure!(
+                data.first() == Some(&0),
+                "buffer row {seq} does not start with seq 0 (corrupt buffer?)"
+            );
+            body = postcard::to_extend(&seq, body).context("encode sequence number")?;
+            body.extend_from_slice(&data[1..]);
+            n_events += 1;
+            last_seq = seq;
+        }
+        drop(rows);
+        drop(stmt);
+        if n_events == 0 {
+            return Ok(None);
+        }
+        self.read_mark = self.read_mark.max(last_seq);
+        // A `Vec` is its length as a varint, then its elements.
+        let mut raw = postcard::to_stdvec(&(n_events as u64)).context("encode event count")?;
+        raw.extend_from_slice(&body);
+        Ok(Some(RawEvents {
+            last_seq,
+            n_events,
+            raw,
+        }))
     }
 
     fn delete_range(&mut self, after_seq: u64, last_seq: u64) -> anyhow::Result<u64> {
@@ -1141,5 +1229,30 @@ mod tests {
             .collect::<Result<_, _>>()
             .unwrap();
         assert_eq!(ids, vec![4, 2, 5]);
+    }
+
+    #[tokio::test]
+    async fn raw_reads_are_the_postcard_encoding_of_the_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let (buffer, _thread) = Buffer::open(&config(dir.path(), 1 << 30)).unwrap();
+        // Sequence numbers of 1 and of several varint bytes, with a gap.
+        buffer.append((0..300).map(event).collect()).await.unwrap();
+        buffer.delete_range(10, 20).await.unwrap();
+        let events = buffer.read_after(5, 250, 1 << 20).await.unwrap();
+        let raw = buffer.read_raw(5, 250, 1 << 20).await.unwrap().unwrap();
+        assert_eq!(raw.raw, postcard::to_stdvec(&events).unwrap());
+        assert_eq!(
+            (raw.n_events, raw.last_seq),
+            (events.len(), events.last().unwrap().seq)
+        );
+        let batch =
+            runnel_common::batch::compress(5, raw.last_seq, raw.n_events, &raw.raw).unwrap();
+        assert_eq!(runnel_common::batch::decode(&batch).unwrap(), events);
+        // Byte limit, at least one event, nothing after the end.
+        assert_eq!(
+            buffer.read_raw(5, 250, 1).await.unwrap().unwrap().n_events,
+            1
+        );
+        assert!(buffer.read_raw(300, 10, 1 << 20).await.unwrap().is_none());
     }
 }

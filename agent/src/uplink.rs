@@ -170,26 +170,27 @@ async fn connection(
         session.on_buffer_head(buffer_head(&head_rx.borrow_and_update()), now);
         if draining_since.is_none() {
             while session.batch_due(now) == BatchDue::Now {
-                let events = uplink
+                let after_seq = session.dispatched_seq();
+                let read = uplink
                     .buffer
-                    .read_after(
-                        session.dispatched_seq(),
-                        config.max_batch_events,
-                        config.max_batch_bytes,
-                    )
+                    .read_raw(after_seq, config.max_batch_events, config.max_batch_bytes)
                     .await?;
-                let Some(last) = events.last() else {
+                let Some(read) = read else {
                     // Everything pending was removed from the buffer meanwhile.
                     let head_seq = head_rx.borrow().last_seq;
                     session.on_batch_sent(head_seq, 0, now);
                     break;
                 };
-                let last_seq = last.seq;
-                let batch =
-                    batch::encode(session.dispatched_seq(), &events).context("encode batch")?;
-                let bytes = frame::encode(&BatchMessage::Batch(batch), MAX_FRAME_BYTES)
-                    .context("frame batch")?;
-                session.on_batch_sent(last_seq, events.len(), now);
+                let (last_seq, n_events) = (read.last_seq, read.n_events);
+                // zstd is CPU work: off the async workers.
+                let bytes = tokio::task::spawn_blocking(move || {
+                    let batch = batch::compress(after_seq, last_seq, n_events, &read.raw)?;
+                    anyhow::Ok(frame::encode(&BatchMessage::Batch(batch), MAX_FRAME_BYTES)?)
+                })
+                .await
+                .context("batch encoder task")?
+                .context("encode batch")?;
+                session.on_batch_sent(last_seq, n_events, now);
                 acks.push(send_batch(connection.clone(), bytes));
             }
         }

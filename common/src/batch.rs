@@ -50,18 +50,47 @@ pub fn encode(after_seq: u64, events: &[Event]) -> Result<Batch, BatchError> {
     }
     check_order(after_seq, events)?;
     let raw = postcard::to_stdvec(events).map_err(|error| BatchError::Encode(error.to_string()))?;
+    compress(after_seq, last.seq, events.len(), &raw)
+}
+
+/// Builds a batch from `raw`, the postcard encoding of `n_events` events (a `Vec<Event>`) whose
+/// sequence numbers are above `after_seq` and end at `last_seq`. For senders that keep events
+/// encoded (the agent's buffer) and would otherwise decode them only to encode them again. The
+/// receiver checks everything [`decode`] checks, so a wrong `raw` is refused there, not stored.
+pub fn compress(
+    after_seq: u64,
+    last_seq: u64,
+    n_events: usize,
+    raw: &[u8],
+) -> Result<Batch, BatchError> {
+    if n_events == 0 {
+        return Err(BatchError::Empty);
+    }
+    if n_events > MAX_BATCH_EVENTS {
+        return Err(BatchError::TooManyEvents {
+            n_events,
+            max_events: MAX_BATCH_EVENTS,
+        });
+    }
     if raw.len() > MAX_BATCH_BYTES {
         return Err(BatchError::TooLarge {
             n_bytes: raw.len(),
             max_bytes: MAX_BATCH_BYTES,
         });
     }
-    let payload = zstd::bulk::compress(&raw, ZSTD_LEVEL)
+    if last_seq <= after_seq {
+        return Err(BatchError::OutOfOrder {
+            after_seq,
+            event_idx: n_events - 1,
+            seq: last_seq,
+        });
+    }
+    let payload = zstd::bulk::compress(raw, ZSTD_LEVEL)
         .map_err(|error| BatchError::Compress(error.to_string()))?;
     Ok(Batch {
         after_seq,
-        last_seq: last.seq,
-        n_events: u32::try_from(events.len()).expect("bounded by MAX_BATCH_EVENTS"),
+        last_seq,
+        n_events: u32::try_from(n_events).expect("bounded by MAX_BATCH_EVENTS"),
         uncompressed_bytes: u32::try_from(raw.len()).expect("bounded by MAX_BATCH_BYTES"),
         compression: Compression::Zstd,
         payload,
