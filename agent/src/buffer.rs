@@ -332,6 +332,12 @@ impl Buffer {
     }
 }
 
+struct PendingDelete {
+    after_seq: u64,
+    last_seq: u64,
+    reply: oneshot::Sender<anyhow::Result<u64>>,
+}
+
 struct PendingAppend {
     events: Vec<EncodedEvent>,
     marks: Vec<DeliveryMark>,
@@ -394,6 +400,7 @@ impl Writer {
 
     fn run(&mut self, mut ops: mpsc::Receiver<Op>, head_tx: watch::Sender<Head>, stats: &Stats) {
         let mut appends: Vec<PendingAppend> = Vec::new();
+        let mut deletes: Vec<PendingDelete> = Vec::new();
         let mut others: Vec<Op> = Vec::new();
         while let Some(first) = ops.blocking_recv() {
             // Group commit: take everything already queued, up to a bound, into one transaction.
@@ -413,24 +420,43 @@ impl Writer {
                             reply,
                         });
                     }
+                    // Shipped events are deleted in the same transaction as the next group
+                    // commit: one fsync for both. Losing a delete to a crash only means the
+                    // aggregator sees a replay, which it drops.
+                    Op::Delete {
+                        after_seq,
+                        last_seq,
+                        reply,
+                    } => deletes.push(PendingDelete {
+                        after_seq,
+                        last_seq,
+                        reply,
+                    }),
                     other => others.push(other),
                 }
                 if n_group_events < MAX_GROUP_EVENTS {
                     next = ops.try_recv().ok();
                 }
             }
-            if !appends.is_empty() {
-                self.commit_appends(&mut appends, stats);
+            if !appends.is_empty() || !deletes.is_empty() {
+                self.commit_group(&mut deletes, &mut appends, stats);
             }
             for op in others.drain(..) {
-                self.handle(op, stats);
+                self.handle(op);
             }
             head_tx.send_replace(self.head);
         }
         tracing::debug!(path = %self.path.display(), "buffer writer stopped");
     }
 
-    fn commit_appends(&mut self, appends: &mut Vec<PendingAppend>, stats: &Stats) {
+    /// One transaction: the deletes (which free room), then the appends.
+    fn commit_group(
+        &mut self,
+        deletes: &mut Vec<PendingDelete>,
+        appends: &mut Vec<PendingAppend>,
+        stats: &Stats,
+    ) {
+        let mut n_deleted: Vec<u64> = Vec::with_capacity(deletes.len());
         let mut outcomes: Vec<Result<Appended, AppendError>> = Vec::with_capacity(appends.len());
         let head_before = self.head;
         let mut drops: std::collections::BTreeMap<(String, DropReason), u64> =
@@ -444,6 +470,12 @@ impl Writer {
         let (max_bytes, when_full, read_mark) = (self.max_bytes, self.when_full, self.read_mark);
         let result = (|| -> rusqlite::Result<()> {
             let tx = conn.transaction()?;
+            for delete in deletes.iter() {
+                let (n_events, n_bytes) = delete_rows(&tx, delete.after_seq, delete.last_seq)?;
+                head.n_events -= n_events;
+                head.n_bytes -= n_bytes;
+                n_deleted.push(n_events);
+            }
             for PendingAppend { events, marks, .. } in appends.iter() {
                 let n_bytes: u64 = events.iter().map(|e| e.0.len() as u64).sum();
                 if head.n_bytes + n_bytes > max_bytes {
@@ -509,6 +541,10 @@ impl Writer {
         match result {
             Ok(()) => {
                 stats.n_commits.fetch_add(1, Ordering::Relaxed);
+                for (PendingDelete { reply, .. }, n) in deletes.drain(..).zip(n_deleted) {
+                    stats.n_deleted.fetch_add(n, Ordering::Relaxed);
+                    let _ = reply.send(Ok(n));
+                }
                 let n_dropped: u64 = drops.values().sum();
                 if n_dropped > 0 {
                     stats.n_dropped.fetch_add(n_dropped, Ordering::Relaxed);
@@ -545,6 +581,9 @@ impl Writer {
                 // Nothing of this group is committed: refuse all of it, so no source acks it.
                 self.head = head_before;
                 tracing::warn!(%error, n_requests = appends.len(), "buffer commit failed");
+                for PendingDelete { reply, .. } in deletes.drain(..) {
+                    let _ = reply.send(Err(anyhow::anyhow!("buffer delete failed: {error}")));
+                }
                 for PendingAppend { reply, .. } in appends.drain(..) {
                     let _ = reply.send(Err(AppendError::Storage(error.to_string())));
                 }
@@ -552,7 +591,7 @@ impl Writer {
         }
     }
 
-    fn handle(&mut self, op: Op, stats: &Stats) {
+    fn handle(&mut self, op: Op) {
         match op {
             Op::Append { .. } => unreachable!("appends are grouped by run()"),
             Op::ReadRaw {
@@ -586,17 +625,7 @@ impl Writer {
             } => {
                 let _ = reply.send(self.read_after(after_seq, max_events, max_bytes));
             }
-            Op::Delete {
-                after_seq,
-                last_seq,
-                reply,
-            } => {
-                let result = self.delete_range(after_seq, last_seq);
-                if let Ok(n) = &result {
-                    stats.n_deleted.fetch_add(*n, Ordering::Relaxed);
-                }
-                let _ = reply.send(result);
-            }
+            Op::Delete { .. } => unreachable!("deletes are grouped by run()"),
             Op::Reconcile {
                 high_water_mark,
                 reply,
@@ -686,15 +715,7 @@ impl Writer {
 
     fn delete_range(&mut self, after_seq: u64, last_seq: u64) -> anyhow::Result<u64> {
         let tx = self.conn.transaction()?;
-        let (n_events, n_bytes): (u64, u64) = tx.query_row(
-            "SELECT count(*), coalesce(sum(length(data)), 0) FROM events WHERE seq > ?1 AND seq <= ?2",
-            params![after_seq, last_seq],
-            |row| Ok((row.get(0)?, row.get(1)?)),
-        )?;
-        tx.execute(
-            "DELETE FROM events WHERE seq > ?1 AND seq <= ?2",
-            params![after_seq, last_seq],
-        )?;
+        let (n_events, n_bytes) = delete_rows(&tx, after_seq, last_seq)?;
         tx.commit()?;
         self.head.n_events -= n_events;
         self.head.n_bytes -= n_bytes;
@@ -737,6 +758,21 @@ impl Writer {
             renumbered_by,
         })
     }
+}
+
+/// Deletes events in `(after_seq, last_seq]`; returns how many and their bytes.
+fn delete_rows(
+    tx: &rusqlite::Transaction<'_>,
+    after_seq: u64,
+    last_seq: u64,
+) -> rusqlite::Result<(u64, u64)> {
+    let counted = tx.prepare_cached(
+        "SELECT count(*), coalesce(sum(length(data)), 0) FROM events WHERE seq > ?1 AND seq <= ?2",
+    )?
+    .query_row(params![after_seq, last_seq], |row| Ok((row.get(0)?, row.get(1)?)))?;
+    tx.prepare_cached("DELETE FROM events WHERE seq > ?1 AND seq <= ?2")?
+        .execute(params![after_seq, last_seq])?;
+    Ok(counted)
 }
 
 fn stream_priority(priorities: &std::collections::BTreeMap<String, u8>, stream: &str) -> i64 {
