@@ -70,9 +70,14 @@ pub struct LoadResult {
     pub complete: bool,
 }
 
+/// Path of the agent's generic JSON endpoint.
+pub const EVENTS_PATH: &str = "/v1/events";
+
+/// Sends every body as a `POST` to `path` on the agent, from `n_clients` concurrent clients.
 pub async fn run(
     client: &reqwest::Client,
     http: SocketAddr,
+    path: &str,
     bodies: Arc<Vec<Body>>,
     n_clients: usize,
     time_limit: Duration,
@@ -80,7 +85,7 @@ pub async fn run(
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let deadline = started + time_limit;
-    let url = format!("http://{http}/v1/events");
+    let url = format!("http://{http}{path}");
     let tasks: Vec<_> = (0..n_clients)
         .map(|_| {
             let client = client.clone();
@@ -208,10 +213,26 @@ pub async fn query(client: &reqwest::Client, addr: SocketAddr, sql: &str) -> any
 }
 
 pub async fn count_events(client: &reqwest::Client, addr: SocketAddr) -> anyhow::Result<u64> {
-    let answer = query(client, addr, "SELECT count(*) FROM events").await?;
-    answer["rows"][0][0]
-        .as_u64()
-        .with_context(|| format!("count(*): unexpected answer {answer}"))
+    query_u64s(client, addr, "SELECT count(*) FROM events", 1)
+        .await
+        .map(|row| row[0])
+}
+
+/// The first `n_columns` columns of the first row of `sql`, as unsigned integers.
+pub async fn query_u64s(
+    client: &reqwest::Client,
+    addr: SocketAddr,
+    sql: &str,
+    n_columns: usize,
+) -> anyhow::Result<Vec<u64>> {
+    let answer = query(client, addr, sql).await?;
+    (0..n_columns)
+        .map(|idx| {
+            answer["rows"][0][idx]
+                .as_u64()
+                .with_context(|| format!("{sql:?}: unexpected answer {answer}"))
+        })
+        .collect()
 }
 
 /// Polls `SELECT count(*) FROM events` every `interval` until it reaches `n_expected`; returns

@@ -172,7 +172,7 @@ fn tail(path: &Path, max_bytes: usize) -> String {
     String::from_utf8_lossy(&bytes[bytes.len().saturating_sub(max_bytes)..]).into_owned()
 }
 
-fn toml_str(text: &str) -> String {
+pub fn toml_str(text: &str) -> String {
     serde_json::to_string(text).expect("a string serialises")
 }
 
@@ -224,6 +224,8 @@ impl Aggregator {
 pub struct Agent {
     pub process: Process,
     pub http: SocketAddr,
+    /// The agent's SQLite buffer (the default path under its data dir).
+    pub buffer: PathBuf,
 }
 
 impl Agent {
@@ -234,12 +236,25 @@ impl Agent {
         synchronous: &str,
         aggregator: SocketAddr,
     ) -> anyhow::Result<Agent> {
+        Agent::start_with(bins, pki, dir, synchronous, aggregator, "")
+    }
+
+    /// As [`Agent::start`], with `extra` TOML (such as `[[sources.mqtt]]` tables) appended to
+    /// the config.
+    pub fn start_with(
+        bins: &Binaries,
+        pki: &Pki,
+        dir: &Path,
+        synchronous: &str,
+        aggregator: SocketAddr,
+        extra: &str,
+    ) -> anyhow::Result<Agent> {
         std::fs::create_dir_all(dir)?;
         let data_dir = dir.join("data");
         let config_path = dir.join("agent.toml");
         let config = format!(
             "[agent]\ndata_dir = {}\n\n[sources.http]\nlisten = \"127.0.0.1:0\"\n\n[buffer]\nsynchronous = {}\n\n\
-             [uplink]\naggregator = {}\nserver_name = \"localhost\"\nca_cert = {}\ncert = {}\nkey = {}\n",
+             [uplink]\naggregator = {}\nserver_name = \"localhost\"\nca_cert = {}\ncert = {}\nkey = {}\n\n{extra}",
             toml_path(&data_dir),
             toml_str(synchronous),
             toml_str(&aggregator.to_string()),
@@ -258,6 +273,7 @@ impl Agent {
         Ok(Agent {
             process,
             http: addr(&runtime, "http")?,
+            buffer: data_dir.join("buffer.sqlite"),
         })
     }
 }
@@ -322,4 +338,16 @@ pub fn udp_rcvbuf_errors() -> Option<u64> {
     let values: Vec<&str> = udp.next()?.split_whitespace().collect();
     let idx = names.iter().position(|n| *n == "RcvbufErrors")?;
     values.get(idx)?.parse().ok()
+}
+
+/// The pid of the first process whose `comm` is `name` (such as the MQTT broker), if any.
+pub fn find_process(name: &str) -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
+            (comm.trim() == name).then_some(pid)
+        })
 }

@@ -13,10 +13,14 @@
 mod events;
 #[path = "../bench/load.rs"]
 mod load;
+#[path = "../bench/mqtt.rs"]
+mod mqtt;
 #[path = "../bench/raw_sqlite.rs"]
 mod raw_sqlite;
 #[path = "../bench/relay.rs"]
 mod relay;
+#[path = "../bench/snowplow.rs"]
+mod snowplow;
 #[path = "../bench/stack.rs"]
 mod stack;
 
@@ -24,6 +28,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -44,6 +49,17 @@ const MAX_LATENCY_SAMPLE_ROWS: u64 = 50_000;
 const SCENARIOS: [usize; 2] = [1, 100];
 /// Rows per transaction of the raw SQLite runs (plus `--clients`, see `main`).
 const RAW_ROWS_PER_TX: [usize; 2] = [100, 1000];
+
+/// The scenario groups `--scenarios` selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Scenario {
+    /// Raw SQLite limit, then generic JSON over HTTP at 1 and 100 events per request.
+    Http,
+    /// MQTT QoS 1 from Mosquitto: a bare counting subscriber (the limit), then the agent.
+    Mqtt,
+    /// Snowplow tp2 POSTs (`payload_data`, several events per request).
+    Snowplow,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Synchronous {
@@ -89,6 +105,28 @@ struct Args {
     /// Seed of the event generator.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Scenario groups to run, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Scenario::Http, Scenario::Mqtt, Scenario::Snowplow])]
+    scenarios: Vec<Scenario>,
+    /// Snowplow events per tp2 request (the scenario sends `--events` events).
+    #[arg(long, default_value_t = 10)]
+    snowplow_events_per_request: usize,
+    /// MQTT messages per subscriber run (one event each).
+    #[arg(long, default_value_t = 100_000)]
+    mqtt_messages: usize,
+    /// Concurrent MQTT publishers (QoS 1 rumqttc clients).
+    #[arg(long, default_value_t = 8)]
+    mqtt_publishers: usize,
+    /// Most messages published and not yet received by the bare subscriber, over all
+    /// publishers. Mosquitto 2.0.11 here dropped messages for the bare subscriber at 200 already
+    /// (its default max_queued_messages is 1000); the bench verifies the counts either way.
+    #[arg(long, default_value_t = 100)]
+    mqtt_window: u64,
+    /// The same for the agent run, counted against the agent's committed messages, which the
+    /// bench learns by polling the agent's buffer every millisecond (so later than the bare
+    /// subscriber's in-process count; a larger window makes up for that lag).
+    #[arg(long, default_value_t = 400)]
+    mqtt_agent_window: u64,
 }
 
 fn main() -> ExitCode {
@@ -113,7 +151,8 @@ fn main() -> ExitCode {
 }
 
 struct ScenarioResult {
-    events_per_request: usize,
+    /// Column header, such as "1 event/request".
+    label: String,
     load: load::LoadResult,
     /// From the start of the load until `count(*)` showed every acknowledged event.
     queryable_after: Result<Duration, u64>,
@@ -173,6 +212,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     eprintln!("runnel-bench: {machine}");
     eprintln!("runnel-bench: working in {}", root_path.display());
 
+    let run_http = args.scenarios.contains(&Scenario::Http);
+    let run_mqtt = args.scenarios.contains(&Scenario::Mqtt);
+    let run_snowplow = args.scenarios.contains(&Scenario::Snowplow);
     let generated = Instant::now();
     let events = events::generate(args.events, args.seed, started_unix_ms);
     eprintln!(
@@ -183,10 +225,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
 
     // The physical limit, first: nothing else of ours runs yet.
-    let blobs = stored_blobs(&events)?;
-    let avg_blob = blobs.iter().map(Vec::len).sum::<usize>() as f64 / blobs.len() as f64;
+    let blobs = if run_http {
+        stored_blobs(&events)?
+    } else {
+        Vec::new()
+    };
+    let avg_blob = blobs.iter().map(Vec::len).sum::<usize>() as f64 / blobs.len().max(1) as f64;
     let mut raw_sizes: Vec<usize> = std::iter::once(args.clients)
         .chain(RAW_ROWS_PER_TX)
+        .filter(|_| run_http)
         .collect();
     raw_sizes.sort_unstable();
     raw_sizes.dedup();
@@ -208,17 +255,76 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let pki = stack::Pki::init(&root_path.join("certs"))?;
     let mut scenarios = Vec::new();
-    for events_per_request in SCENARIOS {
+    for events_per_request in SCENARIOS.into_iter().filter(|_| run_http) {
         let dir = root_path.join(format!("scenario-{events_per_request}"));
-        let result = run_scenario(&args, &bins, &pki, &dir, &events, events_per_request).await?;
+        let label = format!(
+            "{events_per_request} event{}/request",
+            if events_per_request == 1 { "" } else { "s" }
+        );
+        let bodies = load::bodies(&events, events_per_request);
+        let result = run_scenario(
+            &args,
+            &bins,
+            &pki,
+            &dir,
+            &events,
+            label,
+            load::EVENTS_PATH,
+            bodies,
+        )
+        .await?;
         eprintln!(
-            "runnel-bench: {events_per_request} event(s)/request: {:.0} events/s acknowledged",
+            "runnel-bench: {}: {:.0} events/s acknowledged",
+            result.label,
             result.acked_per_s()
         );
         scenarios.push(result);
     }
+    if run_snowplow {
+        let dir = root_path.join("scenario-snowplow");
+        let per_request = args.snowplow_events_per_request.max(1);
+        let bodies = snowplow::bodies(args.events, per_request, args.seed, unix_ms());
+        let label = format!("Snowplow tp2, {per_request} events/request");
+        let result = run_scenario(
+            &args,
+            &bins,
+            &pki,
+            &dir,
+            &events,
+            label,
+            snowplow::TP2_PATH,
+            bodies,
+        )
+        .await?;
+        eprintln!(
+            "runnel-bench: {}: {:.0} events/s acknowledged",
+            result.label,
+            result.acked_per_s()
+        );
+        scenarios.push(result);
+    }
+    let mqtt_result = if run_mqtt {
+        let outcome = match mqtt::broker() {
+            Ok(broker) => run_mqtt_scenarios(
+                &args,
+                &bins,
+                &pki,
+                &root_path.join("scenario-mqtt"),
+                &broker,
+            )
+            .await
+            .map_err(|error| format!("failed: {error:#}")),
+            Err(reason) => Err(format!("skipped: {reason}")),
+        };
+        if let Err(reason) = &outcome {
+            eprintln!("runnel-bench: MQTT scenario {reason}");
+        }
+        Some(outcome)
+    } else {
+        None
+    };
 
-    let report = report(
+    let mut report = report(
         &args,
         &machine,
         started_unix_ms,
@@ -226,6 +332,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         &raw_results,
         &scenarios,
     );
+    if let Some(outcome) = &mqtt_result {
+        report.push_str(&mqtt_report(&args, outcome));
+    }
     println!("{report}");
     if let Some(out) = &args.out {
         std::fs::write(out, &report).with_context(|| format!("write {}", out.display()))?;
@@ -256,13 +365,16 @@ fn stored_blobs(events: &[String]) -> anyhow::Result<Vec<Vec<u8>>> {
     Ok(blobs)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_scenario(
     args: &Args,
     bins: &stack::Binaries,
     pki: &stack::Pki,
     dir: &Path,
     events: &[String],
-    events_per_request: usize,
+    label: String,
+    path: &str,
+    bodies: Vec<load::Body>,
 ) -> anyhow::Result<ScenarioResult> {
     let sync = args.synchronous.as_str();
     let mut aggregator = stack::Aggregator::start(bins, pki, &dir.join("aggregator"), sync)?;
@@ -273,7 +385,15 @@ async fn run_scenario(
 
     // Warm-up: one event all the way through, so the QUIC connection is up before the clock runs.
     let warmup = load::bodies(&events[..1], 1);
-    let warmed = load::run(&client, agent.http, Arc::new(warmup), 1, WARMUP_TIMEOUT).await;
+    let warmed = load::run(
+        &client,
+        agent.http,
+        load::EVENTS_PATH,
+        Arc::new(warmup),
+        1,
+        WARMUP_TIMEOUT,
+    )
+    .await;
     anyhow::ensure!(
         warmed.n_events_acked == 1,
         "warm-up event not acknowledged: {:?}",
@@ -293,7 +413,7 @@ async fn run_scenario(
     agent.process.ensure_running()?;
     aggregator.process.ensure_running()?;
 
-    let bodies = Arc::new(load::bodies(events, events_per_request));
+    let bodies = Arc::new(bodies);
     let handshake = relay.traffic();
     let agent_pid = agent.process.pid();
     let aggregator_pid = aggregator.process.pid().to_string();
@@ -309,6 +429,7 @@ async fn run_scenario(
     let load = load::run(
         &client,
         agent.http,
+        path,
         bodies,
         args.clients,
         Duration::from_secs(args.scenario_time_limit_s),
@@ -354,7 +475,7 @@ async fn run_scenario(
     drop(relay);
     drop(aggregator);
     Ok(ScenarioResult {
-        events_per_request,
+        label,
         load,
         queryable_after,
         edge_latencies_ms,
@@ -450,6 +571,17 @@ fn report(
         args.synchronous.as_str()
     );
 
+    if !raw.is_empty() {
+        raw_report(&mut out, args, avg_blob_bytes, raw);
+    }
+    if scenarios.is_empty() {
+        return out;
+    }
+    http_report(&mut out, raw, scenarios);
+    out
+}
+
+fn raw_report(out: &mut String, args: &Args, avg_blob_bytes: f64, raw: &[raw_sqlite::RawResult]) {
     let _ = writeln!(
         out,
         "### Physical limit: raw SQLite inserts (WAL, synchronous = {})\n",
@@ -471,17 +603,14 @@ fn report(
         out,
         "\nRows are the agent's own encoding of the same events, {avg_blob_bytes:.0} bytes on average.\n"
     );
+}
 
+fn http_report(out: &mut String, raw: &[raw_sqlite::RawResult], scenarios: &[ScenarioResult]) {
     let _ = writeln!(out, "### Agent -> relay -> aggregator\n");
     let mut header = String::from("| |");
     let mut rule = String::from("|---|");
     for s in scenarios {
-        let _ = write!(
-            header,
-            " {} event{}/request |",
-            s.events_per_request,
-            if s.events_per_request == 1 { "" } else { "s" }
-        );
+        let _ = write!(header, " {} |", s.label);
         rule.push_str("---:|");
     }
     let _ = writeln!(out, "{header}\n{rule}");
@@ -617,30 +746,597 @@ fn report(
         });
         let _ = writeln!(
             out,
-            "| {} event(s)/request | {ingest} | {:.1}% | {:.1}% |",
-            s.events_per_request,
+            "| {} | {ingest} | {:.1}% | {:.1}% |",
+            s.label,
             100.0 * s.wire_bytes_per_event() / s.json_bytes_per_event(),
             100.0 * s.up_bytes_per_event() / s.json_bytes_per_event(),
         );
     }
     for s in scenarios {
         if let Some(error) = &s.load.last_error {
-            let _ = writeln!(
-                out,
-                "\n{} event(s)/request, last client error: {error}",
-                s.events_per_request
-            );
+            let _ = writeln!(out, "\n{}, last client error: {error}", s.label);
         }
         if !s.warnings.is_empty() {
             let _ = writeln!(
                 out,
-                "\n{} event(s)/request, warnings logged by agent/aggregator ({}):",
-                s.events_per_request,
+                "\n{}, warnings logged by agent/aggregator ({}):",
+                s.label,
                 s.warnings.len()
             );
             for line in s.warnings.iter().take(5) {
                 let _ = writeln!(out, "    {line}");
             }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// MQTT
+
+/// Interval of the agent-buffer polls: the resolution of "committed by the agent", and how
+/// late the publishers' window learns that the agent consumed messages.
+const BUFFER_POLL_INTERVAL: Duration = Duration::from_millis(1);
+/// Pause between MQTT warm-up messages while the agent's subscription is not up yet.
+const MQTT_WARMUP_INTERVAL: Duration = Duration::from_millis(500);
+
+struct MqttRuns {
+    broker: String,
+    n_messages: usize,
+    payload_bytes: f64,
+    bare: BareRun,
+    agent: AgentMqttRun,
+}
+
+struct BareRun {
+    started: Instant,
+    publish: mqtt::PublishResult,
+    sub: mqtt::SubscriberResult,
+    broker_cpu: Option<Duration>,
+    bench_cpu: Option<Duration>,
+}
+
+impl BareRun {
+    /// Messages/s from the first to the last message received.
+    fn first_to_last_per_s(&self) -> Option<f64> {
+        let span = self.sub.last? - self.sub.first?;
+        Some(self.sub.n_received as f64 / span.as_secs_f64().max(1e-9))
+    }
+
+    /// Messages/s from the start of publishing to the last message received.
+    fn since_start_per_s(&self) -> Option<f64> {
+        let span = self.sub.last? - self.started;
+        Some(self.sub.n_received as f64 / span.as_secs_f64().max(1e-9))
+    }
+}
+
+struct AgentMqttRun {
+    started: Instant,
+    publish: mqtt::PublishResult,
+    first_committed: Option<Instant>,
+    all_committed: Option<Instant>,
+    n_committed: u64,
+    queryable: Result<Instant, u64>,
+    /// `count(*)` and `count(DISTINCT event_id)` of the messages at the aggregator.
+    stored: Result<(u64, u64), String>,
+    agent_cpu: Option<Duration>,
+    aggregator_cpu: Option<Duration>,
+    broker_cpu: Option<Duration>,
+    bench_cpu: Option<Duration>,
+    agent_peak_rss_bytes: Option<u64>,
+    agent_disk_write_bytes: Option<u64>,
+    traffic: relay::Traffic,
+    warnings: Vec<String>,
+}
+
+impl AgentMqttRun {
+    fn first_to_last_per_s(&self) -> Option<f64> {
+        let span = self.all_committed? - self.first_committed?;
+        Some(self.n_committed as f64 / span.as_secs_f64().max(1e-9))
+    }
+
+    fn since_start_per_s(&self) -> Option<f64> {
+        let span = self.all_committed? - self.started;
+        Some(self.n_committed as f64 / span.as_secs_f64().max(1e-9))
+    }
+
+    fn queryable_per_s(&self, n: usize) -> Option<f64> {
+        let at = self.queryable.as_ref().ok()?;
+        Some(n as f64 / (*at - self.started).as_secs_f64().max(1e-9))
+    }
+}
+
+fn cpu_of(pid: Option<u32>) -> Option<Duration> {
+    stack::cpu_time(&pid?.to_string()).ok()
+}
+
+fn cpu_delta(after: Option<Duration>, before: Option<Duration>) -> Option<Duration> {
+    after?.checked_sub(before?)
+}
+
+async fn run_mqtt_scenarios(
+    args: &Args,
+    bins: &stack::Binaries,
+    pki: &stack::Pki,
+    dir: &Path,
+    broker: &mqtt::Broker,
+) -> anyhow::Result<MqttRuns> {
+    anyhow::ensure!(args.mqtt_messages >= 1, "--mqtt-messages: at least 1");
+    anyhow::ensure!(args.mqtt_publishers >= 1, "--mqtt-publishers: at least 1");
+    anyhow::ensure!(
+        args.mqtt_window >= 1 && args.mqtt_agent_window >= 1,
+        "--mqtt-window, --mqtt-agent-window: at least 1"
+    );
+    eprintln!("runnel-bench: MQTT broker {}", broker.what);
+    // A random topic root and client ids per run: no messages or sessions of earlier runs.
+    let tag = format!("runnel-bench-{:012x}", fastrand::u64(..) >> 16);
+    let root = format!("runnel-bench/{tag}");
+    let filter = format!("{root}/+/+/telemetry");
+    let n = args.mqtt_messages;
+    let messages = Arc::new(mqtt::telemetry(n, args.seed, &root, unix_ms()));
+    let payload_bytes = messages.iter().map(|m| m.payload.len()).sum::<usize>() as f64 / n as f64;
+    let time_limit = Duration::from_secs(args.scenario_time_limit_s);
+    let broker_pid = stack::find_process("mosquitto");
+
+    // The limit: the bare subscriber.
+    let bare = {
+        let window = Arc::new(mqtt::Window::new(args.mqtt_window));
+        let sub_id = format!("{tag}-bare");
+        let subscriber = mqtt::BareSubscriber::start(
+            broker,
+            &sub_id,
+            &filter,
+            n,
+            Arc::clone(&window),
+            Instant::now() + time_limit + QUERYABLE_TIMEOUT,
+        )
+        .await?;
+        let publishers =
+            mqtt::Publishers::connect(broker, args.mqtt_publishers, &format!("{tag}-a")).await?;
+        let before = (cpu_of(broker_pid), stack::cpu_time("self").ok());
+        let started = Instant::now();
+        let publish = publishers
+            .run(Arc::clone(&messages), window, started + time_limit)
+            .await;
+        let sub = subscriber.finish().await;
+        let broker_cpu = cpu_delta(cpu_of(broker_pid), before.0);
+        let bench_cpu = cpu_delta(stack::cpu_time("self").ok(), before.1);
+        mqtt::clear_session(broker, &sub_id).await;
+        BareRun {
+            started,
+            publish,
+            sub,
+            broker_cpu,
+            bench_cpu,
+        }
+    };
+    eprintln!(
+        "runnel-bench: MQTT bare subscriber: {} of {n} received, {:.0} messages/s",
+        bare.sub.n_received,
+        bare.first_to_last_per_s().unwrap_or(0.0)
+    );
+
+    // The agent, subscribed to the same topics, shipping to a fresh aggregator.
+    let sync = args.synchronous.as_str();
+    let agent_client_id = format!("{tag}-agent");
+    let source = format!(
+        "[[sources.mqtt]]\nname = \"bench\"\nurl = {}\ntopics = [{}]\nqos = 1\nclient_id = {}\n\
+         clean_session = false\nstream = \"telemetry\"\ntopic_template = {}\n",
+        stack::toml_str(&format!("mqtt://{}:{}", broker.host, broker.port)),
+        stack::toml_str(&filter),
+        stack::toml_str(&agent_client_id),
+        stack::toml_str(&format!("{root}/{{site}}/{{device}}/telemetry")),
+    );
+    let mut aggregator = stack::Aggregator::start(bins, pki, &dir.join("aggregator"), sync)?;
+    let relay = relay::Relay::start(aggregator.ingest)?;
+    let mut agent =
+        stack::Agent::start_with(bins, pki, &dir.join("agent"), sync, relay.listen, &source)?;
+    let outcome = agent_mqtt_run(
+        args,
+        broker,
+        &tag,
+        &root,
+        Arc::clone(&messages),
+        &mut aggregator,
+        &relay,
+        &mut agent,
+        broker_pid,
+    )
+    .await;
+    drop(agent);
+    drop(relay);
+    drop(aggregator);
+    mqtt::clear_session(broker, &agent_client_id).await;
+    let agent_run = outcome?;
+    Ok(MqttRuns {
+        broker: broker.what.clone(),
+        n_messages: n,
+        payload_bytes,
+        bare,
+        agent: agent_run,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn agent_mqtt_run(
+    args: &Args,
+    broker: &mqtt::Broker,
+    tag: &str,
+    root: &str,
+    messages: Arc<Vec<mqtt::Message>>,
+    aggregator: &mut stack::Aggregator,
+    relay: &relay::Relay,
+    agent: &mut stack::Agent,
+    broker_pid: Option<u32>,
+) -> anyhow::Result<AgentMqttRun> {
+    let n = messages.len();
+    let time_limit = Duration::from_secs(args.scenario_time_limit_s);
+    let query_client = load::http_client(1);
+    // Warm-up over MQTT: the subscription is up and the QUIC connection too once one message
+    // is queryable. Messages published before the agent subscribed are not delivered to it, so
+    // publish one every half second until one arrives.
+    let warmup_deadline = Instant::now() + WARMUP_TIMEOUT;
+    let mut n_warmups = 0;
+    loop {
+        agent.process.ensure_running()?;
+        n_warmups += 1;
+        mqtt::publish_one(
+            broker,
+            &format!("{tag}-warmup"),
+            &format!("{root}/warmup/dev-0/telemetry"),
+            format!("{{\"name\":\"warmup\",\"event_id\":\"warmup-{n_warmups}\"}}").into_bytes(),
+        )
+        .await?;
+        let seen = load::wait_queryable(
+            &query_client,
+            aggregator.query,
+            1,
+            COUNT_POLL_INTERVAL,
+            Instant::now() + MQTT_WARMUP_INTERVAL,
+        )
+        .await;
+        if seen.is_ok() {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < warmup_deadline,
+            "no MQTT warm-up message queryable within {WARMUP_TIMEOUT:?}"
+        );
+    }
+    // Let a warm-up still on its way land before the baselines are read.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let baseline_count = load::count_events(&query_client, aggregator.query).await?;
+    let buffer_conn = rusqlite::Connection::open_with_flags(
+        &agent.buffer,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )?;
+    let baseline_seq = mqtt::last_seq(&buffer_conn)?;
+    drop(buffer_conn);
+
+    let window = Arc::new(mqtt::Window::new(args.mqtt_agent_window));
+    let publishers =
+        mqtt::Publishers::connect(broker, args.mqtt_publishers, &format!("{tag}-b")).await?;
+    let handshake = relay.traffic();
+    let agent_pid = agent.process.pid();
+    let aggregator_pid = aggregator.process.pid();
+    let before = (
+        cpu_of(Some(agent_pid)),
+        cpu_of(Some(aggregator_pid)),
+        cpu_of(broker_pid),
+        stack::cpu_time("self").ok(),
+    );
+    let disk_before = stack::disk_write_bytes(agent_pid).ok();
+    let started = Instant::now();
+    // Queryable is watched from the start, so its time does not depend on when the buffer
+    // poller gives up on messages the broker dropped.
+    let target = Arc::new(AtomicU64::new(n as u64));
+    let watcher = tokio::spawn(watch_queryable(
+        query_client.clone(),
+        aggregator.query,
+        baseline_count,
+        Arc::clone(&target),
+        started + time_limit + QUERYABLE_TIMEOUT,
+    ));
+    let poller = mqtt::poll_buffer(
+        agent.buffer.clone(),
+        baseline_seq,
+        n as u64,
+        Arc::clone(&window),
+        BUFFER_POLL_INTERVAL,
+        started + time_limit + QUERYABLE_TIMEOUT,
+    );
+    let publish = publishers
+        .run(Arc::clone(&messages), window, started + time_limit)
+        .await;
+    let mqtt::Committed {
+        first: first_committed,
+        all: all_committed,
+        n: n_committed,
+    } = tokio::task::spawn_blocking(move || poller.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("buffer poller panicked"))??;
+    target.store(n_committed, Ordering::SeqCst);
+    let queryable = watcher.await?;
+    tokio::time::sleep(WIRE_SETTLE).await;
+    let traffic = relay.traffic().since(handshake);
+    let agent_cpu = cpu_delta(cpu_of(Some(agent_pid)), before.0);
+    let aggregator_cpu = cpu_delta(cpu_of(Some(aggregator_pid)), before.1);
+    let broker_cpu = cpu_delta(cpu_of(broker_pid), before.2);
+    let bench_cpu = cpu_delta(stack::cpu_time("self").ok(), before.3);
+    let agent_disk_write_bytes = stack::disk_write_bytes(agent_pid)
+        .ok()
+        .and_then(|after| after.checked_sub(disk_before?));
+    let agent_peak_rss_bytes = stack::peak_rss_bytes(agent_pid).ok();
+    let stored = load::query_u64s(
+        &query_client,
+        aggregator.query,
+        "SELECT count(*), count(DISTINCT event_id) FROM events \
+         WHERE stream = 'telemetry' AND name = 'telemetry'",
+        2,
+    )
+    .await
+    .map(|row| (row[0], row[1]))
+    .map_err(|error| format!("{error:#}"));
+    agent.process.ensure_running()?;
+    aggregator.process.ensure_running()?;
+    let mut warnings = agent.process.warnings();
+    warnings.extend(aggregator.process.warnings());
+    Ok(AgentMqttRun {
+        started,
+        publish,
+        first_committed,
+        all_committed,
+        n_committed,
+        queryable,
+        stored,
+        agent_cpu,
+        aggregator_cpu,
+        broker_cpu,
+        bench_cpu,
+        agent_peak_rss_bytes,
+        agent_disk_write_bytes,
+        traffic,
+        warnings,
+    })
+}
+
+/// Polls `count(*)` (minus `baseline`) every [`COUNT_POLL_INTERVAL`] until it reaches `target`,
+/// which the caller may lower meanwhile; returns when the count first reached the target, or the
+/// last count seen at `deadline`.
+async fn watch_queryable(
+    client: reqwest::Client,
+    addr: std::net::SocketAddr,
+    baseline: u64,
+    target: Arc<AtomicU64>,
+    deadline: Instant,
+) -> Result<Instant, u64> {
+    let mut changes: Vec<(u64, Instant)> = Vec::new();
+    loop {
+        if let Ok(count) = load::count_events(&client, addr).await {
+            let seen = count.saturating_sub(baseline);
+            if changes.last().is_none_or(|(last, _)| *last != seen) {
+                changes.push((seen, Instant::now()));
+            }
+        }
+        let wanted = target.load(Ordering::SeqCst);
+        if let Some((_, at)) = changes.iter().find(|(seen, _)| *seen >= wanted) {
+            return Ok(*at);
+        }
+        if Instant::now() >= deadline {
+            return Err(changes.last().map_or(0, |(seen, _)| *seen));
+        }
+        tokio::time::sleep(COUNT_POLL_INTERVAL).await;
+    }
+}
+
+fn secs(from: Instant, to: Option<Instant>) -> String {
+    to.map_or("n/a".into(), |to| {
+        format!("{:.2} s", (to - from).as_secs_f64())
+    })
+}
+
+fn cpu_s(value: Option<Duration>) -> String {
+    opt(value, |d| format!("{:.1}", d.as_secs_f64()))
+}
+
+fn mqtt_report(args: &Args, outcome: &Result<MqttRuns, String>) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\n### MQTT QoS 1 ingest: agent against a bare subscriber\n"
+    );
+    let runs = match outcome {
+        Ok(runs) => runs,
+        Err(reason) => {
+            let _ = writeln!(out, "Not measured: {reason}");
+            return out;
+        }
+    };
+    let n = runs.n_messages;
+    let _ = writeln!(
+        out,
+        "Broker {}; {} messages of {:.0} JSON bytes on average, {} QoS 1 publishers, at most {} \
+         (bare run) / {} (agent run) messages published and not yet consumed.\n",
+        runs.broker,
+        int(n as f64),
+        runs.payload_bytes,
+        args.mqtt_publishers,
+        args.mqtt_window,
+        args.mqtt_agent_window
+    );
+    let bare = &runs.bare;
+    let agent = &runs.agent;
+    let _ = writeln!(out, "| | bare rumqttc subscriber (limit) | agent |");
+    let _ = writeln!(out, "|---|---:|---:|");
+    let _ = writeln!(
+        out,
+        "| publishes acknowledged by the broker | {}{} | {}{} |",
+        int(bare.publish.n_acked as f64),
+        if bare.publish.complete {
+            ""
+        } else {
+            " (incomplete)"
+        },
+        int(agent.publish.n_acked as f64),
+        if agent.publish.complete {
+            ""
+        } else {
+            " (incomplete)"
+        },
+    );
+    let _ = writeln!(
+        out,
+        "| last PUBACK to the publishers after | {} | {} |",
+        secs(bare.started, bare.publish.last_puback),
+        secs(agent.started, agent.publish.last_puback)
+    );
+    let _ = writeln!(
+        out,
+        "| messages consumed (bare: received and acked; agent: committed to its buffer) | {} | {} |",
+        int(bare.sub.n_received as f64),
+        int(agent.n_committed as f64)
+    );
+    let _ = writeln!(
+        out,
+        "| all consumed after (from publishing start) | {} | {} |",
+        secs(bare.started, bare.sub.last),
+        secs(agent.started, agent.all_committed)
+    );
+    let _ = writeln!(
+        out,
+        "| **messages/s consumed, first to last** | **{}** | **{}** |",
+        opt(bare.first_to_last_per_s(), int),
+        opt(agent.first_to_last_per_s(), int)
+    );
+    let _ = writeln!(
+        out,
+        "| messages/s consumed, from publishing start | {} | {} |",
+        opt(bare.since_start_per_s(), int),
+        opt(agent.since_start_per_s(), int)
+    );
+    let _ = writeln!(
+        out,
+        "| **events/s queryable** (from publishing start) | - | **{}** |",
+        opt(agent.queryable_per_s(agent.n_committed as usize), int)
+    );
+    let _ = writeln!(
+        out,
+        "| all queryable after | - | {} |",
+        match &agent.queryable {
+            Ok(at) => format!("{:.2} s", (*at - agent.started).as_secs_f64()),
+            Err(seen) => format!("not within {QUERYABLE_TIMEOUT:?} ({seen} seen)"),
+        }
+    );
+    let _ = writeln!(
+        out,
+        "| arrived: count / distinct / expected | {} / {} / {} | {} |",
+        int(bare.sub.n_received as f64),
+        int(bare.sub.n_distinct as f64),
+        int(n as f64),
+        match &agent.stored {
+            Ok((count, distinct)) => format!(
+                "{} / {} / {} (`count(*)`, `count(DISTINCT event_id)`)",
+                int(*count as f64),
+                int(*distinct as f64),
+                int(n as f64)
+            ),
+            Err(error) => format!("query failed: {error}"),
+        }
+    );
+    let _ = writeln!(
+        out,
+        "| exactly once | {} | {} |",
+        if bare.sub.n_received == n as u64 && bare.sub.n_distinct == n as u64 {
+            "yes"
+        } else {
+            "**no**"
+        },
+        match &agent.stored {
+            Ok((count, distinct)) if *count == n as u64 && *distinct == n as u64 => "yes",
+            _ => "**no**",
+        }
+    );
+    let _ = writeln!(
+        out,
+        "| redeliveries (DUP flag) seen | {} | - |",
+        bare.sub.n_dup_flag
+    );
+    let _ = writeln!(
+        out,
+        "| CPU s: broker / bench | {} / {} | {} / {} |",
+        cpu_s(bare.broker_cpu),
+        cpu_s(bare.bench_cpu),
+        cpu_s(agent.broker_cpu),
+        cpu_s(agent.bench_cpu)
+    );
+    let _ = writeln!(
+        out,
+        "| CPU s: agent / aggregator | - | {} / {} |",
+        cpu_s(agent.agent_cpu),
+        cpu_s(agent.aggregator_cpu)
+    );
+    let _ = writeln!(
+        out,
+        "| agent CPU per message | - | {} |",
+        opt(agent.agent_cpu, |d| format!(
+            "{:.1} µs",
+            d.as_secs_f64() * 1e6 / n.max(1) as f64
+        ))
+    );
+    let _ = writeln!(
+        out,
+        "| agent peak RSS (VmHWM) | - | {} |",
+        opt(agent.agent_peak_rss_bytes, |b| format!(
+            "{:.1} MiB",
+            b as f64 / 1048576.0
+        ))
+    );
+    let _ = writeln!(
+        out,
+        "| agent disk writes/message | - | {} |",
+        opt(agent.agent_disk_write_bytes, |b| format!(
+            "{:.0} bytes",
+            b as f64 / n.max(1) as f64
+        ))
+    );
+    let _ = writeln!(
+        out,
+        "| wire bytes/event, both ways (agent -> aggregator) | - | {:.1} ({:.1}) |",
+        (agent.traffic.up_bytes + agent.traffic.down_bytes) as f64 / n.max(1) as f64,
+        agent.traffic.up_bytes as f64 / n.max(1) as f64
+    );
+    let ratio = |a: Option<f64>, b: Option<f64>| -> String {
+        match (a, b) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.1}%", 100.0 * a / b),
+            _ => "n/a".into(),
+        }
+    };
+    let _ = writeln!(
+        out,
+        "\n**Agent ÷ bare subscriber (target ≥ 90%): {}** first to last consumed; {} from \
+         publishing start; queryable ÷ bare (from start) {}.",
+        ratio(agent.first_to_last_per_s(), bare.first_to_last_per_s()),
+        ratio(agent.since_start_per_s(), bare.since_start_per_s()),
+        ratio(agent.queryable_per_s(agent.n_committed as usize), bare.since_start_per_s()),
+    );
+    for (who, errors) in [
+        ("bare run publishers", &bare.publish.errors),
+        ("agent run publishers", &agent.publish.errors),
+    ] {
+        for error in errors.iter().take(3) {
+            let _ = writeln!(out, "\n{who}: {error}");
+        }
+    }
+    if let Some(error) = &bare.sub.error {
+        let _ = writeln!(out, "\nbare subscriber: {error}");
+    }
+    if !agent.warnings.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nMQTT run, warnings logged by agent/aggregator ({}):",
+            agent.warnings.len()
+        );
+        for line in agent.warnings.iter().take(5) {
+            let _ = writeln!(out, "    {line}");
         }
     }
     out
