@@ -1316,7 +1316,10 @@ fn mqtt_report(args: &Args, outcome: &Result<MqttRuns, String>) -> String {
          publishing start; queryable ÷ bare (from start) {}.",
         ratio(agent.first_to_last_per_s(), bare.first_to_last_per_s()),
         ratio(agent.since_start_per_s(), bare.since_start_per_s()),
-        ratio(agent.queryable_per_s(agent.n_committed as usize), bare.since_start_per_s()),
+        ratio(
+            agent.queryable_per_s(agent.n_committed as usize),
+            bare.since_start_per_s()
+        ),
     );
     for (who, errors) in [
         ("bare run publishers", &bare.publish.errors),
