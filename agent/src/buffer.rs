@@ -250,9 +250,7 @@ impl Buffer {
 
     /// Whether a message with exactly this mark was committed (its events are, or were, here).
     pub async fn delivered(&self, mark: DeliveryMark) -> anyhow::Result<bool> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Op::Delivered { mark, reply }).await?;
-        rx.await.context("buffer writer stopped")?
+        self.call(|reply| Op::Delivered { mark, reply }).await
     }
 
     /// Reads up to `max_events` events with `seq > after_seq`, in order, stopping before
@@ -263,15 +261,13 @@ impl Buffer {
         max_events: usize,
         max_bytes: usize,
     ) -> anyhow::Result<Vec<Event>> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Op::Read {
+        self.call(|reply| Op::Read {
             after_seq,
             max_events,
             max_bytes,
             reply,
         })
-        .await?;
-        rx.await.context("buffer writer stopped")?
+        .await
     }
 
     /// As [`Buffer::read_after`], but returns the events as a ready batch payload (`None` when
@@ -282,38 +278,32 @@ impl Buffer {
         max_events: usize,
         max_bytes: usize,
     ) -> anyhow::Result<Option<RawEvents>> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Op::ReadRaw {
+        self.call(|reply| Op::ReadRaw {
             after_seq,
             max_events,
             max_bytes,
             reply,
         })
-        .await?;
-        rx.await.context("buffer writer stopped")?
+        .await
     }
 
     /// Deletes events in `(after_seq, last_seq]`: the aggregator has them.
     pub async fn delete_range(&self, after_seq: u64, last_seq: u64) -> anyhow::Result<u64> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Op::Delete {
+        self.call(|reply| Op::Delete {
             after_seq,
             last_seq,
             reply,
         })
-        .await?;
-        rx.await.context("buffer writer stopped")?
+        .await
     }
 
     /// Aligns the buffer with the aggregator's high-water mark after a (re)connect.
     pub async fn reconcile(&self, high_water_mark: u64) -> anyhow::Result<Reconciled> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Op::Reconcile {
+        self.call(|reply| Op::Reconcile {
             high_water_mark,
             reply,
         })
-        .await?;
-        rx.await.context("buffer writer stopped")?
+        .await
     }
 
     pub fn head(&self) -> watch::Receiver<Head> {
@@ -324,11 +314,17 @@ impl Buffer {
         &self.stats
     }
 
-    async fn send(&self, op: Op) -> anyhow::Result<()> {
+    /// Sends the op `make` builds around a reply channel and waits for the writer's answer.
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<anyhow::Result<T>>) -> Op,
+    ) -> anyhow::Result<T> {
+        let (reply, rx) = oneshot::channel();
         self.ops
-            .send(op)
+            .send(make(reply))
             .await
-            .map_err(|_| anyhow::anyhow!("buffer writer stopped"))
+            .map_err(|_| anyhow::anyhow!("buffer writer stopped"))?;
+        rx.await.context("buffer writer stopped")?
     }
 }
 
