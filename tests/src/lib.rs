@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde_json::{Value, json};
 
+pub mod faults;
+
 /// How long a process may take to write its runtime file after it was spawned. Generous: debug
 /// builds on 2 shared cores start slowly, and a timeout here only delays a failure.
 pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -1447,4 +1449,71 @@ pub async fn wait_all_stored(
         Ok(())
     })
     .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers for the reliability suite (`faults`, `tests/tests/reliability.rs`)
+
+impl AgentProcess {
+    /// [`AgentProcess::start_with`] with `edit` applied to the config text before it is written:
+    /// for keys the harness does not write, such as `buffer.when_full` or `buffer.path`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_edited(
+        bins: &Binaries,
+        dir: &TestDir,
+        label: &str,
+        cert: &AgentCert,
+        uplink: &Uplink,
+        options: AgentOptions,
+        extra: &AgentExtra,
+        edit: impl FnOnce(String) -> String,
+    ) -> Self {
+        let home = dir.join(label);
+        std::fs::create_dir_all(&home).expect("create agent dir");
+        let config_path = home.join("agent.toml");
+        let data_dir = home.join("data");
+        let config = edit(agent_config_with(&data_dir, cert, uplink, &options, extra));
+        std::fs::write(&config_path, config).expect("write agent config");
+        let process = ManagedChild::new(
+            dir,
+            label,
+            &bins.agent,
+            vec![
+                "run".into(),
+                "--config".into(),
+                config_path.display().to_string(),
+            ],
+            &home,
+        );
+        let mut agent = AgentProcess {
+            process,
+            config_path,
+            data_dir,
+            agent_id: String::new(),
+            http: ([127, 0, 0, 1], 0).into(),
+        };
+        agent.spawn();
+        agent
+    }
+
+    /// The runtime file of the current start: the addresses it bound (`http`, `mqtt_listener`).
+    pub fn runtime(&self) -> Value {
+        let path = self.data_dir.join("agent.runtime.json");
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|error| panic!("read {}: {error}", path.display()));
+        serde_json::from_str(&text)
+            .unwrap_or_else(|error| panic!("{} is not JSON ({error}): {text}", path.display()))
+    }
+}
+
+/// Inserts `lines` (`key = value` lines) at the top of `[table]` in a config text written by
+/// [`agent_config_with`]; panics when the table is not there.
+pub fn with_table_keys(config: String, table: &str, lines: &str) -> String {
+    let header = format!("[{table}]\n");
+    assert!(config.contains(&header), "config has no {header:?}:\n{config}");
+    let mut lines = lines.to_owned();
+    if !lines.ends_with('\n') {
+        lines.push('\n');
+    }
+    config.replacen(&header, &format!("{header}{lines}"), 1)
 }
