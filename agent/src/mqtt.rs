@@ -11,9 +11,14 @@
 //! topic and payload) in the same transaction as the events; a DUP publish whose mark is found is
 //! acknowledged without storing it again.
 //!
-//! Must not block the event loop on the buffer: the queue between the two is the only place a
-//! slow buffer pushes back, and acks never wait on the event loop (the client's request queue is
-//! larger than the broker's in-flight window).
+//! The event loop never waits on the buffer. It must keep being polled while the buffer is full:
+//! polling is what sends the PUBACKs the worker queues and the keep-alive pings, and a client
+//! that sends nothing for 1.5 keep-alives is disconnected by the broker. So publishes go to the
+//! worker over an unbounded queue, bounded instead by a count of messages held (received, not
+//! yet acknowledged). With QoS 1 the broker's own in-flight limit (MQTT 3.1.1 gives the client no
+//! say; Mosquitto's `max_inflight_messages` defaults to 20) keeps that count small: a full buffer
+//! stops the acknowledgements, and the broker stops sending. Only a QoS 0 flood into a full
+//! buffer reaches the bound; then the event loop stops reading until the worker catches up.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -25,7 +30,7 @@ use rumqttc::{
 };
 use runnel_common::{Event, SourceKind, Value};
 use runnel_config::{MqttPayload, MqttSourceConfig};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use crate::buffer::{AppendError, Buffer, DeliveryMark, EncodedEvent};
 use crate::decode::{self, Received};
@@ -43,6 +48,13 @@ const MAX_COMMIT_BYTES: usize = 256 * 1024;
 
 /// Wait before retrying a commit the buffer refused as full.
 const FULL_RETRY_MS: u64 = 200;
+
+/// A commit the buffer keeps refusing as full for this long is logged as a warning.
+const FULL_WARN_AFTER: Duration = Duration::from_secs(10);
+
+/// Least number of messages held between the event loop and the worker before the event loop
+/// stops reading (see the module docs); the bound is the larger of this and 4 × `max_inflight`.
+const MIN_HELD_MESSAGES: usize = 1024;
 
 pub struct MqttSource {
     pub config: MqttSourceConfig,
@@ -65,11 +77,12 @@ pub async fn run(source: MqttSource, mut shutdown: watch::Receiver<bool>) {
             return;
         }
     };
-    // Acks go through this queue too: it must hold a full in-flight window of them so the worker
-    // never waits on the event loop while the event loop waits on the worker.
+    // Acks go through this queue; the event loop drains it whenever it is polled, which is always.
     let request_capacity = usize::from(config.max_inflight) + 64;
     let (client, mut eventloop) = AsyncClient::new(options, request_capacity);
-    let (to_worker, from_loop) = mpsc::channel::<Publish>(usize::from(config.max_inflight).max(16));
+    let held_max = (4 * usize::from(config.max_inflight)).max(MIN_HELD_MESSAGES);
+    let held = Arc::new(Semaphore::new(held_max));
+    let (to_worker, from_loop) = mpsc::unbounded_channel::<(Publish, OwnedSemaphorePermit)>();
     let worker = tokio::spawn(worker(
         Arc::new(WorkerState {
             name: config.name.clone(),
@@ -112,7 +125,24 @@ pub async fn run(source: MqttSource, mut shutdown: watch::Receiver<bool>) {
                 }
             }
             Ok(MqttEvent::Incoming(Packet::Publish(publish))) => {
-                if to_worker.send(publish).await.is_err() {
+                let permit = match Arc::clone(&held).try_acquire_owned() {
+                    Ok(permit) => permit,
+                    Err(_) => {
+                        tracing::warn!(
+                            source = %config.name,
+                            held_max,
+                            "MQTT source holds as many messages as it may while the buffer does \
+                             not take them; not reading from the broker until it does"
+                        );
+                        tokio::select! {
+                            permit = Arc::clone(&held).acquire_owned() => {
+                                permit.expect("the semaphore is never closed")
+                            }
+                            _ = shutdown.wait_for(|stop| *stop) => break,
+                        }
+                    }
+                };
+                if to_worker.send((publish, permit)).is_err() {
                     break;
                 }
             }
@@ -220,21 +250,25 @@ pub(crate) struct Pending {
 async fn worker(
     state: Arc<WorkerState>,
     client: AsyncClient,
-    mut from_loop: mpsc::Receiver<Publish>,
+    mut from_loop: mpsc::UnboundedReceiver<(Publish, OwnedSemaphorePermit)>,
 ) {
     let mut batch: Vec<Pending> = Vec::new();
+    let mut permits: Vec<OwnedSemaphorePermit> = Vec::new();
     while let Some(first) = from_loop.recv().await {
         let mut next = Some(first);
         let mut n_batch_bytes = 0usize;
-        while let Some(publish) = next.take() {
+        while let Some((publish, permit)) = next.take() {
             let pending = prepare(&state, publish).await;
             n_batch_bytes += pending.events.iter().map(|e| e.0.len()).sum::<usize>();
             batch.push(pending);
+            permits.push(permit);
             if batch.len() < MAX_PUBLISHES_PER_COMMIT && n_batch_bytes < MAX_COMMIT_BYTES {
                 next = from_loop.try_recv().ok();
             }
         }
         commit_and_ack(&state, &client, &mut batch).await;
+        // The acks are queued: the event loop may read as many messages again.
+        permits.clear();
     }
 }
 
@@ -316,14 +350,26 @@ async fn commit_and_ack(state: &WorkerState, client: &AsyncClient, batch: &mut V
         .collect();
     let marks: Vec<DeliveryMark> = batch.iter().filter_map(|p| p.mark.clone()).collect();
     if !events.is_empty() || !marks.is_empty() {
+        let started = std::time::Instant::now();
+        let mut warned = false;
         loop {
             match state.buffer.append_marked(events, marks.clone()).await {
-                Ok(_) => break,
+                Ok(_) => {
+                    if warned {
+                        tracing::info!(source = %state.name, waited_ms = started.elapsed().as_millis() as u64, "buffer has room again; MQTT messages stored and acknowledged");
+                    }
+                    break;
+                }
                 Err(AppendError::Full {
                     events: returned, ..
                 }) => {
                     events = returned;
-                    tracing::debug!(source = %state.name, "buffer full; MQTT messages stay unacknowledged");
+                    if !warned && started.elapsed() >= FULL_WARN_AFTER {
+                        warned = true;
+                        tracing::warn!(source = %state.name, n_messages = batch.len(), "buffer full for {FULL_WARN_AFTER:?}; MQTT messages stay unacknowledged at the broker until it has room");
+                    } else {
+                        tracing::debug!(source = %state.name, "buffer full; MQTT messages stay unacknowledged");
+                    }
                     tokio::time::sleep(Duration::from_millis(FULL_RETRY_MS)).await;
                 }
                 Err(error) => {

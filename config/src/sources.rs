@@ -71,7 +71,7 @@ pub struct MqttSourceConfig {
     /// wait at the broker.
     pub clean_session: bool,
     pub keep_alive_s: u64,
-    /// Most unacknowledged QoS 1 messages the broker may send before waiting.
+    /// Expected in-flight window (see the raw key's docs); the broker decides the real one.
     pub max_inflight: u16,
     pub stream: String,
     pub payload: MqttPayload,
@@ -246,7 +246,9 @@ pub(crate) struct RawMqtt {
     clean_session: Option<bool>,
     /// MQTT keep-alive in seconds. Allowed: 5 to 3600. Default: 30.
     keep_alive_s: Option<u64>,
-    /// Most unacknowledged QoS 1 messages in flight from the broker. Allowed: 1 to 65535.
+    /// Expected in-flight window: sizes the acknowledgement queue and, times 4 (at least 1024),
+    /// how many received messages the agent holds before it stops reading. MQTT 3.1.1 lets the
+    /// broker alone decide how many unacknowledged QoS 1 messages it sends. Allowed: 1 to 65535.
     /// Default: 256.
     max_inflight: Option<u64>,
     /// Stream the events land in. Default: "telemetry".
