@@ -25,6 +25,8 @@ pub struct AggregatorConfig {
     pub storage: StorageConfig,
     /// The SQL query API.
     pub query: QueryConfig,
+    /// The PostgreSQL wire protocol server.
+    pub pgwire: PgwireConfig,
 }
 
 /// `[ingest]`, validated.
@@ -64,14 +66,41 @@ pub struct StorageConfig {
 /// `[query]`, validated.
 #[derive(Debug, Clone)]
 pub struct QueryConfig {
-    /// Address of the HTTP SQL API; always a loopback address in this version.
+    /// Address of the HTTP SQL API; a loopback address unless `users` is not empty.
     pub listen: SocketAddr,
+    /// Who may query (HTTP basic auth, PostgreSQL password auth). Empty: no credentials asked,
+    /// and every SQL listener is on a loopback address.
+    pub users: Vec<QueryUser>,
     /// Memory one query may use.
     pub memory_limit_bytes: u64,
     /// Longest time one query may run.
     pub timeout_ms: u64,
     /// Most rows one query may return.
     pub max_result_rows: usize,
+}
+
+/// `[[query.users]]`, validated: a name and its password (read from the environment variable
+/// `password_env` names, if that is how it was given).
+#[derive(Clone, PartialEq, Eq)]
+pub struct QueryUser {
+    pub name: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for QueryUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueryUser")
+            .field("name", &self.name)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// `[pgwire]`, validated.
+#[derive(Debug, Clone)]
+pub struct PgwireConfig {
+    /// TCP address of the PostgreSQL wire protocol server; `None` when disabled.
+    pub listen: Option<SocketAddr>,
 }
 
 /// The aggregator config file as written. Every key is optional here; `validate` applies defaults
@@ -88,9 +117,12 @@ struct RawAggregatorFile {
     /// `[storage]`: the WAL and the event files.
     #[serde(default)]
     storage: RawStorage,
-    /// `[query]`: the HTTP SQL API.
+    /// `[query]`: the HTTP SQL API, its limits and its users.
     #[serde(default)]
     query: RawQuery,
+    /// `[pgwire]`: the PostgreSQL wire protocol server (psql, Grafana, JDBC, psycopg).
+    #[serde(default)]
+    pgwire: RawPgwire,
 }
 
 /// `[aggregator]`
@@ -155,8 +187,8 @@ struct RawStorage {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawQuery {
-    /// Address and port of the HTTP SQL API. Must be a loopback address in this version: query
-    /// credentials are not implemented yet. Default: "127.0.0.1:9481".
+    /// Address and port of the HTTP SQL API. A non-loopback address needs `[[query.users]]`.
+    /// Default: "127.0.0.1:9481".
     listen: Option<String>,
     /// Memory in bytes one query may use before it fails.
     /// Allowed: at least 16777216 (16 MiB). Default: 536870912 (512 MiB).
@@ -167,6 +199,34 @@ struct RawQuery {
     /// Most rows one query may return; larger results fail with a message.
     /// Allowed: at least 1. Default: 100000.
     max_result_rows: Option<u64>,
+    /// `[[query.users]]`: who may query over HTTP (basic auth) and the PostgreSQL protocol
+    /// (SCRAM-SHA-256). With at least one user, every connection must authenticate, loopback
+    /// included. Default: none (only loopback listeners allowed).
+    #[serde(default)]
+    users: Vec<RawQueryUser>,
+}
+
+/// `[[query.users]]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQueryUser {
+    /// Required. The user name clients log in with.
+    name: Option<String>,
+    /// The password, in the file. Exactly one of `password` and `password_env` is required.
+    password: Option<String>,
+    /// Name of an environment variable holding the password (keeps it out of the file).
+    password_env: Option<String>,
+}
+
+/// `[pgwire]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPgwire {
+    /// Serve the PostgreSQL wire protocol. Default: true.
+    enabled: Option<bool>,
+    /// TCP address and port. A non-loopback address needs `[[query.users]]`. Not 5432 by
+    /// default, which a local PostgreSQL may hold. Default: "127.0.0.1:9482".
+    listen: Option<String>,
 }
 
 /// Reads, parses and validates an aggregator config file. Relative paths in it are resolved
@@ -194,11 +254,13 @@ impl RawAggregatorFile {
         let ingest = self.ingest.validate(checker)?;
         let storage = self.storage.validate(checker, &data_dir)?;
         let query = self.query.validate(checker)?;
+        let pgwire = self.pgwire.validate(checker, !query.users.is_empty())?;
         Ok(AggregatorConfig {
             data_dir,
             ingest,
             storage,
             query,
+            pgwire,
         })
     }
 }
@@ -312,16 +374,14 @@ impl RawQuery {
             self.listen.as_deref(),
             SocketAddr::from((Ipv4Addr::LOCALHOST, 9481)),
         )?;
+        let users = validate_users(checker, self.users)?;
         // Architecture invariant: the SQL API is never reachable beyond this host without
-        // credentials, and credentials are not implemented yet.
-        if !listen.ip().is_loopback() {
+        // credentials.
+        if !listen.ip().is_loopback() && users.is_empty() {
             return Err(checker.invalid(
                 "query.listen",
                 quote(self.listen.as_deref().unwrap_or_default()),
-                "must be a loopback address (such as \"127.0.0.1:9481\" or \"[::1]:9481\"): \
-                 query credentials are not implemented yet, so the SQL API may not be exposed. \
-                 To query from another host, keep 127.0.0.1 and use an SSH tunnel or a reverse \
-                 proxy that authenticates",
+                NEEDS_USERS,
             ));
         }
         let memory_limit_bytes = checker.int(
@@ -350,9 +410,95 @@ impl RawQuery {
         )?;
         Ok(QueryConfig {
             listen,
+            users,
             memory_limit_bytes,
             timeout_ms,
             max_result_rows,
+        })
+    }
+}
+
+/// Why a non-loopback SQL listener is refused without users.
+const NEEDS_USERS: &str = "must be a loopback address (such as \"127.0.0.1:9481\" or \"[::1]:9481\") \
+     while no [[query.users]] are configured: the SQL API is never exposed without credentials. \
+     Add a [[query.users]] entry (name and password or password_env), or keep 127.0.0.1 and use \
+     an SSH tunnel";
+
+fn validate_users(
+    checker: &Checker<'_>,
+    raw: Vec<RawQueryUser>,
+) -> Result<Vec<QueryUser>, ConfigError> {
+    let mut users: Vec<QueryUser> = Vec::with_capacity(raw.len());
+    for (idx, user) in raw.into_iter().enumerate() {
+        let key = |field: &str| format!("query.users[{idx}].{field}");
+        let name = user
+            .name
+            .ok_or_else(|| checker.missing(&key("name"), "the user name clients log in with"))?;
+        if name.is_empty() || name.chars().any(|c| c.is_control() || c == ':') {
+            return Err(checker.invalid(
+                &key("name"),
+                quote(&name),
+                "must be non-empty, without control characters or ':'",
+            ));
+        }
+        if users.iter().any(|u| u.name == name) {
+            return Err(checker.invalid(&key("name"), quote(&name), "is already a user above"));
+        }
+        let password = match (user.password, user.password_env) {
+            (Some(password), None) => password,
+            (None, Some(var)) => std::env::var(&var).map_err(|_| {
+                checker.invalid(
+                    &key("password_env"),
+                    quote(&var),
+                    "names an environment variable that is not set (or not UTF-8) in the \
+                     aggregator's environment",
+                )
+            })?,
+            (Some(_), Some(_)) => {
+                return Err(checker.invalid(
+                    &key("password_env"),
+                    "(set)",
+                    "give either password or password_env, not both",
+                ));
+            }
+            (None, None) => {
+                return Err(checker.missing(
+                    &key("password"),
+                    "a password, or password_env naming an environment variable that holds it",
+                ));
+            }
+        };
+        if password.len() < 8 {
+            return Err(checker.invalid(
+                &key("password"),
+                "(hidden)",
+                "must be at least 8 characters long",
+            ));
+        }
+        users.push(QueryUser { name, password });
+    }
+    Ok(users)
+}
+
+impl RawPgwire {
+    fn validate(self, checker: &Checker<'_>, has_users: bool) -> Result<PgwireConfig, ConfigError> {
+        let listen = checker.socket_addr(
+            "pgwire.listen",
+            self.listen.as_deref(),
+            SocketAddr::from((Ipv4Addr::LOCALHOST, 9482)),
+        )?;
+        if !self.enabled.unwrap_or(true) {
+            return Ok(PgwireConfig { listen: None });
+        }
+        if !listen.ip().is_loopback() && !has_users {
+            return Err(checker.invalid(
+                "pgwire.listen",
+                quote(self.listen.as_deref().unwrap_or_default()),
+                NEEDS_USERS,
+            ));
+        }
+        Ok(PgwireConfig {
+            listen: Some(listen),
         })
     }
 }

@@ -19,7 +19,8 @@ pub use agent::{
     load_agent, parse_agent,
 };
 pub use aggregator::{
-    AggregatorConfig, IngestConfig, QueryConfig, StorageConfig, load_aggregator, parse_aggregator,
+    AggregatorConfig, IngestConfig, PgwireConfig, QueryConfig, QueryUser, StorageConfig,
+    load_aggregator, parse_aggregator,
 };
 pub use common::Synchronous;
 pub use error::ConfigError;

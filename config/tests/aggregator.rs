@@ -155,17 +155,85 @@ fn non_loopback_query_listen_is_refused() {
             )),
             "{message}"
         );
-        assert!(
-            message.contains("credentials are not implemented yet"),
-            "{message}"
-        );
+        assert!(message.contains("[[query.users]]"), "{message}");
         assert!(message.contains("127.0.0.1"), "{message}");
         assert!(message.contains("SSH tunnel"), "{message}");
+        let message = error_with(&format!("[pgwire]\nlisten = \"{listen}\""));
+        assert!(
+            message.starts_with(&format!(
+                "aggregator.toml: pgwire.listen = \"{listen}\": must be a loopback address"
+            )),
+            "{message}"
+        );
     }
     for listen in ["127.0.0.1:0", "127.0.0.2:9481", "[::1]:9481"] {
         let text = format!("[query]\nlisten = \"{listen}\"\n{MINIMAL}");
         let config = parse_aggregator(&text, Path::new("aggregator.toml")).unwrap();
         assert_eq!(config.query.listen, listen.parse::<SocketAddr>().unwrap());
+    }
+}
+
+#[test]
+fn users_allow_exposed_listeners_and_are_checked() {
+    let text = format!(
+        "[query]\nlisten = \"0.0.0.0:9481\"\n[[query.users]]\nname = \"grafana\"\n\
+         password = \"correct horse\"\n[pgwire]\nlisten = \"0.0.0.0:9482\"\n{MINIMAL}"
+    );
+    let config = parse_aggregator(&text, Path::new("aggregator.toml")).unwrap();
+    assert_eq!(config.query.users.len(), 1);
+    assert_eq!(config.query.users[0].name, "grafana");
+    assert_eq!(config.query.users[0].password, "correct horse");
+    assert!(
+        !format!("{config:?}").contains("correct horse"),
+        "passwords are not logged"
+    );
+    assert_eq!(
+        config.pgwire.listen,
+        Some("0.0.0.0:9482".parse::<SocketAddr>().unwrap())
+    );
+
+    let default = parse_aggregator(MINIMAL, Path::new("aggregator.toml")).unwrap();
+    assert_eq!(
+        default.pgwire.listen,
+        Some("127.0.0.1:9482".parse::<SocketAddr>().unwrap())
+    );
+    let off = format!("[pgwire]\nenabled = false\nlisten = \"0.0.0.0:5432\"\n{MINIMAL}");
+    let off = parse_aggregator(&off, Path::new("aggregator.toml")).unwrap();
+    assert_eq!(off.pgwire.listen, None);
+
+    let cases = [
+        (
+            "[[query.users]]\npassword = \"12345678\"",
+            "query.users[0].name is required",
+        ),
+        (
+            "[[query.users]]\nname = \"a\"",
+            "query.users[0].password is required",
+        ),
+        (
+            "[[query.users]]\nname = \"a\"\npassword = \"short\"",
+            "query.users[0].password = (hidden): must be at least 8 characters long",
+        ),
+        (
+            "[[query.users]]\nname = \"a\"\npassword_env = \"RUNNEL_TEST_UNSET_VARIABLE_42\"",
+            "query.users[0].password_env = \"RUNNEL_TEST_UNSET_VARIABLE_42\": names an environment",
+        ),
+        (
+            "[[query.users]]\nname = \"a\"\npassword = \"12345678\"\n\
+             [[query.users]]\nname = \"a\"\npassword = \"12345678\"",
+            "query.users[1].name = \"a\": is already a user above",
+        ),
+    ];
+    for (extra, expected) in cases {
+        let text = format!("[query]\n{extra}\n{MINIMAL}");
+        let message = match parse_aggregator(&text, Path::new("aggregator.toml")) {
+            Ok(_) => panic!("expected an error for {extra:?}"),
+            Err(error) => error.to_string(),
+        };
+        assert!(
+            message.starts_with(&format!("aggregator.toml: {expected}")),
+            "{extra:?}: {message}"
+        );
     }
 }
 
