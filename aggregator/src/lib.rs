@@ -10,6 +10,7 @@ pub mod api;
 pub mod certs;
 pub mod cli;
 pub mod ingest;
+pub mod pgwire;
 pub mod query;
 pub mod schema;
 pub mod store;
@@ -71,15 +72,45 @@ pub async fn run(
         .await
         .with_context(|| format!("bind query.listen = {}", config.query.listen))?;
     let query_addr = query_listener.local_addr().context("read query address")?;
+    let pgwire_listener = match config.pgwire.listen {
+        Some(listen) => Some(
+            tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("bind pgwire.listen = {listen}"))?,
+        ),
+        None => None,
+    };
+    let pgwire_addr = match &pgwire_listener {
+        Some(listener) => Some(listener.local_addr().context("read pgwire address")?),
+        None => None,
+    };
     let runtime_path = config.data_dir.join(RUNTIME_FILE);
-    let runtime = serde_json::json!({
+    let mut runtime = serde_json::json!({
         "pid": std::process::id(),
         "ingest": ingest_addr.to_string(),
         "query": query_addr.to_string(),
     });
+    if let Some(addr) = pgwire_addr {
+        runtime["pgwire"] = serde_json::Value::String(addr.to_string());
+    }
     std::fs::write(&runtime_path, runtime.to_string())
         .with_context(|| format!("write {}", runtime_path.display()))?;
-    tracing::info!(ingest = %ingest_addr, query = %query_addr, n_replayed_events = recovered.n_events, "aggregator started");
+    tracing::info!(
+        ingest = %ingest_addr,
+        query = %query_addr,
+        pgwire = %pgwire_addr.map_or_else(|| "disabled".to_owned(), |addr| addr.to_string()),
+        n_query_users = config.query.users.len(),
+        n_replayed_events = recovered.n_events,
+        "aggregator started"
+    );
+    let pgwire = pgwire_listener.map(|listener| {
+        tokio::spawn(pgwire::serve(
+            listener,
+            engine.context().clone(),
+            config.query.clone(),
+            shutdown.clone(),
+        ))
+    });
 
     let ingest = tokio::spawn(ingest::serve(
         endpoint,
@@ -101,6 +132,9 @@ pub async fn run(
         .context("query API")?;
     let _ = ingest.await;
     let _ = flusher.await;
+    if let Some(pgwire) = pgwire {
+        let _ = pgwire.await;
+    }
     // A last flush makes the next start faster; skipping it loses nothing (the WAL replays).
     match store.flush(&wal).await {
         Ok(flushed) => tracing::info!(n_rows = flushed.n_rows, "flushed to Parquet at shutdown"),

@@ -128,6 +128,7 @@ impl QueryEngine {
             .with_information_schema(true)
             .with_target_partitions(2);
         let mut ctx = SessionContext::new_with_config_rt(session, runtime);
+        crate::pgwire::prepare_context(&ctx)?;
         datafusion_functions_json::register_all(&mut ctx)?;
         let root = format!("file://{}", events_root.display());
         ctx.register_table("events", Arc::new(EventsTable { store, root }))?;
@@ -136,6 +137,11 @@ impl QueryEngine {
             timeout: Duration::from_millis(config.timeout_ms),
             max_result_rows: config.max_result_rows,
         })
+    }
+
+    /// The DataFusion context every query runs in (the PostgreSQL server's too).
+    pub fn context(&self) -> &SessionContext {
+        &self.ctx
     }
 
     /// Creates the views over `events` (`dead_letters`, `agent_drops`). Separate from `new`

@@ -970,7 +970,9 @@ pub struct Verdict {
     pub n_stored: u64,
     /// Stored but never acknowledged (allowed: the answer was lost).
     pub n_stored_unacked: u64,
-    /// Acknowledged, not stored, and not announced as dropped in the 200 answer.
+    /// Acknowledged, not stored, and not announced as dropped in the 200 answer. Under
+    /// `drop_oldest` this includes evicted events; [`Verdict::n_lost`] subtracts the drop
+    /// reports.
     pub lost: Vec<String>,
     /// Acknowledged and not stored, per stream (announced drops included).
     pub missing_by_stream: BTreeMap<String, u64>,
@@ -1031,25 +1033,13 @@ impl Referee {
         self.acked.len()
     }
 
-    /// Ids the referee expects stored: acknowledged and not announced as dropped.
-    fn expected(&self) -> impl Iterator<Item = &String> {
-        self.acked
-            .iter()
-            .filter(|(_, (_, dropped))| !dropped)
-            .map(|(id, _)| id)
-    }
-
-    /// Waits (at most `timeout`) until every acknowledged, not announced dropped, event is
-    /// stored, or until `settled` says the missing ones are accounted for otherwise (drop
-    /// reports). Does not fail: the verdict says what is missing.
+    /// Waits (at most `timeout`) until every acknowledged event is stored or, per stream,
+    /// accounted for by the drop reports in the aggregator's `agent_drops` view. Does not fail:
+    /// the verdict says what is missing.
     pub async fn wait_stored(&self, query_addr: SocketAddr, timeout: Duration) {
         let _ = poll_until(timeout, || async {
-            let stored = stored_id_counts(query_addr).await?;
-            let n_missing = self
-                .expected()
-                .filter(|id| !stored.contains_key(*id))
-                .count();
-            anyhow::ensure!(n_missing == 0, "{n_missing} missing");
+            let verdict = self.verdict(query_addr).await?;
+            anyhow::ensure!(verdict.n_lost() == 0, "{} missing", verdict.n_lost());
             Ok(())
         })
         .await;
@@ -1158,6 +1148,17 @@ async fn stored_id_counts(query_addr: SocketAddr) -> anyhow::Result<BTreeMap<Str
 }
 
 impl Verdict {
+    /// Acknowledged events neither stored nor counted by a drop report: per stream, missing
+    /// minus reported drops.
+    pub fn n_lost(&self) -> u64 {
+        self.missing_by_stream
+            .iter()
+            .map(|(stream, n_missing)| {
+                n_missing.saturating_sub(self.dropped_by_stream.get(stream).copied().unwrap_or(0))
+            })
+            .sum()
+    }
+
     /// Events stored more than once (by id or by sequence number).
     pub fn n_duplicated(&self) -> u64 {
         let by_id: u64 = self.duplicated.iter().map(|(_, n)| n - 1).sum();
@@ -1181,7 +1182,7 @@ impl Verdict {
             self.scenario,
             self.n_acked,
             self.n_stored,
-            self.lost.len(),
+            self.n_lost(),
             self.n_duplicated(),
             self.recovered_in_ms()
                 .map_or_else(|| "n/a".to_owned(), |ms| ms.to_string()),

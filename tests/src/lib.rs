@@ -476,6 +476,8 @@ pub struct AggregatorOptions {
     pub flush_interval_ms: u64,
     /// `ingest.idle_timeout_ms`.
     pub idle_timeout_ms: u64,
+    /// More lines for the `[query]` section (limits, `[[query.users]]` after them).
+    pub query_extra: String,
 }
 
 impl Default for AggregatorOptions {
@@ -484,6 +486,7 @@ impl Default for AggregatorOptions {
             synchronous: "normal",
             flush_interval_ms: 60_000,
             idle_timeout_ms: 3_000,
+            query_extra: String::new(),
         }
     }
 }
@@ -499,6 +502,7 @@ pub struct AggregatorProcess {
     ingest_listen: SocketAddr,
     ingest: SocketAddr,
     query: SocketAddr,
+    pgwire: SocketAddr,
 }
 
 impl AggregatorProcess {
@@ -532,6 +536,7 @@ impl AggregatorProcess {
             ingest_listen: unbound,
             ingest: unbound,
             query: unbound,
+            pgwire: unbound,
         };
         aggregator.spawn();
         aggregator
@@ -553,8 +558,12 @@ impl AggregatorProcess {
              synchronous = {sync}\n\
              flush_interval_ms = {flush}\n\
              \n\
+             [pgwire]\n\
+             listen = \"127.0.0.1:0\"\n\
+             \n\
              [query]\n\
-             listen = \"127.0.0.1:0\"\n",
+             listen = \"127.0.0.1:0\"\n\
+             {query_extra}\n",
             data_dir = toml_path(&self.data_dir),
             ingest = toml_string(&self.ingest_listen.to_string()),
             ca = toml_path(&self.certs.ca_cert),
@@ -563,6 +572,7 @@ impl AggregatorProcess {
             idle = self.options.idle_timeout_ms,
             sync = toml_string(self.options.synchronous),
             flush = self.options.flush_interval_ms,
+            query_extra = self.options.query_extra,
         );
         std::fs::write(&self.config_path, text).expect("write aggregator config");
     }
@@ -579,6 +589,7 @@ impl AggregatorProcess {
         let runtime = self.process.wait_runtime_file(&runtime_path);
         self.ingest = parse_addr(&runtime, "ingest", "aggregator.runtime.json");
         self.query = parse_addr(&runtime, "query", "aggregator.runtime.json");
+        self.pgwire = parse_addr(&runtime, "pgwire", "aggregator.runtime.json");
         if self.ingest_listen.port() != 0 {
             assert_eq!(
                 self.ingest, self.ingest_listen,
@@ -597,6 +608,11 @@ impl AggregatorProcess {
     /// The HTTP SQL API address of the current start.
     pub fn query_addr(&self) -> SocketAddr {
         self.query
+    }
+
+    /// The PostgreSQL protocol address of the current start.
+    pub fn pgwire_addr(&self) -> SocketAddr {
+        self.pgwire
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -1510,7 +1526,10 @@ impl AgentProcess {
 /// [`agent_config_with`]; panics when the table is not there.
 pub fn with_table_keys(config: String, table: &str, lines: &str) -> String {
     let header = format!("[{table}]\n");
-    assert!(config.contains(&header), "config has no {header:?}:\n{config}");
+    assert!(
+        config.contains(&header),
+        "config has no {header:?}:\n{config}"
+    );
     let mut lines = lines.to_owned();
     if !lines.ends_with('\n') {
         lines.push('\n');

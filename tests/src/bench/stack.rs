@@ -198,7 +198,7 @@ impl Aggregator {
         let config_path = dir.join("aggregator.toml");
         let config = format!(
             "[aggregator]\ndata_dir = {}\n\n[ingest]\nlisten = \"127.0.0.1:0\"\nca_cert = {}\ncert = {}\nkey = {}\n\n\
-             [storage]\nsynchronous = {}\n\n[query]\nlisten = \"127.0.0.1:0\"\n",
+             [storage]\nsynchronous = {}\n\n[query]\nlisten = \"127.0.0.1:0\"\n\n[pgwire]\nlisten = \"127.0.0.1:0\"\n",
             toml_path(&data_dir),
             toml_path(&pki.ca_cert),
             toml_path(&pki.server_cert),

@@ -31,6 +31,7 @@ struct Args {
 /// Ports the demo prefers so the printed examples are stable; it falls back to any free port.
 const AGENT_HTTP_PORT: u16 = 9470;
 const QUERY_PORT: u16 = 9481;
+const PGWIRE_PORT: u16 = 9482;
 
 const SAMPLE_QUERY: &str = "SELECT name, count(*) AS events, count(DISTINCT user_id) AS users \
                             FROM events GROUP BY name ORDER BY events DESC";
@@ -82,6 +83,7 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     }
 
     let query_listen = preferred_addr(QUERY_PORT);
+    let pgwire_listen = preferred_addr(PGWIRE_PORT);
     let aggregator_toml = dir.join("aggregator.toml");
     write(
         &aggregator_toml,
@@ -90,7 +92,8 @@ async fn demo(args: Args) -> anyhow::Result<()> {
              [aggregator]\ndata_dir = \"aggregator\"\n\n\
              [ingest]\nlisten = \"127.0.0.1:0\"\nca_cert = \"certs/ca.pem\"\ncert = \"certs/server.pem\"\nkey = \"certs/server.key\"\n\n\
              [storage]\nflush_interval_ms = 10000\n\n\
-             [query]\nlisten = \"{query_listen}\"\n"
+             [query]\nlisten = \"{query_listen}\"\n\n\
+             [pgwire]\nlisten = \"{pgwire_listen}\"\n"
         ),
     )?;
     let aggregator_config = runnel_config::load_aggregator(&aggregator_toml)?;
@@ -107,6 +110,7 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     .await?;
     let ingest = runtime_addr(&aggregator_runtime, "ingest")?;
     let query = runtime_addr(&aggregator_runtime, "query")?;
+    let pgwire = runtime_addr(&aggregator_runtime, "pgwire")?;
 
     let agent_toml = dir.join("agent.toml");
     write(
@@ -125,7 +129,9 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     let agent_runtime =
         wait_for_runtime(&agent_config.data_dir.join(runnel_agent::RUNTIME_FILE)).await?;
     let http = runtime_addr(&agent_runtime, "http")?;
-    println!("aggregator: QUIC ingest on {ingest}, SQL API on http://{query}");
+    println!(
+        "aggregator: QUIC ingest on {ingest}, SQL API on http://{query}, PostgreSQL protocol on {pgwire}"
+    );
     println!("agent:      HTTP source on http://{http}, shipping to {ingest}");
 
     let client = reqwest::Client::new();
@@ -166,6 +172,11 @@ async fn demo(args: Args) -> anyhow::Result<()> {
         );
         println!(
             "  curl -s http://{query}/api/v1/query -d '{{\"sql\":\"SELECT count(*) FROM events\"}}'"
+        );
+        println!(
+            "  psql -h {} -p {} -c \"SELECT name, count(*) FROM events GROUP BY name\"",
+            pgwire.ip(),
+            pgwire.port()
         );
         println!(
             "Configs: {} and {}. Press Ctrl-C to stop.",
