@@ -12,6 +12,7 @@
 pub mod batch;
 pub mod event;
 pub mod frame;
+pub mod human;
 pub mod limits;
 pub mod session;
 pub mod wire;
