@@ -171,6 +171,16 @@ enum Op {
         high_water_mark: u64,
         reply: oneshot::Sender<anyhow::Result<Reconciled>>,
     },
+    Oldest {
+        reply: oneshot::Sender<anyhow::Result<Option<Oldest>>>,
+    },
+}
+
+/// The oldest event still in the buffer (not yet acknowledged by the aggregator).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Oldest {
+    pub seq: u64,
+    pub receive_time_ms: i64,
 }
 
 /// What aligning the buffer with the aggregator's high-water mark did.
@@ -304,6 +314,12 @@ impl Buffer {
             reply,
         })
         .await
+    }
+
+    /// The oldest event in the buffer, for status: how far shipping lags. Reads only; unlike
+    /// [`Buffer::read_after`] it does not count as handed to the uplink.
+    pub async fn oldest(&self) -> anyhow::Result<Option<Oldest>> {
+        self.call(|reply| Op::Oldest { reply }).await
     }
 
     pub fn head(&self) -> watch::Receiver<Head> {
@@ -628,7 +644,27 @@ impl Writer {
             } => {
                 let _ = reply.send(self.reconcile(high_water_mark));
             }
+            Op::Oldest { reply } => {
+                let _ = reply.send(self.oldest());
+            }
         }
+    }
+
+    fn oldest(&self) -> anyhow::Result<Option<Oldest>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT seq, data FROM events ORDER BY seq LIMIT 1")?;
+        let mut rows = stmt.query([])?;
+        let Some(row) = rows.next()? else {
+            return Ok(None);
+        };
+        let seq: u64 = row.get(0)?;
+        let event: Event = postcard::from_bytes(row.get_ref(1)?.as_blob()?)
+            .with_context(|| format!("buffer row {seq} does not decode (corrupt buffer?)"))?;
+        Ok(Some(Oldest {
+            seq,
+            receive_time_ms: event.receive_time_ms,
+        }))
     }
 
     fn read_after(
@@ -1036,6 +1072,26 @@ mod tests {
             }
         );
         assert_eq!(buffer.append(vec![event(4)]).await.unwrap().first_seq, 4);
+        drop(buffer);
+        thread.join();
+    }
+
+    #[tokio::test]
+    async fn oldest_is_the_first_event_not_yet_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let (buffer, thread) = Buffer::open(&config(dir.path(), 1 << 20)).unwrap();
+        assert_eq!(buffer.oldest().await.unwrap(), None);
+        buffer.append(vec![event(10), event(20)]).await.unwrap();
+        let oldest = buffer.oldest().await.unwrap();
+        assert_eq!(
+            oldest,
+            Some(Oldest {
+                seq: 1,
+                receive_time_ms: 10
+            })
+        );
+        assert_eq!(buffer.delete_range(0, 1).await.unwrap(), 1);
+        assert_eq!(buffer.oldest().await.unwrap().map(|o| o.seq), Some(2));
         drop(buffer);
         thread.join();
     }

@@ -38,6 +38,18 @@ enum Command {
         #[arg(long, short, default_value = "/etc/runnel/agent.toml")]
         config: PathBuf,
     },
+    /// Print a summary of the running agent: buffer, uplink, sources (exit 0: ready).
+    Status {
+        /// Config of the agent to ask; its runtime file in agent.data_dir names the address.
+        #[arg(long, short, default_value = "/etc/runnel/agent.toml")]
+        config: PathBuf,
+        /// Ask this address instead, such as http://127.0.0.1:9470 (no config needed).
+        #[arg(long)]
+        url: Option<String>,
+        /// Print the status as JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -46,6 +58,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { config } => run(config),
         Command::Check { config } => check(config),
+        Command::Status { config, url, json } => status(&config, url, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -102,6 +115,35 @@ fn check(path: PathBuf) -> anyhow::Result<()> {
         config.buffer.synchronous.as_str(),
         config.uplink.aggregator,
         config.uplink.server_name,
+    );
+    Ok(())
+}
+
+fn status(config_path: &std::path::Path, url: Option<String>, json: bool) -> anyhow::Result<()> {
+    let url = match url {
+        Some(url) => url,
+        None => crate::ops::local_url(config_path)?,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?;
+    let status = runtime.block_on(crate::ops::fetch_status(&url))?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&status).context("format JSON")?
+        );
+    } else {
+        print!("{}", crate::ops::render_status(&status));
+    }
+    anyhow::ensure!(
+        status.ready,
+        "the agent at {url} is not ready: {}",
+        status
+            .not_ready_reason
+            .as_deref()
+            .unwrap_or("no reason given")
     );
     Ok(())
 }

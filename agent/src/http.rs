@@ -1,7 +1,8 @@
 //! The HTTP source: generic JSON (`POST /v1/events`), the Snowplow tracker protocol
 //! (`POST /com.snowplowanalytics.snowplow/tp2`, pixel `GET /i`), the Segment HTTP tracking API
 //! (`POST /v1/track|page|screen|identify|group|alias|batch` and analytics.js's `/v1/t|p|s|i|g|a`),
-//! CORS for browser trackers, and `GET /healthz`.
+//! CORS for browser trackers. (`/healthz`, `/readyz` and `/v1/status` are merged in from
+//! [`crate::ops`].)
 //!
 //! A 2xx answer means every event of the request is committed to the buffer. Any other answer
 //! means none of them is: the client must retry. 400 carries the reason for malformed input, 401
@@ -65,9 +66,7 @@ pub fn router(
         snowplow: snowplow.clone(),
         segment: segment.clone(),
     });
-    let mut router = axum::Router::new()
-        .route("/v1/events", post(post_events))
-        .route("/healthz", get(|| async { "ok\n" }));
+    let mut router = axum::Router::new().route("/v1/events", post(post_events));
     if snowplow.enabled {
         router = router
             .route(SNOWPLOW_TP2, post(snowplow_post).get(snowplow_get))

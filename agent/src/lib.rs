@@ -12,11 +12,13 @@ pub mod decode;
 pub mod http;
 pub mod mqtt;
 pub mod mqtt_listener;
+pub mod ops;
 pub mod tls;
 pub mod uplink;
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::Context;
 use runnel_config::AgentConfig;
@@ -98,12 +100,24 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> anyhow
             shutdown.clone(),
         ))
     });
+    let uplink_state = Arc::new(uplink::UplinkState::default());
+    let ops = Arc::new(ops::Ops::new(
+        &config,
+        &identity.agent_id,
+        ops::Listen {
+            http: http_addr.to_string(),
+            mqtt_listener: mqtt_listener_addr.map(|addr| addr.to_string()),
+        },
+        buffer.clone(),
+        Arc::clone(&uplink_state),
+    ));
     let uplink = tokio::spawn(uplink::run(
         uplink::Uplink {
             config: config.uplink.clone(),
             identity,
             buffer: buffer.clone(),
             labels: config.labels.clone(),
+            state: uplink_state,
         },
         shutdown.clone(),
     ));
@@ -114,7 +128,11 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> anyhow
         &config.segment,
         config.buffer.block_timeout_ms,
         buffer.clone(),
-    );
+    )
+    .merge(ops::router(Arc::clone(&ops)));
+    // Every source is started and the listener is bound: ready (systemd, `/readyz`).
+    ops.set_ready();
+    let supervisor = tokio::spawn(ops::supervise(Arc::clone(&ops), shutdown.clone()));
     axum::serve(
         listener,
         router.into_make_service_with_connect_info::<SocketAddr>(),
@@ -136,6 +154,11 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> anyhow
     }
     if let Err(error) = uplink.await {
         tracing::error!(%error, "uplink task failed");
+    }
+    // The last buffer handles besides `buffer`: the writer thread ends when all are gone.
+    drop(ops);
+    if let Err(error) = supervisor.await {
+        tracing::error!(%error, "supervisor task failed");
     }
     drop(buffer);
     tokio::task::spawn_blocking(move || buffer_thread.join())

@@ -9,6 +9,8 @@
 //! the aggregator's high-water mark, so nothing is lost and the aggregator drops the replays.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -36,6 +38,85 @@ pub struct Uplink {
     pub identity: Identity,
     pub buffer: Buffer,
     pub labels: std::collections::BTreeMap<String, String>,
+    /// What the uplink reports about itself, for `/v1/status`.
+    pub state: Arc<UplinkState>,
+}
+
+/// The uplink's connection state and counters, written by the driver and read by the status
+/// endpoint. Plain atomics: a reader may see one field updated before another, never a torn value.
+#[derive(Debug, Default)]
+pub struct UplinkState {
+    connected: AtomicBool,
+    /// Unix ms of the current connection's Welcome (0: not connected).
+    connected_since_unix_ms: AtomicI64,
+    n_connects: AtomicU64,
+    n_connection_failures: AtomicU64,
+    n_batches_acked: AtomicU64,
+    n_events_acked: AtomicU64,
+    /// Unix ms of the last ack (0: none yet).
+    last_ack_unix_ms: AtomicI64,
+    /// Why the last connection failed, as logged.
+    last_error: Mutex<Option<String>>,
+}
+
+/// A copy of [`UplinkState`] at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct UplinkSnapshot {
+    pub connected: bool,
+    pub connected_since_unix_ms: Option<i64>,
+    pub n_connects: u64,
+    pub n_connection_failures: u64,
+    pub n_batches_acked: u64,
+    pub n_events_acked: u64,
+    pub last_ack_unix_ms: Option<i64>,
+    pub last_error: Option<String>,
+}
+
+impl UplinkState {
+    pub fn snapshot(&self) -> UplinkSnapshot {
+        let nonzero = |ms: i64| (ms != 0).then_some(ms);
+        UplinkSnapshot {
+            connected: self.connected.load(Ordering::Relaxed),
+            connected_since_unix_ms: nonzero(self.connected_since_unix_ms.load(Ordering::Relaxed)),
+            n_connects: self.n_connects.load(Ordering::Relaxed),
+            n_connection_failures: self.n_connection_failures.load(Ordering::Relaxed),
+            n_batches_acked: self.n_batches_acked.load(Ordering::Relaxed),
+            n_events_acked: self.n_events_acked.load(Ordering::Relaxed),
+            last_ack_unix_ms: nonzero(self.last_ack_unix_ms.load(Ordering::Relaxed)),
+            last_error: self.lock_last_error().clone(),
+        }
+    }
+
+    fn on_connected(&self) {
+        self.n_connects.fetch_add(1, Ordering::Relaxed);
+        self.connected_since_unix_ms
+            .store(crate::now_unix_ms(), Ordering::Relaxed);
+        self.connected.store(true, Ordering::Relaxed);
+    }
+
+    fn on_disconnected(&self, error: Option<&str>) {
+        self.connected.store(false, Ordering::Relaxed);
+        self.connected_since_unix_ms.store(0, Ordering::Relaxed);
+        if let Some(error) = error {
+            self.n_connection_failures.fetch_add(1, Ordering::Relaxed);
+            *self.lock_last_error() = Some(error.to_owned());
+        }
+    }
+
+    fn on_ack(&self, n_events: u64) {
+        self.n_batches_acked.fetch_add(1, Ordering::Relaxed);
+        self.n_events_acked.fetch_add(n_events, Ordering::Relaxed);
+        self.last_ack_unix_ms
+            .store(crate::now_unix_ms(), Ordering::Relaxed);
+    }
+
+    fn lock_last_error(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        // Plain data: a panic while holding the lock leaves nothing half-done.
+        self.last_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// Runs until `shutdown` becomes true. Never returns an error: connection failures are logged
@@ -68,6 +149,7 @@ pub async fn run(uplink: Uplink, mut shutdown: watch::Receiver<bool>) {
             Err(error) => {
                 let delay = backoff.next_delay();
                 let error = format!("{error:#}");
+                uplink.state.on_disconnected(Some(&error));
                 // A misconfigured or unreachable aggregator fails the same way on every retry:
                 // warn on the first failure, when the reason changes, and every 10th retry.
                 let n_failures = backoff.n_failures();
@@ -93,6 +175,7 @@ pub async fn run(uplink: Uplink, mut shutdown: watch::Receiver<bool>) {
             }
         }
     }
+    uplink.state.on_disconnected(None);
     endpoint.close(0u32.into(), b"agent shutting down");
     endpoint.wait_idle().await;
 }
@@ -157,6 +240,7 @@ async fn connection(
         "uplink connected"
     );
     backoff.reset();
+    uplink.state.on_connected();
 
     let mut head_rx = uplink.buffer.head();
     let mut shutdown = shutdown;
@@ -211,6 +295,7 @@ async fn connection(
                 let ack = ack?;
                 let acked = session.on_ack(&ack, Instant::now())?;
                 uplink.buffer.delete_range(acked.after_seq, acked.last_seq).await?;
+                uplink.state.on_ack(acked.n_events as u64);
                 tracing::trace!(last_seq = acked.last_seq, n_events = acked.n_events, rtt_us = acked.round_trip.as_micros() as u64, "batch acknowledged");
             }
             _ = heartbeat.tick() => {
