@@ -1,4 +1,5 @@
-//! The HTTP SQL API: `POST /api/v1/query` with `{"sql": "..."}`, and `GET /healthz`.
+//! The HTTP SQL API: `POST /api/v1/query` with `{"sql": "..."}`. (`/healthz`, `/readyz` and
+//! `/api/v1/status` are merged in from [`crate::ops`].)
 //!
 //! 200: `{"columns":[{"name","type"}],"rows":[[...]],"n_rows","truncated","elapsed_ms"}`;
 //! 400: invalid or non-read SQL; 504: over `query.timeout_ms`; 500: execution failed
@@ -10,7 +11,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::post;
 
 use crate::query::{QueryEngine, QueryError, to_json};
 
@@ -26,7 +27,6 @@ struct QueryRequest {
 pub fn router(engine: Arc<QueryEngine>) -> axum::Router {
     axum::Router::new()
         .route("/api/v1/query", post(query))
-        .route("/healthz", get(|| async { "ok\n" }))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_QUERY_BODY_BYTES))
         .with_state(engine)
 }

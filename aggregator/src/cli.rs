@@ -35,6 +35,19 @@ enum Command {
     /// Create the fleet CA and certificates.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Print a summary of the running aggregator: agents, WAL, Parquet (exit 0: ready).
+    Status {
+        /// Config of the aggregator to ask; its runtime file in aggregator.data_dir names the
+        /// address.
+        #[arg(long, short, default_value = "/etc/runnel/aggregator.toml")]
+        config: PathBuf,
+        /// Ask this address instead, such as http://127.0.0.1:9481 (no config needed).
+        #[arg(long)]
+        url: Option<String>,
+        /// Print the status as JSON instead.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a SQL query against a running aggregator and print the result.
     Query {
         /// Base URL of the aggregator's query API (query.listen).
@@ -97,6 +110,7 @@ pub fn main() -> ExitCode {
         Command::Serve { config } => serve(config),
         Command::Certs(command) => certs(command),
         Command::Query { url, format, sql } => query(&url, format, &sql),
+        Command::Status { config, url, json } => status(&config, url, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -181,6 +195,34 @@ fn certs(command: CertsCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn status(config_path: &std::path::Path, url: Option<String>, json: bool) -> anyhow::Result<()> {
+    let url = match url {
+        Some(url) => url,
+        None => crate::ops::local_url(config_path)?,
+    };
+    let status = runtime()?.block_on(crate::ops::fetch_status(&url))?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&status).context("format JSON")?
+        );
+    } else {
+        print!(
+            "{}",
+            crate::ops::render_status(&status, crate::wal::now_unix_ms())
+        );
+    }
+    anyhow::ensure!(
+        status.ready,
+        "the aggregator at {url} is not ready: {}",
+        status
+            .not_ready_reason
+            .as_deref()
+            .unwrap_or("no reason given")
+    );
+    Ok(())
 }
 
 fn query(url: &str, format: Format, sql: &str) -> anyhow::Result<()> {

@@ -9,10 +9,13 @@
 //! heartbeats). Every further bidirectional stream carries one batch and gets one ack. Streams
 //! are read concurrently; a per-connection [`IngestSequencer`] hands batches to the WAL writer in
 //! chain order; the ack is written after the WAL commit. A malformed frame or batch closes that
-//! connection only.
+//! connection only. [`ConnectedAgents`] records who is connected and what they report, for
+//! status; nothing reads it to make a decision.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -183,11 +186,141 @@ fn load_certs(path: &std::path::Path) -> anyhow::Result<Vec<CertificateDer<'stat
     Ok(certs)
 }
 
+/// The agents connected right now, by connection (an agent that reconnects may briefly hold
+/// two), and counters since start.
+#[derive(Debug, Default)]
+pub struct ConnectedAgents {
+    connections: std::sync::Mutex<BTreeMap<usize, Arc<AgentConnection>>>,
+    n_connections_total: AtomicU64,
+    n_batches_stored: AtomicU64,
+    n_events_stored: AtomicU64,
+}
+
+/// One agent connection: who, from where, and what it stored and reported.
+#[derive(Debug)]
+pub struct AgentConnection {
+    agent_id: Arc<str>,
+    remote: SocketAddr,
+    agent_version: String,
+    connected_unix_ms: i64,
+    n_batches_stored: AtomicU64,
+    n_events_stored: AtomicU64,
+    /// From the last heartbeat (0 before the first).
+    last_heartbeat_unix_ms: AtomicI64,
+    n_buffered_events: AtomicU64,
+    buffered_bytes: AtomicU64,
+}
+
+/// A copy of one [`AgentConnection`] at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct AgentConnectionSnapshot {
+    pub agent_id: String,
+    pub remote: String,
+    pub agent_version: String,
+    pub connected_since_unix_ms: i64,
+    /// Batches and new (not replayed) events committed on this connection.
+    pub n_batches_stored: u64,
+    pub n_events_stored: u64,
+    pub last_heartbeat_unix_ms: Option<i64>,
+    /// The agent's buffer as of its last heartbeat.
+    pub n_buffered_events: Option<u64>,
+    pub buffered_bytes: Option<u64>,
+}
+
+/// Counters of all connections since start, and the connections open now.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct IngestSnapshot {
+    pub n_connections_total: u64,
+    pub n_batches_stored: u64,
+    pub n_events_stored: u64,
+    pub agents: Vec<AgentConnectionSnapshot>,
+}
+
+impl ConnectedAgents {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<usize, Arc<AgentConnection>>> {
+        // Plain data: a panic while holding the lock leaves nothing half-done.
+        self.connections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn snapshot(&self) -> IngestSnapshot {
+        let mut agents: Vec<AgentConnectionSnapshot> = self
+            .lock()
+            .values()
+            .map(|connection| {
+                let heartbeat_ms = connection.last_heartbeat_unix_ms.load(Ordering::Relaxed);
+                let heard = heartbeat_ms != 0;
+                AgentConnectionSnapshot {
+                    agent_id: connection.agent_id.to_string(),
+                    remote: connection.remote.to_string(),
+                    agent_version: connection.agent_version.clone(),
+                    connected_since_unix_ms: connection.connected_unix_ms,
+                    n_batches_stored: connection.n_batches_stored.load(Ordering::Relaxed),
+                    n_events_stored: connection.n_events_stored.load(Ordering::Relaxed),
+                    last_heartbeat_unix_ms: heard.then_some(heartbeat_ms),
+                    n_buffered_events: heard
+                        .then(|| connection.n_buffered_events.load(Ordering::Relaxed)),
+                    buffered_bytes: heard
+                        .then(|| connection.buffered_bytes.load(Ordering::Relaxed)),
+                }
+            })
+            .collect();
+        agents.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
+        IngestSnapshot {
+            n_connections_total: self.n_connections_total.load(Ordering::Relaxed),
+            n_batches_stored: self.n_batches_stored.load(Ordering::Relaxed),
+            n_events_stored: self.n_events_stored.load(Ordering::Relaxed),
+            agents,
+        }
+    }
+
+    /// Records a connection until the returned guard drops.
+    fn register(self: &Arc<Self>, connection: AgentConnection, key: usize) -> Registered {
+        let connection = Arc::new(connection);
+        self.n_connections_total.fetch_add(1, Ordering::Relaxed);
+        self.lock().insert(key, Arc::clone(&connection));
+        Registered {
+            agents: Arc::clone(self),
+            key,
+            connection,
+        }
+    }
+}
+
+/// Removes its connection from [`ConnectedAgents`] when dropped, however the connection ends.
+struct Registered {
+    agents: Arc<ConnectedAgents>,
+    key: usize,
+    connection: Arc<AgentConnection>,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.agents.lock().remove(&self.key);
+    }
+}
+
+impl AgentConnection {
+    fn on_stored(&self, agents: &ConnectedAgents, n_new: u32) {
+        self.n_batches_stored.fetch_add(1, Ordering::Relaxed);
+        self.n_events_stored
+            .fetch_add(u64::from(n_new), Ordering::Relaxed);
+        agents.n_batches_stored.fetch_add(1, Ordering::Relaxed);
+        agents
+            .n_events_stored
+            .fetch_add(u64::from(n_new), Ordering::Relaxed);
+    }
+}
+
 /// Runs the accept loop until `shutdown`.
 pub async fn serve(
     endpoint: quinn::Endpoint,
     config: IngestConfig,
     wal: Wal,
+    agents: Arc<ConnectedAgents>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let connections = Arc::new(Semaphore::new(config.max_connections));
@@ -203,12 +336,15 @@ pub async fn serve(
             continue;
         };
         let wal = wal.clone();
+        let agents = Arc::clone(&agents);
         let window = config.max_in_flight_batches;
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             match incoming.await {
                 Ok(connection) => {
-                    if let Err(error) = handle_connection(connection, remote, wal, window).await {
+                    if let Err(error) =
+                        handle_connection(connection, remote, wal, agents, window).await
+                    {
                         tracing::info!(%remote, error = format!("{error:#}"), "agent connection ended");
                     }
                 }
@@ -258,6 +394,7 @@ async fn handle_connection(
     connection: quinn::Connection,
     remote: SocketAddr,
     wal: Wal,
+    agents: Arc<ConnectedAgents>,
     window: usize,
 ) -> anyhow::Result<()> {
     let agent_id = match agent_id(&connection) {
@@ -323,6 +460,20 @@ async fn handle_connection(
         last_assigned_seq = hello.last_assigned_seq,
         "agent connected"
     );
+    let registered = agents.register(
+        AgentConnection {
+            agent_id: Arc::clone(&agent_id),
+            remote,
+            agent_version: hello.agent_version.clone(),
+            connected_unix_ms: crate::wal::now_unix_ms(),
+            n_batches_stored: AtomicU64::new(0),
+            n_events_stored: AtomicU64::new(0),
+            last_heartbeat_unix_ms: AtomicI64::new(0),
+            n_buffered_events: AtomicU64::new(0),
+            buffered_bytes: AtomicU64::new(0),
+        },
+        connection.stable_id(),
+    );
 
     // Batches go through the sequencer task, which forwards them to the WAL in chain order.
     let (to_sequencer, from_streams) = mpsc::channel::<(u64, u64, Pending)>(window.max(1));
@@ -335,7 +486,11 @@ async fn handle_connection(
 
     // The control stream is read by its own task: a read cut short by `select!` would lose part
     // of a frame and desynchronise the stream.
-    let mut control = tokio::spawn(read_control(control_recv, Arc::clone(&agent_id)));
+    let mut control = tokio::spawn(read_control(
+        control_recv,
+        Arc::clone(&agent_id),
+        Arc::clone(&registered.connection),
+    ));
     let result = loop {
         tokio::select! {
             stream = connection.accept_bi() => {
@@ -343,7 +498,7 @@ async fn handle_connection(
                     Ok(stream) => stream,
                     Err(error) => break Err(anyhow::Error::new(error).context("connection closed")),
                 };
-                tokio::spawn(handle_batch_stream(connection.clone(), Arc::clone(&agent_id), send, recv, to_sequencer.clone()));
+                tokio::spawn(handle_batch_stream(connection.clone(), Arc::clone(&agent_id), send, recv, to_sequencer.clone(), Stored { agents: Arc::clone(&agents), connection: Arc::clone(&registered.connection) }));
             }
             ended = &mut control => {
                 let error = match ended {
@@ -359,15 +514,35 @@ async fn handle_connection(
     drop(control_send);
     drop(to_sequencer);
     sequencer.abort();
+    drop(registered);
     result
 }
 
+/// Where a batch stream counts what it stored.
+struct Stored {
+    agents: Arc<ConnectedAgents>,
+    connection: Arc<AgentConnection>,
+}
+
 /// Reads heartbeats until the control stream fails; returns why.
-async fn read_control(mut control_recv: quinn::RecvStream, agent_id: Arc<str>) -> anyhow::Error {
+async fn read_control(
+    mut control_recv: quinn::RecvStream,
+    agent_id: Arc<str>,
+    connection: Arc<AgentConnection>,
+) -> anyhow::Error {
     loop {
         match read_frame::<AgentMessage>(&mut control_recv, MAX_CONTROL_FRAME_BYTES).await {
             Ok(AgentMessage::Heartbeat(beat)) => {
                 tracing::debug!(agent_id = %agent_id, n_buffered = beat.n_buffered_events, buffered_bytes = beat.buffered_bytes, "heartbeat");
+                connection
+                    .n_buffered_events
+                    .store(beat.n_buffered_events, Ordering::Relaxed);
+                connection
+                    .buffered_bytes
+                    .store(beat.buffered_bytes, Ordering::Relaxed);
+                connection
+                    .last_heartbeat_unix_ms
+                    .store(crate::wal::now_unix_ms(), Ordering::Relaxed);
             }
             Ok(AgentMessage::Hello(_)) => {
                 return anyhow::anyhow!("second Hello on the control stream");
@@ -414,6 +589,7 @@ async fn handle_batch_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     to_sequencer: mpsc::Sender<(u64, u64, Pending)>,
+    stored: Stored,
 ) {
     let batch = match read_frame::<BatchMessage>(&mut recv, MAX_FRAME_BYTES).await {
         Ok(BatchMessage::Batch(batch)) => batch,
@@ -456,7 +632,10 @@ async fn handle_batch_stream(
         return;
     }
     let outcome = match outcome.await {
-        Ok(Ok(CommitOutcome::Stored { n_new })) => AckOutcome::Stored { n_new },
+        Ok(Ok(CommitOutcome::Stored { n_new })) => {
+            stored.connection.on_stored(&stored.agents, n_new);
+            AckOutcome::Stored { n_new }
+        }
         Ok(Ok(CommitOutcome::Duplicate)) => AckOutcome::Duplicate,
         Ok(Err(error)) => {
             tracing::warn!(agent_id = %agent_id, last_seq, %error, "batch not stored; closing the connection");

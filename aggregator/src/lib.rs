@@ -4,12 +4,14 @@
 //!
 //! Codemap: [`ingest`] (QUIC server, mTLS identity, chain order) -> [`wal`] (durable commit,
 //! high-water marks, one writer thread) -> [`store`] (recent Arrow rows + Parquet files) ->
-//! [`query`] (DataFusion) -> [`api`] (HTTP). [`certs`] is the fleet PKI; [`cli`] the commands.
+//! [`query`] (DataFusion) -> [`api`] (HTTP). [`ops`] serves health, readiness and status and
+//! talks to systemd; [`certs`] is the fleet PKI; [`cli`] the commands.
 
 pub mod api;
 pub mod certs;
 pub mod cli;
 pub mod ingest;
+pub mod ops;
 pub mod pgwire;
 pub mod query;
 pub mod schema;
@@ -112,19 +114,42 @@ pub async fn run(
         ))
     });
 
-    let ingest = tokio::spawn(ingest::serve(
-        endpoint,
-        config.ingest.clone(),
+    let agents = Arc::new(ingest::ConnectedAgents::default());
+    let ops = Arc::new(ops::Ops::new(
+        &config,
+        ops::Listen {
+            ingest: ingest_addr.to_string(),
+            query: query_addr.to_string(),
+        },
         wal.clone(),
-        shutdown.clone(),
+        Arc::clone(&store),
+        Arc::clone(&agents),
     ));
+    let ingest = {
+        let serve = ingest::serve(
+            endpoint,
+            config.ingest.clone(),
+            wal.clone(),
+            agents,
+            shutdown.clone(),
+        );
+        let ops = Arc::clone(&ops);
+        tokio::spawn(async move {
+            serve.await;
+            ops.set_ingest_stopped();
+        })
+    };
     let flusher = tokio::spawn(flush_loop(
         Arc::clone(&store),
         wal.clone(),
         Duration::from_millis(config.storage.flush_interval_ms),
         shutdown.clone(),
     ));
-    axum::serve(query_listener, api::router(engine))
+    // The WAL is open and replayed, ingest listens: ready (systemd, `/readyz`).
+    ops.set_ready();
+    let supervisor = tokio::spawn(ops::supervise(Arc::clone(&ops), shutdown.clone()));
+    let router = api::router(engine).merge(ops::router(Arc::clone(&ops)));
+    axum::serve(query_listener, router)
         .with_graceful_shutdown(async move {
             let _ = shutdown.wait_for(|stop| *stop).await;
         })
@@ -132,6 +157,9 @@ pub async fn run(
         .context("query API")?;
     let _ = ingest.await;
     let _ = flusher.await;
+    // The last WAL handles besides `wal`: the writer thread ends when all are gone.
+    drop(ops);
+    let _ = supervisor.await;
     if let Some(pgwire) = pgwire {
         let _ = pgwire.await;
     }

@@ -61,6 +61,16 @@ pub struct EventStore {
     flush_wanted: Notify,
 }
 
+/// What the store holds: rows in memory (each also in the WAL, by batch) and Parquet files.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct StoreSummary {
+    pub n_recent_rows: u64,
+    pub n_recent_batches: u64,
+    pub n_files: u64,
+    pub n_file_rows: u64,
+    pub n_file_bytes: u64,
+}
+
 /// What one flush did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Flushed {
@@ -121,6 +131,18 @@ impl EventStore {
 
     pub fn n_recent_rows(&self) -> usize {
         self.lock().n_recent_rows
+    }
+
+    /// Counts for status, without copying any rows.
+    pub fn summary(&self) -> StoreSummary {
+        let inner = self.lock();
+        StoreSummary {
+            n_recent_rows: inner.n_recent_rows as u64,
+            n_recent_batches: inner.recent.len() as u64,
+            n_files: inner.files.len() as u64,
+            n_file_rows: inner.files.iter().map(|f| f.n_rows).sum(),
+            n_file_bytes: inner.files.iter().map(|f| f.n_bytes).sum(),
+        }
     }
 
     /// Resolves when memory holds more than `max_recent_rows`.

@@ -203,6 +203,11 @@ impl Wal {
         ))
     }
 
+    /// Whether the writer thread still takes requests (for health checks).
+    pub fn is_open(&self) -> bool {
+        !self.ops.is_closed()
+    }
+
     /// Commits a batch; returns once it is durable (or refused).
     pub async fn commit(&self, request: CommitRequest) -> Result<CommitOutcome, CommitError> {
         let (reply, rx) = oneshot::channel();
