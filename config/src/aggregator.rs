@@ -27,6 +27,8 @@ pub struct AggregatorConfig {
     pub query: QueryConfig,
     /// The PostgreSQL wire protocol server.
     pub pgwire: PgwireConfig,
+    /// External sources SQL can read next to `events`, in file order.
+    pub federation: Vec<FederationConfig>,
 }
 
 /// `[ingest]`, validated.
@@ -103,6 +105,124 @@ pub struct PgwireConfig {
     pub listen: Option<SocketAddr>,
 }
 
+/// `[[federation]]`, validated: an external source that SQL reads next to `events`, never
+/// writes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FederationConfig {
+    /// The SQL name: a schema (PostgreSQL, SQLite: `name.table`) or a table (files).
+    pub name: String,
+    /// Where the data is.
+    pub source: FederationSource,
+}
+
+/// What a `[[federation]]` entry reads.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FederationSource {
+    /// A PostgreSQL database: the tables and views of one schema.
+    Postgres(PostgresSource),
+    /// A SQLite database file, opened read-only: its tables and views.
+    Sqlite {
+        /// The database file (absolute).
+        path: PathBuf,
+        /// Only these tables; `None`: every table and view.
+        tables: Option<Vec<String>>,
+    },
+    /// A directory of files of one format (or a single file), read as one table.
+    Files {
+        format: FileFormat,
+        /// Directory or file (absolute).
+        path: PathBuf,
+        /// Only files whose name ends with this are read; empty: every file.
+        file_extension: String,
+        /// CSV only: the first line of each file names the columns.
+        has_header: bool,
+    },
+}
+
+/// The format of a `[[federation]]` file source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileFormat {
+    Parquet,
+    Csv,
+    /// Newline-delimited JSON: one object per line.
+    Json,
+}
+
+impl FileFormat {
+    /// The spelling of `kind` in config files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FileFormat::Parquet => "parquet",
+            FileFormat::Csv => "csv",
+            FileFormat::Json => "json",
+        }
+    }
+}
+
+/// A PostgreSQL `[[federation]]` source. Its `Debug` hides passwords.
+#[derive(Clone, PartialEq)]
+pub struct PostgresSource {
+    /// `postgresql://user[:password]@host[:port]/database[?parameters]`, as written.
+    pub url: String,
+    /// The password from the environment variable `password_env` names; overrides the URL's.
+    pub password: Option<String>,
+    /// The remote schema whose tables and views are read.
+    pub schema: String,
+    /// Only these tables; `None`: every table and view of `schema`.
+    pub tables: Option<Vec<String>>,
+}
+
+impl PostgresSource {
+    /// The URL with any password replaced by `<redacted>`, for logs and errors.
+    pub fn redacted_url(&self) -> String {
+        redact_url(&self.url)
+    }
+}
+
+impl std::fmt::Debug for PostgresSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresSource")
+            .field("url", &self.redacted_url())
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("schema", &self.schema)
+            .field("tables", &self.tables)
+            .finish()
+    }
+}
+
+/// `url` with the password of its user part and any `password=` parameter replaced by
+/// `<redacted>`.
+fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, tail) = match rest.find(['/', '?']) {
+        Some(idx) => rest.split_at(idx),
+        None => (rest, ""),
+    };
+    let authority = match authority.rsplit_once('@') {
+        Some((user_info, hosts)) => match user_info.split_once(':') {
+            Some((user, _)) => format!("{user}:<redacted>@{hosts}"),
+            None => authority.to_owned(),
+        },
+        None => authority.to_owned(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let parameters: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((key, _)) if key == "password" => format!("{key}=<redacted>"),
+                    _ => pair.to_owned(),
+                })
+                .collect();
+            format!("{path}?{}", parameters.join("&"))
+        }
+        None => tail.to_owned(),
+    };
+    format!("{scheme}://{authority}{tail}")
+}
+
 /// The aggregator config file as written. Every key is optional here; `validate` applies defaults
 /// and reports missing required keys.
 #[derive(Debug, Default, Deserialize)]
@@ -123,6 +243,9 @@ struct RawAggregatorFile {
     /// `[pgwire]`: the PostgreSQL wire protocol server (psql, Grafana, JDBC, psycopg).
     #[serde(default)]
     pgwire: RawPgwire,
+    /// `[[federation]]`: external sources SQL can read, read-only.
+    #[serde(default)]
+    federation: Vec<RawFederation>,
 }
 
 /// `[aggregator]`
@@ -218,6 +341,36 @@ struct RawQueryUser {
     password_env: Option<String>,
 }
 
+/// `[[federation]]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFederation {
+    /// Required. The SQL name of the source: lowercase letters, digits and `_`, not starting
+    /// with a digit or `pg_`, unique, and not a name Runnel uses (`events`, `dead_letters`,
+    /// `agent_drops`, `alerts`, `agents`, `public`, `pg_catalog`, `information_schema`).
+    /// PostgreSQL and SQLite sources are schemas (`name.table`), file sources a table.
+    name: Option<String>,
+    /// Required. "postgres", "sqlite", "parquet", "csv" or "json" (newline-delimited).
+    kind: Option<String>,
+    /// postgres only, required: `postgresql://user[:password]@host[:port]/database`. No TLS yet.
+    url: Option<String>,
+    /// postgres only: name of an environment variable holding the password (keeps it out of
+    /// the file); overrides a password in `url`.
+    password_env: Option<String>,
+    /// postgres only: the remote schema whose tables and views are read. Default: "public".
+    schema: Option<String>,
+    /// postgres and sqlite only: the remote tables to read. Default: every table and view.
+    tables: Option<Vec<String>>,
+    /// sqlite, parquet, csv, json, required: the database file, or a directory of data files (or
+    /// one file). Relative paths are resolved against the config file's directory.
+    path: Option<PathBuf>,
+    /// parquet, csv, json only: only files whose name ends with this are read; "" reads every
+    /// file. Default: ".parquet", ".csv" or ".json".
+    file_extension: Option<String>,
+    /// csv only: the first line of each file names the columns. Default: true.
+    has_header: Option<bool>,
+}
+
 /// `[pgwire]`
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -255,12 +408,14 @@ impl RawAggregatorFile {
         let storage = self.storage.validate(checker, &data_dir)?;
         let query = self.query.validate(checker)?;
         let pgwire = self.pgwire.validate(checker, !query.users.is_empty())?;
+        let federation = validate_federation(checker, self.federation)?;
         Ok(AggregatorConfig {
             data_dir,
             ingest,
             storage,
             query,
             pgwire,
+            federation,
         })
     }
 }
@@ -501,4 +656,257 @@ impl RawPgwire {
             listen: Some(listen),
         })
     }
+}
+
+/// Names a `[[federation]]` entry cannot take: Runnel's own tables and views, and the schemas
+/// SQL clients rely on.
+const RESERVED_NAMES: [&str; 8] = [
+    "events",
+    "dead_letters",
+    "agent_drops",
+    "alerts",
+    "agents",
+    "public",
+    "pg_catalog",
+    "information_schema",
+];
+
+/// Longest federation name: PostgreSQL's identifier limit, so clients can show it unchanged.
+const MAX_NAME_CHARS: usize = 63;
+
+const KINDS: &str = "must be one of \"postgres\", \"sqlite\", \"parquet\", \"csv\", \"json\"";
+
+fn validate_federation(
+    checker: &mut Checker<'_>,
+    raw: Vec<RawFederation>,
+) -> Result<Vec<FederationConfig>, ConfigError> {
+    let mut entries: Vec<FederationConfig> = Vec::with_capacity(raw.len());
+    for (idx, entry) in raw.into_iter().enumerate() {
+        let key = |field: &str| format!("federation[{idx}].{field}");
+        let name = entry.name.ok_or_else(|| {
+            checker.missing(
+                &key("name"),
+                "the SQL name of the source (a schema for postgres and sqlite, a table for files)",
+            )
+        })?;
+        check_name(checker, &key("name"), &name)?;
+        if entries.iter().any(|e| e.name == name) {
+            return Err(checker.invalid(
+                &key("name"),
+                quote(&name),
+                "is already the name of a [[federation]] entry above",
+            ));
+        }
+        let kind = entry.kind.ok_or_else(|| {
+            checker.missing(
+                &key("kind"),
+                "one of \"postgres\", \"sqlite\", \"parquet\", \"csv\", \"json\"",
+            )
+        })?;
+        // Keys that only some kinds take: each is refused with the kinds it is for.
+        let only_for = |field: &str, given: bool, kinds: &[&str], allowed: &str| {
+            if given && !kinds.contains(&kind.as_str()) {
+                return Err(checker.invalid(
+                    &key(field),
+                    "(set)",
+                    format!("is only for kind = {allowed}, not {}", quote(&kind)),
+                ));
+            }
+            Ok(())
+        };
+        only_for("url", entry.url.is_some(), &["postgres"], "\"postgres\"")?;
+        only_for(
+            "password_env",
+            entry.password_env.is_some(),
+            &["postgres"],
+            "\"postgres\"",
+        )?;
+        only_for(
+            "schema",
+            entry.schema.is_some(),
+            &["postgres"],
+            "\"postgres\"",
+        )?;
+        only_for(
+            "tables",
+            entry.tables.is_some(),
+            &["postgres", "sqlite"],
+            "\"postgres\" or \"sqlite\"",
+        )?;
+        only_for(
+            "path",
+            entry.path.is_some(),
+            &["sqlite", "parquet", "csv", "json"],
+            "\"sqlite\", \"parquet\", \"csv\" or \"json\"",
+        )?;
+        only_for(
+            "file_extension",
+            entry.file_extension.is_some(),
+            &["parquet", "csv", "json"],
+            "\"parquet\", \"csv\" or \"json\"",
+        )?;
+        only_for(
+            "has_header",
+            entry.has_header.is_some(),
+            &["csv"],
+            "\"csv\"",
+        )?;
+        let tables = match entry.tables {
+            Some(tables) => Some(check_tables(checker, &key("tables"), tables)?),
+            None => None,
+        };
+        let file_format = match kind.as_str() {
+            "postgres" | "sqlite" => None,
+            "parquet" => Some(FileFormat::Parquet),
+            "csv" => Some(FileFormat::Csv),
+            "json" => Some(FileFormat::Json),
+            _ => return Err(checker.invalid(&key("kind"), quote(&kind), KINDS)),
+        };
+        let source = if kind == "postgres" {
+            let url = entry.url.ok_or_else(|| {
+                checker.missing(
+                    &key("url"),
+                    "the database URL, such as \"postgresql://runnel@db.example.com:5432/crm\"",
+                )
+            })?;
+            check_postgres_url(checker, &key("url"), &url)?;
+            let password = match entry.password_env {
+                Some(var) => Some(std::env::var(&var).map_err(|_| {
+                    checker.invalid(
+                        &key("password_env"),
+                        quote(&var),
+                        "names an environment variable that is not set (or not UTF-8) in the \
+                         aggregator's environment",
+                    )
+                })?),
+                None => None,
+            };
+            let schema = entry.schema.unwrap_or_else(|| "public".to_owned());
+            if schema.is_empty() {
+                return Err(checker.invalid(&key("schema"), "\"\"", "must not be empty"));
+            }
+            FederationSource::Postgres(PostgresSource {
+                url,
+                password,
+                schema,
+                tables,
+            })
+        } else {
+            let path = checker.required_path(
+                &key("path"),
+                entry.path.as_deref(),
+                "the database file, or the directory of data files (or one file)",
+            )?;
+            match file_format {
+                None => FederationSource::Sqlite { path, tables },
+                Some(format) => FederationSource::Files {
+                    format,
+                    path,
+                    file_extension: entry
+                        .file_extension
+                        .unwrap_or_else(|| format!(".{}", format.as_str())),
+                    has_header: entry.has_header.unwrap_or(true),
+                },
+            }
+        };
+        entries.push(FederationConfig { name, source });
+    }
+    Ok(entries)
+}
+
+/// A federation name is a lowercase SQL identifier that needs no quoting and names nothing else.
+fn check_name(checker: &Checker<'_>, key: &str, name: &str) -> Result<(), ConfigError> {
+    let mut chars = name.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+    let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if !first_ok || !rest_ok || name.chars().count() > MAX_NAME_CHARS {
+        return Err(checker.invalid(
+            key,
+            quote(name),
+            format!(
+                "must be a SQL identifier: lowercase letters a-z, digits and '_', not starting \
+                 with a digit, at most {MAX_NAME_CHARS} characters"
+            ),
+        ));
+    }
+    if RESERVED_NAMES.contains(&name) || name.starts_with("pg_") {
+        return Err(checker.invalid(
+            key,
+            quote(name),
+            format!(
+                "is a name Runnel or SQL clients use: choose a name other than {} and not \
+                 starting with \"pg_\"",
+                RESERVED_NAMES.map(quote).join(", ")
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_tables(
+    checker: &Checker<'_>,
+    key: &str,
+    tables: Vec<String>,
+) -> Result<Vec<String>, ConfigError> {
+    if tables.is_empty() {
+        return Err(checker.invalid(
+            key,
+            "[]",
+            "must name at least one table; leave it out to read every table and view",
+        ));
+    }
+    for (idx, table) in tables.iter().enumerate() {
+        if table.is_empty() || table.chars().any(char::is_control) {
+            return Err(checker.invalid(
+                &format!("{key}[{idx}]"),
+                quote(table),
+                "must be a non-empty table name without control characters",
+            ));
+        }
+        if tables[..idx].contains(table) {
+            return Err(checker.invalid(
+                &format!("{key}[{idx}]"),
+                quote(table),
+                "is already in the list",
+            ));
+        }
+    }
+    Ok(tables)
+}
+
+/// Checks the shape of a PostgreSQL URL; the aggregator's client parses it in full.
+fn check_postgres_url(checker: &Checker<'_>, key: &str, url: &str) -> Result<(), ConfigError> {
+    let shown = quote(&redact_url(url));
+    let Some(rest) = url
+        .strip_prefix("postgresql://")
+        .or_else(|| url.strip_prefix("postgres://"))
+    else {
+        return Err(checker.invalid(
+            key,
+            shown,
+            "must be a URL starting with \"postgresql://\", such as \
+             \"postgresql://runnel@db.example.com:5432/crm\"",
+        ));
+    };
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    let hosts = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, hosts)| hosts);
+    if hosts.is_empty() {
+        return Err(checker.invalid(
+            key,
+            shown,
+            "must name a host, such as \"postgresql://runnel@db.example.com:5432/crm\"",
+        ));
+    }
+    if url.contains(char::is_whitespace) {
+        return Err(checker.invalid(
+            key,
+            shown,
+            "must not contain spaces (percent-encode them as %20)",
+        ));
+    }
+    Ok(())
 }

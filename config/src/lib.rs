@@ -19,8 +19,8 @@ pub use agent::{
     load_agent, parse_agent,
 };
 pub use aggregator::{
-    AggregatorConfig, IngestConfig, PgwireConfig, QueryConfig, QueryUser, StorageConfig,
-    load_aggregator, parse_aggregator,
+    AggregatorConfig, FederationConfig, FederationSource, FileFormat, IngestConfig, PgwireConfig,
+    PostgresSource, QueryConfig, QueryUser, StorageConfig, load_aggregator, parse_aggregator,
 };
 pub use common::Synchronous;
 pub use error::ConfigError;

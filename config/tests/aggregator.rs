@@ -3,7 +3,10 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
-use runnel_config::{ConfigError, Synchronous, load_aggregator, parse_aggregator};
+use runnel_config::{
+    ConfigError, FederationConfig, FederationSource, FileFormat, PostgresSource, Synchronous,
+    load_aggregator, parse_aggregator,
+};
 
 /// The smallest valid aggregator file: only the required keys.
 const MINIMAL: &str = r#"
@@ -246,4 +249,270 @@ fn missing_certificates_say_what_to_put() {
         "aggregator.toml: ingest.ca_cert is required: the fleet CA certificate (PEM) that signs \
          agent certificates, made by `runnel-aggregator certs init`"
     );
+}
+
+#[test]
+fn federation_entries_are_validated() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("aggregator.toml");
+    let text = format!(
+        "{MINIMAL}\n\
+         [[federation]]\nname = \"crm\"\nkind = \"postgres\"\n\
+         url = \"postgresql://runnel:secret-one@db.example.com:5432/crm\"\n\
+         tables = [\"customers\", \"plans\"]\n\
+         [[federation]]\nname = \"inventory\"\nkind = \"sqlite\"\npath = \"inv.sqlite\"\n\
+         [[federation]]\nname = \"archive\"\nkind = \"csv\"\npath = \"/srv/orders\"\n\
+         has_header = false\n\
+         [[federation]]\nname = \"_raw_2024\"\nkind = \"json\"\npath = \"raw\"\n\
+         file_extension = \".ndjson\"\n"
+    );
+    std::fs::write(&path, text).unwrap();
+    let config = load_aggregator(&path).unwrap();
+    assert_eq!(
+        config.federation,
+        vec![
+            FederationConfig {
+                name: "crm".into(),
+                source: FederationSource::Postgres(PostgresSource {
+                    url: "postgresql://runnel:secret-one@db.example.com:5432/crm".into(),
+                    password: None,
+                    schema: "public".into(),
+                    tables: Some(vec!["customers".into(), "plans".into()]),
+                }),
+            },
+            FederationConfig {
+                name: "inventory".into(),
+                source: FederationSource::Sqlite {
+                    path: dir.path().join("inv.sqlite"),
+                    tables: None,
+                },
+            },
+            FederationConfig {
+                name: "archive".into(),
+                source: FederationSource::Files {
+                    format: FileFormat::Csv,
+                    path: "/srv/orders".into(),
+                    file_extension: ".csv".into(),
+                    has_header: false,
+                },
+            },
+            FederationConfig {
+                name: "_raw_2024".into(),
+                source: FederationSource::Files {
+                    format: FileFormat::Json,
+                    path: dir.path().join("raw"),
+                    file_extension: ".ndjson".into(),
+                    has_header: true,
+                },
+            },
+        ]
+    );
+    let shown = format!("{config:?}");
+    assert!(
+        !shown.contains("secret-one"),
+        "passwords are not logged: {shown}"
+    );
+    assert!(
+        shown.contains("postgresql://runnel:<redacted>@db.example.com:5432/crm"),
+        "{shown}"
+    );
+    let none = parse_aggregator(MINIMAL, Path::new("aggregator.toml")).unwrap();
+    assert!(none.federation.is_empty());
+}
+
+#[test]
+fn federation_password_env_is_read() {
+    // PATH is set wherever tests run; setting a variable of our own would need unsafe code.
+    let var = "PATH";
+    let expected = std::env::var(var).expect("PATH is set");
+    let text = format!(
+        "{MINIMAL}[[federation]]\nname = \"crm\"\nkind = \"postgres\"\n\
+         url = \"postgres://runnel@127.0.0.1/crm?password=inline\"\npassword_env = \"{var}\"\n\
+         schema = \"sales\"\n"
+    );
+    let config = parse_aggregator(&text, Path::new("aggregator.toml")).unwrap();
+    let FederationSource::Postgres(source) = &config.federation[0].source else {
+        panic!("expected a postgres source: {config:?}");
+    };
+    assert_eq!(source.password.as_deref(), Some(expected.as_str()));
+    assert_eq!(source.schema, "sales");
+    assert_eq!(
+        source.redacted_url(),
+        "postgres://runnel@127.0.0.1/crm?password=<redacted>"
+    );
+    let shown = format!("{config:?}");
+    assert!(
+        !shown.contains(&expected) && !shown.contains("inline"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn federation_errors_name_the_entry_and_key() {
+    let pg = "kind = \"postgres\"\nurl = \"postgresql://h/db\"";
+    let cases = [
+        (
+            "kind = \"csv\"\npath = \"/d\"".to_owned(),
+            "federation[0].name is required".to_owned(),
+        ),
+        (
+            format!("name = \"Crm\"\n{pg}"),
+            "federation[0].name = \"Crm\": must be a SQL identifier".to_owned(),
+        ),
+        (
+            format!("name = \"1crm\"\n{pg}"),
+            "federation[0].name = \"1crm\": must be a SQL identifier".to_owned(),
+        ),
+        (
+            format!("name = \"my-crm\"\n{pg}"),
+            "federation[0].name = \"my-crm\": must be a SQL identifier".to_owned(),
+        ),
+        (
+            format!("name = \"{}\"\n{pg}", "a".repeat(64)),
+            format!(
+                "federation[0].name = \"{}\": must be a SQL identifier",
+                "a".repeat(64)
+            ),
+        ),
+        (
+            format!("name = \"pg_stuff\"\n{pg}"),
+            "federation[0].name = \"pg_stuff\": is a name Runnel or SQL clients use".to_owned(),
+        ),
+        (
+            "name = \"x\"\npath = \"/d\"".to_owned(),
+            "federation[0].kind is required".to_owned(),
+        ),
+        (
+            "name = \"x\"\nkind = \"mysql\"".to_owned(),
+            "federation[0].kind = \"mysql\": must be one of \"postgres\", \"sqlite\", \
+             \"parquet\", \"csv\", \"json\""
+                .to_owned(),
+        ),
+        (
+            "name = \"x\"\nkind = \"postgres\"".to_owned(),
+            "federation[0].url is required".to_owned(),
+        ),
+        (
+            "name = \"x\"\nkind = \"postgres\"\nurl = \"mysql://u:pw@h/db\"".to_owned(),
+            "federation[0].url = \"mysql://u:<redacted>@h/db\": must be a URL starting with \
+             \"postgresql://\""
+                .to_owned(),
+        ),
+        (
+            "name = \"x\"\nkind = \"postgres\"\nurl = \"postgresql://u@/db\"".to_owned(),
+            "federation[0].url = \"postgresql://u@/db\": must name a host".to_owned(),
+        ),
+        (
+            format!("name = \"x\"\n{pg}\npath = \"/d\""),
+            "federation[0].path = (set): is only for kind = \"sqlite\", \"parquet\", \"csv\" \
+             or \"json\", not \"postgres\""
+                .to_owned(),
+        ),
+        (
+            format!("name = \"x\"\n{pg}\ntables = []"),
+            "federation[0].tables = []: must name at least one table".to_owned(),
+        ),
+        (
+            format!("name = \"x\"\n{pg}\ntables = [\"a\", \"a\"]"),
+            "federation[0].tables[1] = \"a\": is already in the list".to_owned(),
+        ),
+        (
+            format!("name = \"x\"\n{pg}\npassword_env = \"RUNNEL_TEST_UNSET_VARIABLE_43\""),
+            "federation[0].password_env = \"RUNNEL_TEST_UNSET_VARIABLE_43\": names an \
+             environment variable that is not set"
+                .to_owned(),
+        ),
+        (
+            "name = \"x\"\nkind = \"parquet\"\npath = \"/d\"\ntables = [\"t\"]".to_owned(),
+            "federation[0].tables = (set): is only for kind = \"postgres\" or \"sqlite\", not \
+             \"parquet\""
+                .to_owned(),
+        ),
+        (
+            "name = \"x\"\nkind = \"json\"\npath = \"/d\"\nhas_header = true".to_owned(),
+            "federation[0].has_header = (set): is only for kind = \"csv\", not \"json\"".to_owned(),
+        ),
+        (
+            "name = \"x\"\nkind = \"sqlite\"".to_owned(),
+            "federation[0].path is required".to_owned(),
+        ),
+    ];
+    for (entry, expected) in cases {
+        let text = format!("{MINIMAL}[[federation]]\n{entry}\n");
+        let message = match parse_aggregator(&text, Path::new("aggregator.toml")) {
+            Ok(config) => panic!("expected an error for {entry:?}, got {config:?}"),
+            Err(error) => error.to_string(),
+        };
+        assert!(
+            message.starts_with(&format!("aggregator.toml: {expected}")),
+            "{entry:?}: {message}"
+        );
+    }
+    for reserved in [
+        "events",
+        "dead_letters",
+        "agent_drops",
+        "alerts",
+        "agents",
+        "public",
+        "pg_catalog",
+        "information_schema",
+    ] {
+        let text = format!("{MINIMAL}[[federation]]\nname = \"{reserved}\"\n{pg}\n");
+        let message = parse_aggregator(&text, Path::new("aggregator.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.starts_with(&format!(
+                "aggregator.toml: federation[0].name = \"{reserved}\": is a name Runnel"
+            )),
+            "{message}"
+        );
+    }
+    let twice = format!(
+        "{MINIMAL}[[federation]]\nname = \"crm\"\n{pg}\n[[federation]]\nname = \"crm\"\n\
+         kind = \"sqlite\"\npath = \"/c.sqlite\"\n"
+    );
+    let message = parse_aggregator(&twice, Path::new("aggregator.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.starts_with(
+            "aggregator.toml: federation[1].name = \"crm\": is already the name of a \
+             [[federation]] entry above"
+        ),
+        "{message}"
+    );
+    let unknown = format!("{MINIMAL}[[federation]]\nname = \"crm\"\n{pg}\nuser = \"x\"\n");
+    let message = parse_aggregator(&unknown, Path::new("aggregator.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(message.contains("unknown field `user`"), "{message}");
+}
+
+#[test]
+fn federation_examples_in_the_example_file_parse() {
+    // The commented-out [[federation]] sections of the example file, uncommented, are valid.
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/aggregator.toml");
+    let example = std::fs::read_to_string(&path).unwrap();
+    let start = example
+        .find("# [[federation]]")
+        .expect("the example documents [[federation]]");
+    let sections: String = example[start..]
+        .lines()
+        .filter_map(|line| {
+            if line == "# [[federation]]" {
+                Some("[[federation]]")
+            } else {
+                line.strip_prefix("#   ")
+                    .filter(|rest| rest.contains(" = "))
+            }
+        })
+        // The variable it names is not set here.
+        .filter(|line| !line.starts_with("password_env"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let config = parse_aggregator(&format!("{MINIMAL}{sections}\n"), &path).unwrap();
+    let names: Vec<&str> = config.federation.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names, ["crm", "inventory", "archive"]);
 }
