@@ -55,6 +55,10 @@ enum Command {
         url: String,
         #[arg(long, short, value_enum, default_value_t = Format::Table)]
         format: Format,
+        /// User name when the aggregator has [[query.users]]; the password is read from the
+        /// RUNNEL_QUERY_PASSWORD environment variable.
+        #[arg(long, short)]
+        user: Option<String>,
         /// The SQL statement (read-only), e.g. "SELECT count(*) FROM events".
         sql: String,
     },
@@ -109,7 +113,12 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve { config } => serve(config),
         Command::Certs(command) => certs(command),
-        Command::Query { url, format, sql } => query(&url, format, &sql),
+        Command::Query {
+            url,
+            format,
+            user,
+            sql,
+        } => query(&url, format, user.as_deref(), &sql),
         Command::Status { config, url, json } => status(&config, url, json),
     };
     match result {
@@ -225,18 +234,28 @@ fn status(config_path: &std::path::Path, url: Option<String>, json: bool) -> any
     Ok(())
 }
 
-fn query(url: &str, format: Format, sql: &str) -> anyhow::Result<()> {
+/// Environment variable holding the password for `query --user`.
+const PASSWORD_ENV: &str = "RUNNEL_QUERY_PASSWORD";
+
+fn query(url: &str, format: Format, user: Option<&str>, sql: &str) -> anyhow::Result<()> {
     let endpoint = format!("{}/api/v1/query", url.trim_end_matches('/'));
+    let password = match user {
+        Some(user) => Some(std::env::var(PASSWORD_ENV).with_context(|| {
+            format!("--user {user}: set {PASSWORD_ENV} to the user's password")
+        })?),
+        None => None,
+    };
     let response = runtime()?.block_on(async {
         let client = reqwest::Client::new();
-        let response = client
+        let mut request = client
             .post(&endpoint)
-            .json(&serde_json::json!({ "sql": sql }))
-            .send()
-            .await
-            .with_context(|| {
-                format!("POST {endpoint} (is the aggregator running? see query.listen)")
-            })?;
+            .json(&serde_json::json!({ "sql": sql }));
+        if let Some(user) = user {
+            request = request.basic_auth(user, password);
+        }
+        let response = request.send().await.with_context(|| {
+            format!("POST {endpoint} (is the aggregator running? see query.listen)")
+        })?;
         let status = response.status();
         let body: serde_json::Value = response
             .json()
@@ -250,6 +269,11 @@ fn query(url: &str, format: Format, sql: &str) -> anyhow::Result<()> {
             .get("error")
             .and_then(|e| e.as_str())
             .unwrap_or("(no error message)");
+        if status == reqwest::StatusCode::UNAUTHORIZED && user.is_none() {
+            anyhow::bail!(
+                "query failed ({status}): {message}; pass --user NAME and set {PASSWORD_ENV}"
+            );
+        }
         anyhow::bail!("query failed ({status}): {message}");
     }
     let text = match format {

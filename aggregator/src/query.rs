@@ -94,6 +94,10 @@ pub enum QueryError {
     Timeout { timeout_ms: u64 },
     #[error("query failed: {0}")]
     Execution(String),
+    #[error(
+        "the result has more than {max_rows} rows (query.max_result_rows); add a LIMIT or aggregate"
+    )]
+    TooManyRows { max_rows: usize },
 }
 
 /// A finished query.
@@ -169,17 +173,83 @@ pub const AGENT_DROPS_VIEW: &str = "CREATE VIEW agent_drops AS SELECT agent_id, 
      json_get_int(attrs, 'n_events') AS n_events \
      FROM events WHERE stream = 'agent_drops'";
 
+/// A query whose rows are still coming: for results sent as they are produced.
+pub struct QueryStream {
+    pub schema: SchemaRef,
+    /// Yields at most `query.max_result_rows` rows; past them, or past the deadline, one error
+    /// and the end.
+    pub batches: futures::stream::BoxStream<'static, Result<RecordBatch, QueryError>>,
+}
+
+/// Read-only planning: no DDL, no DML, no other statements.
+fn read_only() -> SQLOptions {
+    SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false)
+}
+
 impl QueryEngine {
+    /// Plans `sql` and starts it, under the same limits as [`QueryEngine::run`]; a result over
+    /// `query.max_result_rows` ends with an error instead of being cut silently.
+    pub async fn stream(&self, sql: &str) -> Result<QueryStream, QueryError> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let timeout = QueryError::Timeout {
+            timeout_ms: self.timeout.as_millis() as u64,
+        };
+        let started = async {
+            let frame = self
+                .ctx
+                .sql_with_options(sql, read_only())
+                .await
+                .map_err(|error| QueryError::Invalid(error.strip_backtrace()))?;
+            let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());
+            let stream = frame
+                .execute_stream()
+                .await
+                .map_err(|error| QueryError::Execution(error.strip_backtrace()))?;
+            Ok::<_, QueryError>((schema, stream))
+        };
+        let (schema, stream) =
+            tokio::time::timeout_at(deadline, started)
+                .await
+                .map_err(|_| QueryError::Timeout {
+                    timeout_ms: self.timeout.as_millis() as u64,
+                })??;
+        let max_rows = self.max_result_rows;
+        let batches = futures::stream::unfold(
+            (stream, 0usize, Some(timeout)),
+            move |(mut stream, n_rows, timeout)| async move {
+                let timeout = timeout?;
+                match tokio::time::timeout_at(deadline, stream.next()).await {
+                    Err(_) => Some((Err(timeout), (stream, n_rows, None))),
+                    Ok(None) => None,
+                    Ok(Some(Err(error))) => Some((
+                        Err(QueryError::Execution(error.strip_backtrace())),
+                        (stream, n_rows, None),
+                    )),
+                    Ok(Some(Ok(batch))) if n_rows + batch.num_rows() > max_rows => Some((
+                        Err(QueryError::TooManyRows { max_rows }),
+                        (stream, n_rows, None),
+                    )),
+                    Ok(Some(Ok(batch))) => {
+                        let n_rows = n_rows + batch.num_rows();
+                        Some((Ok(batch), (stream, n_rows, Some(timeout))))
+                    }
+                }
+            },
+        )
+        .fuse()
+        .boxed();
+        Ok(QueryStream { schema, batches })
+    }
+
     pub async fn run(&self, sql: &str) -> Result<QueryResult, QueryError> {
         let started = Instant::now();
-        let options = SQLOptions::new()
-            .with_allow_ddl(false)
-            .with_allow_dml(false)
-            .with_allow_statements(false);
         let work = async {
             let frame = self
                 .ctx
-                .sql_with_options(sql, options)
+                .sql_with_options(sql, read_only())
                 .await
                 .map_err(|error| QueryError::Invalid(error.strip_backtrace()))?;
             let schema: SchemaRef = Arc::new(frame.schema().as_arrow().clone());

@@ -1,0 +1,161 @@
+//! The HTTP query API: credentials when `[[query.users]]` exist, and the formats `Accept` picks
+//! (JSON, CSV and Arrow IPC streamed, with the row limit aborting a stream instead of cutting it).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use runnel_tests::{
+    AgentExtra, AgentOptions, AggregatorOptions, binaries, http_client, poll_until, post_events,
+    send, start_fleet_with,
+};
+use serde_json::{Value, json};
+
+const USER: &str = "analyst";
+const PASSWORD: &str = "correct horse battery";
+
+fn request(addr: SocketAddr, sql: &str) -> reqwest::RequestBuilder {
+    http_client()
+        .post(format!("http://{addr}/api/v1/query"))
+        .json(&json!({ "sql": sql }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_and_formats() {
+    let fleet = start_fleet_with(
+        &binaries!(),
+        "query-api",
+        "edge-api",
+        AggregatorOptions {
+            query_extra: format!(
+                "max_result_rows = 12\n[[query.users]]\nname = \"{USER}\"\npassword = \"{PASSWORD}\"\n"
+            ),
+            ..AggregatorOptions::default()
+        },
+        AgentOptions::default(),
+        &AgentExtra::default(),
+    );
+    let query = fleet.aggregator.query_addr();
+    let events: Vec<Value> = (0..20)
+        .map(|idx| json!({"event_id": format!("api-{idx:02}"), "name": "page_view", "score": f64::from(idx)}))
+        .collect();
+    let posted = post_events(&http_client(), fleet.agent.http_addr(), &events)
+        .await
+        .unwrap();
+    assert_eq!(posted.status, 200, "{posted:?}");
+
+    // No credentials, wrong ones: 401 with a challenge, no data.
+    let anonymous = send(request(query, "SELECT count(*) FROM events"))
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status, 401);
+    assert_eq!(
+        anonymous.header("www-authenticate"),
+        "Basic realm=\"runnel\""
+    );
+    assert!(
+        anonymous.error().contains("[[query.users]]"),
+        "{}",
+        anonymous.error()
+    );
+    let wrong = send(request(query, "SELECT 1").basic_auth(USER, Some("correct horse")))
+        .await
+        .unwrap();
+    assert_eq!(wrong.status, 401);
+    let stranger = send(request(query, "SELECT 1").basic_auth("nobody", Some(PASSWORD)))
+        .await
+        .unwrap();
+    assert_eq!(stranger.status, 401);
+
+    let authed = |sql: &str| request(query, sql).basic_auth(USER, Some(PASSWORD));
+    poll_until(Duration::from_secs(60), || async {
+        let reply = send(authed("SELECT count(*) AS n FROM events")).await?;
+        anyhow::ensure!(reply.status == 200, "status {}", reply.status);
+        let n = reply.json()["rows"][0][0].as_i64().unwrap_or(0);
+        anyhow::ensure!(n == 20, "{n} of 20");
+        Ok(())
+    })
+    .await
+    .unwrap_or_else(|error| panic!("{error:#}\n{}", fleet.dir.report()));
+
+    // CSV, with a header line.
+    let sql = "SELECT event_id, score FROM events ORDER BY event_id LIMIT 3";
+    let csv = send(authed(sql).header("accept", "text/csv"))
+        .await
+        .unwrap();
+    assert_eq!(csv.status, 200);
+    assert!(csv.header("content-type").starts_with("text/csv"));
+    assert_eq!(
+        String::from_utf8(csv.bytes.clone()).unwrap(),
+        "event_id,score\napi-00,0.0\napi-01,1.0\napi-02,2.0\n"
+    );
+    // An empty result still has its header.
+    let empty =
+        send(authed("SELECT event_id FROM events WHERE score < 0").header("accept", "text/csv"))
+            .await
+            .unwrap();
+    assert_eq!(String::from_utf8(empty.bytes).unwrap(), "event_id\n");
+
+    // Arrow IPC stream: typed columns.
+    let arrow = send(authed(sql).header("accept", "application/vnd.apache.arrow.stream"))
+        .await
+        .unwrap();
+    assert_eq!(arrow.status, 200);
+    let reader = arrow_ipc::reader::StreamReader::try_new(std::io::Cursor::new(arrow.bytes), None)
+        .expect("an Arrow IPC stream");
+    let batches: Vec<_> = reader.collect::<Result<_, _>>().expect("batches");
+    let n_rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    assert_eq!(n_rows, 3);
+    let scores = batches[0]
+        .column_by_name("score")
+        .expect("score column")
+        .as_any()
+        .downcast_ref::<arrow_array::Float64Array>()
+        .expect("score is Float64");
+    assert_eq!(scores.value(2), 2.0);
+
+    // Over max_result_rows: JSON is cut and flagged, a stream is aborted (never a short file).
+    let json_cut = send(authed("SELECT event_id FROM events")).await.unwrap();
+    assert_eq!(json_cut.json()["truncated"], json!(true));
+    assert_eq!(json_cut.json()["n_rows"], json!(12));
+    // The first batch already holds all 20 rows: refused before the first byte.
+    let over = send(authed("SELECT event_id FROM events").header("accept", "text/csv"))
+        .await
+        .unwrap();
+    assert_eq!(over.status, 400);
+    assert!(
+        over.error().contains("query.max_result_rows"),
+        "{}",
+        over.error()
+    );
+    // Rows arriving in many batches: the limit is hit mid-stream and the transfer is aborted.
+    let many_batches = "SELECT e.event_id FROM events e CROSS JOIN (SELECT * FROM unnest(make_array(1, 2))) t \
+                        ORDER BY e.event_id";
+    let streamed = authed(many_batches)
+        .header("accept", "text/csv")
+        .send()
+        .await
+        .expect("the answer starts");
+    if streamed.status() == 200 {
+        assert!(
+            streamed.bytes().await.is_err(),
+            "a CSV over max_result_rows must end in a transfer error"
+        );
+    } else {
+        assert_eq!(streamed.status(), 400);
+    }
+
+    // Formats we do not serve, and errors before the first row, keep their status.
+    let xml = send(authed("SELECT 1").header("accept", "application/xml"))
+        .await
+        .unwrap();
+    assert_eq!(xml.status, 406);
+    assert!(xml.error().contains("text/csv"), "{}", xml.error());
+    let invalid = send(authed("SELECT nope FROM events").header("accept", "text/csv"))
+        .await
+        .unwrap();
+    assert_eq!(invalid.status, 400);
+    let write = send(authed("DROP VIEW dead_letters").header("accept", "text/csv"))
+        .await
+        .unwrap();
+    assert_eq!(write.status, 400);
+}
