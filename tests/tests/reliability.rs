@@ -665,15 +665,21 @@ async fn disk_full_then_freed() {
     };
     let mut rig = Rig::start("rel-disk-full", spec).await;
     let mut referee = new_referee(&scale, &format!("disk_full_x{}", scale.n_disk_full_cycles));
+    // Paced: the disk is small, and every acknowledged event is checked at the end.
     let load = HttpLoad::start(
         rig.agent.http_addr(),
-        HttpLoadConfig::new(4, "d", &["default"]),
+        HttpLoadConfig {
+            pause_between_requests_ms: 5,
+            ..HttpLoadConfig::new(4, "d", &["default"])
+        },
     );
     let disk = rig.disk.as_ref().expect("the rig has a small disk");
     for cycle in 0..scale.n_disk_full_cycles {
         // Even cycles: the link is down, so the buffer grows into the last free bytes of the
-        // disk. Odd cycles: the link is up and the disk is filled to the last byte, so the
-        // deletes of shipped events fail too.
+        // disk, and every commit fails once they are used. Odd cycles: the link is up and the
+        // disk is filled to the last byte; SQLite reuses the WAL's space after a checkpoint, so
+        // only the commits (appends, and deletes of shipped events) that need the WAL to grow
+        // fail, now and then.
         let link_cut = cycle % 2 == 0;
         let kind = if link_cut { "link_cut" } else { "link_up" };
         let n_stored = rig.n_stored().await.expect("count stored");
@@ -690,17 +696,17 @@ async fn disk_full_then_freed() {
         let full_since = Instant::now();
         let n_failed_before = load.counts().n_failed;
         let min_full = scale.disk_full_for;
-        let what = format!(
-            "cycle {cycle} ({kind}): the agent refuses events (HTTP 5xx) with its disk full"
-        );
+        let what = format!("cycle {cycle} ({kind}): the disk was full for {min_full:?}");
         rig.dir
             .wait_until(STEP_TIMEOUT + min_full, &what, || {
                 let counts = load.counts();
                 async move {
+                    let n_failed = counts.n_failed - n_failed_before;
+                    // With the link up, failures are possible, not certain.
+                    let n_failed_needed = if link_cut { 20 } else { 0 };
                     anyhow::ensure!(
-                        counts.n_failed >= n_failed_before + 20 && full_since.elapsed() >= min_full,
-                        "{} failed requests so far: {counts:?}",
-                        counts.n_failed - n_failed_before
+                        n_failed >= n_failed_needed && full_since.elapsed() >= min_full,
+                        "{n_failed} failed requests so far: {counts:?}"
                     );
                     Ok(())
                 }
@@ -708,6 +714,10 @@ async fn disk_full_then_freed() {
             .await;
         rig.agent.assert_running();
         let counts = load.counts();
+        referee.note(
+            &format!("full{cycle}_{kind}_refused"),
+            counts.n_failed - n_failed_before,
+        );
         referee.note(
             &format!("full{cycle}_{kind}_failure"),
             format!(
