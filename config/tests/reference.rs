@@ -309,3 +309,45 @@ fn packaged_default_configs_are_valid_and_write_only_where_the_units_allow() {
     );
     assert!(aggregator.query.listen.ip().is_loopback());
 }
+
+/// The keys an example file sets or shows commented out (`# key = value` under a `[table]`).
+fn keys_shown(text: &str) -> BTreeSet<String> {
+    let mut table = String::new();
+    let mut keys = BTreeSet::new();
+    for line in text.lines() {
+        let line = line.trim_start_matches("# ").trim_start_matches('#').trim();
+        if let Some(name) = line.strip_prefix("[[").and_then(|l| l.strip_suffix("]]")) {
+            table = name.to_owned();
+        } else if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            table = name.to_owned();
+        } else if let Some((key, _)) = line.split_once(" = ")
+            && !key.is_empty()
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b == b'_' || b.is_ascii_digit())
+        {
+            keys.insert(format!("{table}.{key}"));
+        }
+    }
+    keys
+}
+
+#[test]
+fn packaged_default_configs_show_every_key_of_the_examples() {
+    // The packaged files are the examples with install paths and a header; when an example
+    // gains a key, the packaged file must show it too.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for name in ["agent.toml", "aggregator.toml"] {
+        let read = |path: PathBuf| {
+            std::fs::read_to_string(&path)
+                .unwrap_or_else(|error| panic!("read {}: {error}", path.display()))
+        };
+        let example = keys_shown(&read(root.join("config/examples").join(name)));
+        let packaged = keys_shown(&read(root.join("packaging/config").join(name)));
+        let missing: Vec<_> = example.difference(&packaged).collect();
+        assert!(
+            missing.is_empty(),
+            "packaging/config/{name} lacks keys config/examples/{name} shows: {missing:?}"
+        );
+    }
+}
