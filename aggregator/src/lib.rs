@@ -148,7 +148,8 @@ pub async fn run(
     // The WAL is open and replayed, ingest listens: ready (systemd, `/readyz`).
     ops.set_ready();
     let supervisor = tokio::spawn(ops::supervise(Arc::clone(&ops), shutdown.clone()));
-    let router = api::router(Arc::clone(&engine), &config.query.users).merge(ops::router(Arc::clone(&ops)));
+    let router =
+        api::router(Arc::clone(&engine), &config.query.users).merge(ops::router(Arc::clone(&ops)));
     axum::serve(query_listener, router)
         .with_graceful_shutdown(async move {
             let _ = shutdown.wait_for(|stop| *stop).await;
