@@ -142,7 +142,7 @@ pub async fn run(
     let flusher = tokio::spawn(flush_loop(
         Arc::clone(&store),
         wal.clone(),
-        Duration::from_millis(config.storage.flush_interval_ms),
+        config.storage.clone(),
         shutdown.clone(),
     ));
     // The WAL is open and replayed, ingest listens: ready (systemd, `/readyz`).
@@ -187,15 +187,17 @@ pub async fn run(
     Ok(())
 }
 
-/// Flushes recent rows to Parquet every `interval`, or sooner when memory holds too many.
+/// Flushes recent rows to Parquet every `interval`, or sooner when memory holds too many; then
+/// compacts small files and applies retention (`storage.*`).
 async fn flush_loop(
     store: Arc<store::EventStore>,
     wal: wal::Wal,
-    interval: Duration,
+    storage: runnel_config::StorageConfig,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let interval = Duration::from_millis(storage.flush_interval_ms);
     ticker.tick().await;
     loop {
         tokio::select! {
@@ -218,3 +220,29 @@ async fn flush_loop(
         }
     }
 }
+        match store.compact(&wal, storage.compact_min_files).await {
+            Ok(done) if done.n_files_removed > 0 => tracing::info!(
+                n_files_merged = done.n_files_removed,
+                n_files_written = done.n_files_added,
+                n_rows = done.n_rows,
+                "compacted Parquet files"
+            ),
+            Ok(_) => {}
+            Err(error) => tracing::warn!(error = format!("{error:#}"), "compaction failed"),
+        }
+        if storage.retention_hours > 0 {
+            let retention_ms = i64::try_from(storage.retention_hours)
+                .unwrap_or(i64::MAX / 3_600_000)
+                .saturating_mul(3_600_000);
+            let cutoff_ms = wal::now_unix_ms().saturating_sub(retention_ms);
+            match store.expire(&wal, cutoff_ms).await {
+                Ok(done) if done.n_files_removed > 0 => tracing::info!(
+                    n_files = done.n_files_removed,
+                    n_rows = done.n_rows,
+                    retention_hours = storage.retention_hours,
+                    "deleted expired partitions"
+                ),
+                Ok(_) => {}
+                Err(error) => tracing::warn!(error = format!("{error:#}"), "retention failed"),
+            }
+        }

@@ -10,6 +10,12 @@
 //! each row exactly once. Files on disk but not recorded are from an interrupted flush; their
 //! rows are still in the WAL, so they are deleted at startup.
 //!
+//! Compaction merges the small files of an hour partition into one, and retention drops the
+//! partitions older than `storage.retention_hours`; both change the file catalog (the WAL's
+//! `parquet_files` table) in one transaction and swap the store's file list under the lock, so
+//! a query sees either the old files or the new ones. Objects are written before and deleted
+//! after the catalog changes: a crash in between leaves an unrecorded file, removed at startup.
+//!
 //! Architecture invariant: only `object_store` touches the files, so the same code serves a
 //! local directory and S3-compatible storage.
 
@@ -69,6 +75,17 @@ pub struct StoreSummary {
     pub n_files: u64,
     pub n_file_rows: u64,
     pub n_file_bytes: u64,
+}
+
+/// Files smaller than this are compacted; a merged file holds at most about this much.
+pub const COMPACT_TARGET_BYTES: u64 = 32 * 1024 * 1024;
+
+/// What one compaction or retention pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Rewritten {
+    pub n_files_removed: usize,
+    pub n_files_added: usize,
+    pub n_rows: u64,
 }
 
 /// What one flush did.
@@ -233,6 +250,169 @@ impl EventStore {
     }
 }
 
+impl EventStore {
+    /// Merges the small files (under [`COMPACT_TARGET_BYTES`]) of every hour partition that has
+    /// at least `min_files` of them, in groups of up to about that many bytes.
+    pub async fn compact(&self, wal: &Wal, min_files: usize) -> anyhow::Result<Rewritten> {
+        let mut done = Rewritten::default();
+        if min_files < 2 {
+            return Ok(done);
+        }
+        let mut by_hour: BTreeMap<i64, Vec<ParquetFile>> = BTreeMap::new();
+        for file in self.lock().files.iter() {
+            if file.n_bytes < COMPACT_TARGET_BYTES && batch_range(&file.path).is_some() {
+                by_hour.entry(file.hour_ms).or_default().push(file.clone());
+            }
+        }
+        for (hour_ms, mut small) in by_hour {
+            if small.len() < min_files {
+                continue;
+            }
+            small.sort_by_key(|f| batch_range(&f.path));
+            let mut groups: Vec<Vec<ParquetFile>> = vec![Vec::new()];
+            let mut n_group_bytes = 0;
+            for file in small {
+                if n_group_bytes + file.n_bytes > COMPACT_TARGET_BYTES
+                    && groups.last().is_some_and(|g| g.len() >= 2)
+                {
+                    groups.push(Vec::new());
+                    n_group_bytes = 0;
+                }
+                n_group_bytes += file.n_bytes;
+                groups.last_mut().expect("one group at least").push(file);
+            }
+            for group in groups.into_iter().filter(|g| g.len() >= 2) {
+                let merged = self.merge(hour_ms, &group).await?;
+                let removed: Vec<String> = group.iter().map(|f| f.path.clone()).collect();
+                done.n_rows += merged.n_rows;
+                done.n_files_added += 1;
+                done.n_files_removed += removed.len();
+                self.replace(wal, vec![merged], removed).await?;
+            }
+        }
+        Ok(done)
+    }
+
+    /// Drops every file of an hour that ended at or before `cutoff_ms`.
+    pub async fn expire(&self, wal: &Wal, cutoff_ms: i64) -> anyhow::Result<Rewritten> {
+        let expired: Vec<ParquetFile> = self
+            .lock()
+            .files
+            .iter()
+            .filter(|f| f.hour_ms + HOUR_MS <= cutoff_ms)
+            .cloned()
+            .collect();
+        if expired.is_empty() {
+            return Ok(Rewritten::default());
+        }
+        let done = Rewritten {
+            n_files_removed: expired.len(),
+            n_files_added: 0,
+            n_rows: expired.iter().map(|f| f.n_rows).sum(),
+        };
+        self.replace(
+            wal,
+            Vec::new(),
+            expired.into_iter().map(|f| f.path).collect(),
+        )
+        .await?;
+        Ok(done)
+    }
+
+    /// Reads `group` (one hour partition, in batch order) and writes it as one file.
+    async fn merge(&self, hour_ms: i64, group: &[ParquetFile]) -> anyhow::Result<ParquetFile> {
+        let mut inputs = Vec::with_capacity(group.len());
+        for file in group {
+            let bytes = self
+                .object_store
+                .get(&ObjectPath::from(file.path.as_str()))
+                .await
+                .with_context(|| format!("read {}", file.path))?
+                .bytes()
+                .await
+                .with_context(|| format!("read {}", file.path))?;
+            inputs.push(bytes);
+        }
+        let first = group
+            .iter()
+            .filter_map(|f| batch_range(&f.path))
+            .map(|r| r.0)
+            .min();
+        let last = group
+            .iter()
+            .filter_map(|f| batch_range(&f.path))
+            .map(|r| r.1)
+            .max();
+        let (Some(first), Some(last)) = (first, last) else {
+            anyhow::bail!("compaction group without batch ranges");
+        };
+        let path = file_path(hour_ms, first, last);
+        let (bytes, n_rows) = tokio::task::spawn_blocking(move || {
+            let mut batches = Vec::new();
+            for input in inputs {
+                let reader =
+                    datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+                        input,
+                    )?
+                    .build()?;
+                for batch in reader {
+                    batches.push(batch?);
+                }
+            }
+            encode_parquet(&batches)
+        })
+        .await
+        .context("compaction task")??;
+        let n_bytes = bytes.len() as u64;
+        self.object_store
+            .put(&ObjectPath::from(path.as_str()), PutPayload::from(bytes))
+            .await
+            .with_context(|| format!("write {path}"))?;
+        Ok(ParquetFile {
+            path,
+            hour_ms,
+            n_rows,
+            n_bytes,
+        })
+    }
+
+    /// Catalog first (one transaction), then the swap, then the objects.
+    async fn replace(
+        &self,
+        wal: &Wal,
+        added: Vec<ParquetFile>,
+        removed: Vec<String>,
+    ) -> anyhow::Result<()> {
+        wal.replace_files(added.clone(), removed.clone()).await?;
+        {
+            let mut inner = self.lock();
+            inner.files.retain(|f| !removed.contains(&f.path));
+            inner.files.extend(added);
+        }
+        for path in removed {
+            // A failure leaves an unrecorded file, removed at the next start.
+            if let Err(error) = self
+                .object_store
+                .delete(&ObjectPath::from(path.as_str()))
+                .await
+            {
+                tracing::warn!(path, %error, "could not delete a replaced Parquet file");
+            }
+        }
+        Ok(())
+    }
+}
+
+const HOUR_MS: i64 = 3_600_000;
+
+/// The WAL batch ids in a file name made by [`file_path`].
+fn batch_range(path: &str) -> Option<(i64, i64)> {
+    let name = path.rsplit('/').next()?;
+    let range = name.strip_prefix("part-")?.strip_suffix(".parquet")?;
+    let (first, last) = range.split_once('-')?;
+    Some((first.parse().ok()?, last.parse().ok()?))
+}
+
 /// `date=YYYY-MM-DD/hour=HH/part-<first>-<last>.parquet`
 fn file_path(hour_ms: i64, first_batch_id: i64, last_batch_id: i64) -> String {
     let hour = chrono::DateTime::from_timestamp_millis(hour_ms).unwrap_or_default();
@@ -268,5 +448,10 @@ mod tests {
             file_path(1_769_860_800_000, 1, 22),
             "date=2026-01-31/hour=12/part-000000000001-000000000022.parquet"
         );
+        assert_eq!(
+            batch_range("date=2026-01-31/hour=12/part-000000000001-000000000022.parquet"),
+            Some((1, 22))
+        );
+        assert_eq!(batch_range("date=2026-01-31/hour=12/other.parquet"), None);
     }
 }

@@ -80,6 +80,7 @@ enum Op {
     },
     FinishFlush {
         files: Vec<ParquetFile>,
+        removed: Vec<String>,
         batch_ids: Vec<i64>,
         reply: oneshot::Sender<anyhow::Result<()>>,
     },
@@ -249,7 +250,28 @@ impl Wal {
         self.ops
             .send(Op::FinishFlush {
                 files,
+                removed: Vec::new(),
                 batch_ids,
+                reply,
+            })
+            .await
+            .map_err(|_| anyhow::anyhow!("WAL writer stopped"))?;
+        rx.await.context("WAL writer stopped")?
+    }
+
+    /// Records `added` files and forgets `removed` ones, in one transaction (compaction,
+    /// retention). The objects themselves are written before and deleted after.
+    pub async fn replace_files(
+        &self,
+        added: Vec<ParquetFile>,
+        removed: Vec<String>,
+    ) -> anyhow::Result<()> {
+        let (reply, rx) = oneshot::channel();
+        self.ops
+            .send(Op::FinishFlush {
+                files: added,
+                removed,
+                batch_ids: Vec::new(),
                 reply,
             })
             .await
@@ -333,10 +355,11 @@ impl Writer {
                     }
                     Op::FinishFlush {
                         files,
+                        removed,
                         batch_ids,
                         reply,
                     } => {
-                        let _ = reply.send(self.finish_flush(&files, &batch_ids));
+                        let _ = reply.send(self.finish_flush(&files, &removed, &batch_ids));
                     }
                 }
             }
@@ -463,7 +486,12 @@ impl Writer {
         }
     }
 
-    fn finish_flush(&mut self, files: &[ParquetFile], batch_ids: &[i64]) -> anyhow::Result<()> {
+    fn finish_flush(
+        &mut self,
+        files: &[ParquetFile],
+        removed: &[String],
+        batch_ids: &[i64],
+    ) -> anyhow::Result<()> {
         let created_ms = now_unix_ms();
         let tx = self.conn.transaction()?;
         {
@@ -482,6 +510,10 @@ impl Writer {
             let mut delete = tx.prepare_cached("DELETE FROM batches WHERE id = ?1")?;
             for id in batch_ids {
                 delete.execute(params![id])?;
+            }
+            let mut forget = tx.prepare_cached("DELETE FROM parquet_files WHERE path = ?1")?;
+            for path in removed {
+                forget.execute(params![path])?;
             }
         }
         tx.commit().context("commit flush")?;

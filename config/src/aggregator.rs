@@ -63,6 +63,11 @@ pub struct StorageConfig {
     pub flush_interval_ms: u64,
     /// Rows kept in memory before a flush is forced.
     pub max_recent_rows: usize,
+    /// Event-time hours kept; older partitions are deleted. 0 keeps everything.
+    pub retention_hours: u64,
+    /// An hour partition with this many small files gets them merged into one. 0 turns
+    /// compaction off.
+    pub compact_min_files: usize,
 }
 
 /// `[query]`, validated.
@@ -304,6 +309,12 @@ struct RawStorage {
     /// Rows kept in memory before a flush is forced, whatever the interval.
     /// Allowed: at least 1. Default: 1000000.
     max_recent_rows: Option<u64>,
+    /// Hours of events kept, by event time: Parquet partitions whose hour ended longer ago are
+    /// deleted (checked after every flush). 0 keeps everything. Default: 0.
+    retention_hours: Option<u64>,
+    /// Merge the small Parquet files (under 32 MiB) of an hour partition once it has this many
+    /// (checked after every flush). 0 turns compaction off; otherwise at least 2. Default: 8.
+    compact_min_files: Option<u64>,
 }
 
 /// `[query]`
@@ -512,12 +523,37 @@ impl RawStorage {
             None,
             Unit::Plain,
         )?;
+        let retention_hours = checker.int(
+            "storage.retention_hours",
+            self.retention_hours,
+            0,
+            0,
+            Some(24 * 366 * 100),
+            Unit::Plain,
+        )?;
+        let compact_min_files = checker.int_usize(
+            "storage.compact_min_files",
+            self.compact_min_files,
+            8,
+            0,
+            Some(10_000),
+            Unit::Plain,
+        )?;
+        if compact_min_files == 1 {
+            return Err(checker.invalid(
+                "storage.compact_min_files",
+                "1",
+                "must be 0 (compaction off) or at least 2: one file has nothing to merge with",
+            ));
+        }
         Ok(StorageConfig {
             wal_path,
             synchronous,
             events_dir,
             flush_interval_ms,
             max_recent_rows,
+            retention_hours,
+            compact_min_files,
         })
     }
 }

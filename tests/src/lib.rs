@@ -478,6 +478,10 @@ pub struct AggregatorOptions {
     pub idle_timeout_ms: u64,
     /// More lines for the `[query]` section (limits, `[[query.users]]` after them).
     pub query_extra: String,
+    /// More lines for the `[storage]` section (retention, compaction).
+    pub storage_extra: String,
+    /// Top-level TOML appended at the end of the file (`[[federation]]` sections).
+    pub extra_toml: String,
 }
 
 impl Default for AggregatorOptions {
@@ -487,6 +491,8 @@ impl Default for AggregatorOptions {
             flush_interval_ms: 60_000,
             idle_timeout_ms: 3_000,
             query_extra: String::new(),
+            storage_extra: String::new(),
+            extra_toml: String::new(),
         }
     }
 }
@@ -557,13 +563,15 @@ impl AggregatorProcess {
              [storage]\n\
              synchronous = {sync}\n\
              flush_interval_ms = {flush}\n\
+             {storage_extra}\n\
              \n\
              [pgwire]\n\
              listen = \"127.0.0.1:0\"\n\
              \n\
              [query]\n\
              listen = \"127.0.0.1:0\"\n\
-             {query_extra}\n",
+             {query_extra}\n\
+             {extra_toml}\n",
             data_dir = toml_path(&self.data_dir),
             ingest = toml_string(&self.ingest_listen.to_string()),
             ca = toml_path(&self.certs.ca_cert),
@@ -573,6 +581,8 @@ impl AggregatorProcess {
             sync = toml_string(self.options.synchronous),
             flush = self.options.flush_interval_ms,
             query_extra = self.options.query_extra,
+            storage_extra = self.options.storage_extra,
+            extra_toml = self.options.extra_toml,
         );
         std::fs::write(&self.config_path, text).expect("write aggregator config");
     }
