@@ -7,6 +7,7 @@
 //! [`query`] (DataFusion) -> [`api`] (HTTP). [`ops`] serves health, readiness and status and
 //! talks to systemd; [`certs`] is the fleet PKI; [`cli`] the commands.
 
+pub mod agents_table;
 pub mod api;
 pub mod certs;
 pub mod cli;
@@ -117,6 +118,7 @@ pub async fn run(
     let agents = Arc::new(ingest::ConnectedAgents::default());
     let ops = Arc::new(ops::Ops::new(
         &config,
+    engine.register_agents(Arc::clone(&agents), wal.clone())?;
         ops::Listen {
             ingest: ingest_addr.to_string(),
             query: query_addr.to_string(),
@@ -218,8 +220,6 @@ async fn flush_loop(
             // Rows stay in memory and in the WAL; the next tick retries.
             Err(error) => tracing::warn!(error = format!("{error:#}"), "flush to Parquet failed"),
         }
-    }
-}
         match store.compact(&wal, storage.compact_min_files).await {
             Ok(done) if done.n_files_removed > 0 => tracing::info!(
                 n_files_merged = done.n_files_removed,
@@ -246,3 +246,5 @@ async fn flush_loop(
                 Err(error) => tracing::warn!(error = format!("{error:#}"), "retention failed"),
             }
         }
+    }
+}

@@ -153,6 +153,7 @@ impl QueryEngine {
     pub async fn create_views(&self) -> anyhow::Result<()> {
         self.ctx.sql(DEAD_LETTERS_VIEW).await?;
         self.ctx.sql(AGENT_DROPS_VIEW).await?;
+        self.ctx.sql(ALERTS_VIEW).await?;
         Ok(())
     }
 }
@@ -163,6 +164,26 @@ pub const DEAD_LETTERS_VIEW: &str = "CREATE VIEW dead_letters AS SELECT agent_id
      json_get_str(attrs, 'reason') AS reason, json_get_str(attrs, 'topic') AS topic, \
      json_get_int(attrs, 'raw_bytes') AS raw_bytes, json_get_bool(attrs, 'raw_truncated') AS raw_truncated, \
      json_get_str(attrs, 'raw') AS raw \
+/// Registers the `agents` table: the fleet as the WAL and the open connections know it.
+impl QueryEngine {
+    pub fn register_agents(
+        &self,
+        agents: Arc<crate::ingest::ConnectedAgents>,
+        wal: crate::wal::Wal,
+    ) -> anyhow::Result<()> {
+        self.ctx.register_table(
+            "agents",
+            Arc::new(crate::agents_table::AgentsTable { agents, wal }),
+        )?;
+        Ok(())
+    }
+}
+
+/// Alerts: events the agents' stateful rules emit on stream `alerts`, with their window values
+/// in `attrs`.
+pub const ALERTS_VIEW: &str = "CREATE VIEW alerts AS SELECT agent_id, seq, event_time, receive_time, \
+     name, event_id, score, attrs FROM events WHERE stream = 'alerts'";
+
      FROM events WHERE stream = 'dead_letters'";
 
 /// Events agents dropped under a `drop_newest` / `drop_oldest` buffer policy: one row per agent

@@ -78,12 +78,23 @@ enum Op {
         agent_id: Arc<str>,
         reply: oneshot::Sender<u64>,
     },
+    StoredAgents {
+        reply: oneshot::Sender<anyhow::Result<Vec<StoredAgent>>>,
+    },
     FinishFlush {
         files: Vec<ParquetFile>,
         removed: Vec<String>,
         batch_ids: Vec<i64>,
         reply: oneshot::Sender<anyhow::Result<()>>,
     },
+}
+
+/// An agent known to the WAL: the last sequence number it stored, and when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredAgent {
+    pub agent_id: String,
+    pub high_water_mark: u64,
+    pub updated_unix_ms: i64,
 }
 
 /// Handle to the WAL writer. Cheap to clone; the thread stops when every handle is dropped.
@@ -240,6 +251,16 @@ impl Wal {
         rx.await.context("WAL writer stopped")
     }
 
+    /// Every agent that ever stored a batch: its high-water mark and when it last moved.
+    pub async fn stored_agents(&self) -> anyhow::Result<Vec<StoredAgent>> {
+        let (reply, rx) = oneshot::channel();
+        self.ops
+            .send(Op::StoredAgents { reply })
+            .await
+            .map_err(|_| anyhow::anyhow!("WAL writer stopped"))?;
+        rx.await.context("WAL writer stopped")?
+    }
+
     /// Records flushed files and deletes the batches they hold, in one transaction.
     pub async fn finish_flush(
         &self,
@@ -352,6 +373,9 @@ impl Writer {
                     Op::Commit { .. } => unreachable!("commits are grouped"),
                     Op::HighWaterMark { agent_id, reply } => {
                         let _ = reply.send(self.high_water.get(&agent_id).copied().unwrap_or(0));
+                    }
+                    Op::StoredAgents { reply } => {
+                        let _ = reply.send(self.stored_agents());
                     }
                     Op::FinishFlush {
                         files,
@@ -484,6 +508,20 @@ impl Writer {
                 }
             }
         }
+    }
+
+    fn stored_agents(&mut self) -> anyhow::Result<Vec<StoredAgent>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT agent_id, seq, updated_ms FROM high_water ORDER BY agent_id")?;
+        let rows = stmt.query_map([], |row| {
+            Ok(StoredAgent {
+                agent_id: row.get(0)?,
+                high_water_mark: row.get(1)?,
+                updated_unix_ms: row.get(2)?,
+            })
+        })?;
+        rows.collect::<Result<_, _>>().context("read high_water")
     }
 
     fn finish_flush(

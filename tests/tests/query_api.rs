@@ -77,6 +77,21 @@ async fn credentials_and_formats() {
     .await
     .unwrap_or_else(|error| panic!("{error:#}\n{}", fleet.dir.report()));
 
+    // The fleet tables: the agent that stored these events, and no alerts yet.
+    let agents = send(authed(
+        "SELECT agent_id, connected, last_seq, last_stored IS NOT NULL AS seen FROM agents",
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        agents.json()["rows"],
+        json!([["edge-api", true, 20, true]]),
+        "{:?}",
+        agents.json()
+    );
+    let alerts = send(authed("SELECT count(*) FROM alerts")).await.unwrap();
+    assert_eq!(alerts.json()["rows"], json!([[0]]));
+
     // CSV, with a header line.
     let sql = "SELECT event_id, score FROM events ORDER BY event_id LIMIT 3";
     let csv = send(authed(sql).header("accept", "text/csv"))
