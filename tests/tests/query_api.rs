@@ -27,7 +27,7 @@ async fn credentials_and_formats() {
         "edge-api",
         AggregatorOptions {
             query_extra: format!(
-                "max_result_rows = 12\n[[query.users]]\nname = \"{USER}\"\npassword = \"{PASSWORD}\"\n"
+                "max_result_rows = 12\nmemory_limit_bytes = 16777216\n[[query.users]]\nname = \"{USER}\"\npassword = \"{PASSWORD}\"\n"
             ),
             ..AggregatorOptions::default()
         },
@@ -158,6 +158,22 @@ async fn credentials_and_formats() {
     } else {
         assert_eq!(streamed.status(), 400);
     }
+
+    // Over the memory limit (16 MiB here): a clean error, and the server keeps serving.
+    let greedy = "SELECT count(DISTINCT concat(CAST(value AS VARCHAR), repeat('x', 200))) \
+                  FROM generate_series(1, 2000000)";
+    let over_memory = send(authed(greedy)).await.unwrap();
+    assert_eq!(over_memory.status, 500, "{}", over_memory.error());
+    assert!(
+        over_memory
+            .error()
+            .to_lowercase()
+            .contains("resources exhausted"),
+        "{}",
+        over_memory.error()
+    );
+    let after = send(authed("SELECT count(*) FROM events")).await.unwrap();
+    assert_eq!(after.json()["rows"], json!([[20]]));
 
     // Formats we do not serve, and errors before the first row, keep their status.
     let xml = send(authed("SELECT 1").header("accept", "application/xml"))
