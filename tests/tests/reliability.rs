@@ -256,6 +256,16 @@ async fn wait_acked(dir: &TestDir, what: &str, n: usize, n_acked: impl Fn() -> u
     .await;
 }
 
+/// Bytes of the agent's buffer files (`buffer.sqlite`, its WAL and shared memory) now.
+fn buffer_file_bytes(rig: &Rig) -> u64 {
+    let data_dir = rig.dir.join("agent-edge-1").join("data");
+    ["buffer.sqlite", "buffer.sqlite-wal", "buffer.sqlite-shm"]
+        .iter()
+        .filter_map(|name| std::fs::metadata(data_dir.join(name)).ok())
+        .map(|metadata| metadata.len())
+        .sum()
+}
+
 fn free_tcp_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
@@ -718,20 +728,29 @@ async fn disk_full_then_freed() {
             &format!("full{cycle}_{kind}_refused"),
             counts.n_failed - n_failed_before,
         );
-        referee.note(
-            &format!("full{cycle}_{kind}_failure"),
-            format!(
-                "{:?}",
-                counts
-                    .last_failure
-                    .clone()
-                    .unwrap_or_default()
-                    .chars()
-                    .take(80)
-                    .collect::<String>()
-            ),
-        );
+        if counts.n_failed > n_failed_before {
+            referee.note(
+                &format!("full{cycle}_{kind}_failure"),
+                format!(
+                    "{:?}",
+                    counts
+                        .last_failure
+                        .clone()
+                        .unwrap_or_default()
+                        .chars()
+                        .take(80)
+                        .collect::<String>()
+                ),
+            );
+        }
         referee.note(&format!("full{cycle}_ballast_bytes"), ballast_bytes);
+        let buffer_bytes: u64 = std::fs::read_dir(disk.path())
+            .expect("list the small disk")
+            .filter_map(|entry| entry.ok()?.metadata().ok())
+            .map(|metadata| metadata.len())
+            .sum::<u64>()
+            - ballast_bytes;
+        referee.note(&format!("full{cycle}_buffer_files_bytes"), buffer_bytes);
         // Free the space and bring the link back.
         std::fs::remove_file(&ballast).expect("remove the ballast");
         rig.proxy().heal();
@@ -878,6 +897,8 @@ async fn drop_policy_scenario(when_full: &str, priorities: &str, scenario: &str)
     .await;
     let (acked, counts) = load.stop().await;
     referee.add_acked_events(acked);
+    // The buffer's size on disk at the end of the overload, against buffer.max_bytes = 1 MiB.
+    referee.note("buffer_file_bytes", buffer_file_bytes(&rig));
     rig.proxy().clear();
     let ended = Instant::now();
     rig.probe(&mut referee, "p", ended).await;
@@ -887,6 +908,11 @@ async fn drop_policy_scenario(when_full: &str, priorities: &str, scenario: &str)
         0,
         "{when_full} refused requests: {counts:?}"
     );
+    // How much of what was shipped were drop reports rather than events.
+    let n_reports = query_count(rig.query_addr(), "SELECT count(*) FROM agent_drops")
+        .await
+        .expect("count drop reports");
+    referee.note("drop_reports_stored", n_reports);
     let verdict = referee.settle(&rig.dir, rig.query_addr()).await;
     assert!(
         verdict.n_dropped() > 0,
