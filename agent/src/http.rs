@@ -253,6 +253,16 @@ async fn commit(
     received: &Received,
 ) -> Result<(usize, Appended), Response> {
     let max_event_bytes = state.http.max_event_bytes;
+    // Counted once committed: events by source (a request's events share one, dead letters
+    // aside).
+    let mut by_source: Vec<(&'static str, u64)> = Vec::new();
+    for event in &events {
+        let source = event.source.as_str();
+        match by_source.iter_mut().find(|(s, _)| *s == source) {
+            Some((_, n)) => *n += 1,
+            None => by_source.push((source, 1)),
+        }
+    }
     let mut encoded = Vec::with_capacity(events.len());
     for (event_idx, event) in events.iter().enumerate() {
         let e = EncodedEvent::encode(event).map_err(|error| {
@@ -298,7 +308,13 @@ async fn commit(
         }
     };
     match outcome {
-        Ok(appended) => Ok((n_events, appended)),
+        Ok(appended) => {
+            for (source, n) in by_source {
+                metrics::counter!("runnel_agent_events_received_total", "source" => source)
+                    .increment(n);
+            }
+            Ok((n_events, appended))
+        }
         Err(error @ AppendError::Full { .. }) => {
             let mut response = error_response(StatusCode::SERVICE_UNAVAILABLE, &error.to_string());
             response

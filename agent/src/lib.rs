@@ -10,6 +10,7 @@ pub mod buffer;
 pub mod cli;
 pub mod decode;
 pub mod http;
+pub mod metrics;
 pub mod mqtt;
 pub mod mqtt_listener;
 pub mod ops;
@@ -41,6 +42,8 @@ pub fn now_unix_ms() -> i64 {
 /// the uplink, and on shutdown stops taking requests, lets in-flight batches finish, and closes
 /// the buffer after its last commit.
 pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    // Before anything records: the facade drops what arrives with no recorder installed.
+    crate::metrics::install();
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("create agent.data_dir {}", config.data_dir.display()))?;
     let identity = tls::load_identity(&config.uplink)?;
@@ -129,7 +132,8 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> anyhow
         config.buffer.block_timeout_ms,
         buffer.clone(),
     )
-    .merge(ops::router(Arc::clone(&ops)));
+    .merge(ops::router(Arc::clone(&ops)))
+    .merge(crate::metrics::router(Arc::clone(&ops)));
     // Every source is started and the listener is bound: ready (systemd, `/readyz`).
     ops.set_ready();
     let supervisor = tokio::spawn(ops::supervise(Arc::clone(&ops), shutdown.clone()));

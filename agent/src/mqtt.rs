@@ -14,9 +14,10 @@
 //! The event loop never waits on the buffer. It must keep being polled while the buffer is full:
 //! polling is what sends the PUBACKs the worker queues and the keep-alive pings, and a client
 //! that sends nothing for 1.5 keep-alives is disconnected by the broker. So publishes go to the
-//! worker over an unbounded queue, bounded instead by a count of messages held (received, not
-//! yet acknowledged). With QoS 1 the broker's own in-flight limit (MQTT 3.1.1 gives the client no
-//! say; Mosquitto's `max_inflight_messages` defaults to 20) keeps that count small: a full buffer
+//! worker over a queue the event loop never waits on: a message takes a permit first, out of as
+//! many as the queue has slots (messages held: received, not yet acknowledged). With QoS 1 the
+//! broker's own in-flight limit (MQTT 3.1.1 gives the client no say; Mosquitto's
+//! `max_inflight_messages` defaults to 20) keeps that count small: a full buffer
 //! stops the acknowledgements, and the broker stops sending. Only a QoS 0 flood into a full
 //! buffer reaches the bound; then the event loop stops reading until the worker catches up.
 
@@ -82,7 +83,8 @@ pub async fn run(source: MqttSource, mut shutdown: watch::Receiver<bool>) {
     let (client, mut eventloop) = AsyncClient::new(options, request_capacity);
     let held_max = (4 * usize::from(config.max_inflight)).max(MIN_HELD_MESSAGES);
     let held = Arc::new(Semaphore::new(held_max));
-    let (to_worker, from_loop) = mpsc::unbounded_channel::<(Publish, OwnedSemaphorePermit)>();
+    // Never full: a message needs a permit first, and there are as many permits as slots.
+    let (to_worker, from_loop) = mpsc::channel::<(Publish, OwnedSemaphorePermit)>(held_max);
     let worker = tokio::spawn(worker(
         Arc::new(WorkerState {
             name: config.name.clone(),
@@ -142,7 +144,8 @@ pub async fn run(source: MqttSource, mut shutdown: watch::Receiver<bool>) {
                         }
                     }
                 };
-                if to_worker.send((publish, permit)).is_err() {
+                if to_worker.try_send((publish, permit)).is_err() {
+                    // Closed (the worker ended); full cannot happen (see the channel's size).
                     break;
                 }
             }
@@ -250,7 +253,7 @@ pub(crate) struct Pending {
 async fn worker(
     state: Arc<WorkerState>,
     client: AsyncClient,
-    mut from_loop: mpsc::UnboundedReceiver<(Publish, OwnedSemaphorePermit)>,
+    mut from_loop: mpsc::Receiver<(Publish, OwnedSemaphorePermit)>,
 ) {
     let mut batch: Vec<Pending> = Vec::new();
     let mut permits: Vec<OwnedSemaphorePermit> = Vec::new();
@@ -352,9 +355,12 @@ async fn commit_and_ack(state: &WorkerState, client: &AsyncClient, batch: &mut V
     if !events.is_empty() || !marks.is_empty() {
         let started = std::time::Instant::now();
         let mut warned = false;
+        let events_len = events.len();
         loop {
             match state.buffer.append_marked(events, marks.clone()).await {
                 Ok(_) => {
+                    metrics::counter!("runnel_agent_events_received_total", "source" => "mqtt")
+                        .increment(events_len as u64);
                     if warned {
                         tracing::info!(source = %state.name, waited_ms = started.elapsed().as_millis() as u64, "buffer has room again; MQTT messages stored and acknowledged");
                     }

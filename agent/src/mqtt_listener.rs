@@ -759,6 +759,7 @@ impl Session {
                     .flat_map(|p| p.events.iter().cloned())
                     .collect();
                 let marks: Vec<_> = chunk.iter().filter_map(|p| p.mark.clone()).collect();
+                let n_events = events.len() as u64;
                 let result = if events.is_empty() && marks.is_empty() {
                     Ok(())
                 } else {
@@ -766,7 +767,13 @@ impl Session {
                         .buffer
                         .append_marked(events, marks)
                         .await
-                        .map(|_| ())
+                        .map(|_| {
+                            metrics::counter!(
+                                "runnel_agent_events_received_total",
+                                "source" => "mqtt_listener"
+                            )
+                            .increment(n_events);
+                        })
                 };
                 match result {
                     Ok(()) => break,

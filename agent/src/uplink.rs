@@ -296,9 +296,15 @@ async fn connection(
                 let acked = session.on_ack(&ack, Instant::now())?;
                 uplink.buffer.delete_range(acked.after_seq, acked.last_seq).await?;
                 uplink.state.on_ack(acked.n_events as u64);
+                metrics::histogram!("runnel_agent_batch_round_trip_seconds")
+                    .record(acked.round_trip.as_secs_f64());
                 tracing::trace!(last_seq = acked.last_seq, n_events = acked.n_events, rtt_us = acked.round_trip.as_micros() as u64, "batch acknowledged");
             }
             _ = heartbeat.tick() => {
+                let path = connection.stats().path;
+                metrics::gauge!("runnel_agent_quic_rtt_seconds").set(path.rtt.as_secs_f64());
+                metrics::counter!("runnel_agent_quic_lost_packets_total").absolute(path.lost_packets);
+                metrics::counter!("runnel_agent_quic_sent_packets_total").absolute(path.sent_packets);
                 let head = *head_rx.borrow();
                 let beat = AgentMessage::Heartbeat(Heartbeat {
                     n_buffered_events: head.n_events,

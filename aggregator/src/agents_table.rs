@@ -17,7 +17,7 @@ use datafusion::logical_expr::{Expr, TableType};
 use datafusion::physical_plan::ExecutionPlan;
 
 use crate::ingest::ConnectedAgents;
-use crate::wal::Wal;
+use crate::wal::WeakWal;
 
 static AGENTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     let ts = || DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()));
@@ -39,7 +39,8 @@ static AGENTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
 
 pub struct AgentsTable {
     pub agents: Arc<ConnectedAgents>,
-    pub wal: Wal,
+    /// Weak: the table lives as long as the query engine and must not keep the WAL writer up.
+    pub wal: WeakWal,
 }
 
 impl std::fmt::Debug for AgentsTable {
@@ -50,8 +51,10 @@ impl std::fmt::Debug for AgentsTable {
 
 impl AgentsTable {
     async fn batch(&self) -> DfResult<RecordBatch> {
-        let stored = self
-            .wal
+        let wal = self.wal.upgrade().ok_or_else(|| {
+            DataFusionError::Execution("the aggregator is shutting down".to_owned())
+        })?;
+        let stored = wal
             .stored_agents()
             .await
             .map_err(|error| DataFusionError::External(error.into()))?;

@@ -145,6 +145,7 @@ async fn query(
             );
         }
     };
+    let _timer = QueryTimer::new("http");
     if format == Format::Json {
         return match api.engine.run(&request.sql).await {
             Ok(result) => (StatusCode::OK, Json(to_json(&result))).into_response(),
@@ -154,6 +155,29 @@ async fn query(
     match api.engine.stream(&request.sql).await {
         Ok(stream) => streamed(format, stream).await,
         Err(error) => query_error(&error),
+    }
+}
+
+/// Records `runnel_aggregator_query_duration_seconds` when dropped (for streamed answers: until
+/// the first batch).
+pub struct QueryTimer {
+    interface: &'static str,
+    started: std::time::Instant,
+}
+
+impl QueryTimer {
+    pub fn new(interface: &'static str) -> QueryTimer {
+        QueryTimer {
+            interface,
+            started: std::time::Instant::now(),
+        }
+    }
+}
+
+impl Drop for QueryTimer {
+    fn drop(&mut self) {
+        metrics::histogram!("runnel_aggregator_query_duration_seconds", "interface" => self.interface)
+            .record(self.started.elapsed().as_secs_f64());
     }
 }
 
@@ -215,7 +239,7 @@ async fn streamed(format: Format, stream: QueryStream) -> Response {
 /// Turns record batches into the bytes of one format, chunk by chunk.
 enum Encoder {
     Csv { schema: SchemaRef, header: bool },
-    Arrow(datafusion::arrow::ipc::writer::StreamWriter<Vec<u8>>),
+    Arrow(Box<datafusion::arrow::ipc::writer::StreamWriter<Vec<u8>>>),
 }
 
 impl Encoder {
@@ -225,10 +249,9 @@ impl Encoder {
                 schema: Arc::clone(schema),
                 header: true,
             },
-            Format::Arrow => Encoder::Arrow(datafusion::arrow::ipc::writer::StreamWriter::try_new(
-                Vec::new(),
-                schema,
-            )?),
+            Format::Arrow => Encoder::Arrow(Box::new(
+                datafusion::arrow::ipc::writer::StreamWriter::try_new(Vec::new(), schema)?,
+            )),
         })
     }
 

@@ -154,7 +154,8 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn serve(path: PathBuf) -> anyhow::Result<()> {
     let config = runnel_config::load_aggregator(&path)?;
-    runtime()?.block_on(async {
+    let runtime = runtime()?;
+    let result = runtime.block_on(async {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             wait_for_signal().await;
@@ -162,7 +163,11 @@ fn serve(path: PathBuf) -> anyhow::Result<()> {
             let _ = stop_tx.send(true);
         });
         crate::run(config, stop_rx).await
-    })
+    });
+    // Connection tasks and blocking work still running are abandoned: every commit is durable
+    // already, and a stuck one must not keep the process (and systemd's stop) waiting.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    result
 }
 
 fn certs(command: CertsCommand) -> anyhow::Result<()> {

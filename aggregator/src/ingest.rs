@@ -312,6 +312,10 @@ impl AgentConnection {
         agents
             .n_events_stored
             .fetch_add(u64::from(n_new), Ordering::Relaxed);
+        metrics::counter!("runnel_aggregator_stored_events_total", "agent_id" => self.agent_id.to_string())
+            .increment(u64::from(n_new));
+        metrics::counter!("runnel_aggregator_stored_batches_total", "agent_id" => self.agent_id.to_string())
+            .increment(1);
     }
 }
 

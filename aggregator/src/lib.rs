@@ -13,6 +13,7 @@ pub mod certs;
 pub mod cli;
 pub mod ingest;
 pub mod ops;
+pub mod metrics;
 pub mod pgwire;
 pub mod query;
 pub mod schema;
@@ -35,6 +36,8 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
+    // Before anything records: the facade drops what arrives with no recorder installed.
+    crate::metrics::install();
         .with_context(|| format!("create aggregator.data_dir {}", config.data_dir.display()))?;
     std::fs::create_dir_all(&config.storage.events_dir).with_context(|| {
         format!(
@@ -150,8 +153,9 @@ pub async fn run(
     // The WAL is open and replayed, ingest listens: ready (systemd, `/readyz`).
     ops.set_ready();
     let supervisor = tokio::spawn(ops::supervise(Arc::clone(&ops), shutdown.clone()));
-    let router =
-        api::router(Arc::clone(&engine), &config.query.users).merge(ops::router(Arc::clone(&ops)));
+    let router = api::router(Arc::clone(&engine), &config.query.users)
+        .merge(ops::router(Arc::clone(&ops)))
+        .merge(crate::metrics::router(Arc::clone(&ops)));
     axum::serve(query_listener, router)
         .with_graceful_shutdown(async move {
             let _ = shutdown.wait_for(|stop| *stop).await;
@@ -207,7 +211,11 @@ async fn flush_loop(
             _ = store.flush_wanted() => {}
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
-        match store.flush(&wal).await {
+        let flush_started = std::time::Instant::now();
+        let flushed = store.flush(&wal).await;
+        ::metrics::histogram!("runnel_aggregator_flush_duration_seconds")
+            .record(flush_started.elapsed().as_secs_f64());
+        match flushed {
             Ok(flushed) if flushed.n_rows > 0 => {
                 tracing::info!(
                     n_files = flushed.n_files,

@@ -379,6 +379,7 @@ impl SimpleQueryHandler for Limited {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
+        let _timer = crate::api::QueryTimer::new("pgwire");
         let deadline = tokio::time::Instant::now() + self.timeout;
         let responses = tokio::time::timeout_at(
             deadline,
@@ -414,6 +415,7 @@ impl ExtendedQueryHandler for Limited {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
+        let _timer = crate::api::QueryTimer::new("pgwire");
         let deadline = tokio::time::Instant::now() + self.timeout;
         let response = tokio::time::timeout_at(
             deadline,

@@ -158,12 +158,6 @@ impl QueryEngine {
     }
 }
 
-/// Dead letters: input a source could not decode, kept with the reason and (capped) raw bytes.
-/// They are events on stream `dead_letters`; this view puts their attributes in columns.
-pub const DEAD_LETTERS_VIEW: &str = "CREATE VIEW dead_letters AS SELECT agent_id, seq, receive_time, source, \
-     json_get_str(attrs, 'reason') AS reason, json_get_str(attrs, 'topic') AS topic, \
-     json_get_int(attrs, 'raw_bytes') AS raw_bytes, json_get_bool(attrs, 'raw_truncated') AS raw_truncated, \
-     json_get_str(attrs, 'raw') AS raw \
 /// Registers the `agents` table: the fleet as the WAL and the open connections know it.
 impl QueryEngine {
     pub fn register_agents(
@@ -173,7 +167,10 @@ impl QueryEngine {
     ) -> anyhow::Result<()> {
         self.ctx.register_table(
             "agents",
-            Arc::new(crate::agents_table::AgentsTable { agents, wal }),
+            Arc::new(crate::agents_table::AgentsTable {
+                agents,
+                wal: wal.downgrade(),
+            }),
         )?;
         Ok(())
     }
@@ -190,6 +187,12 @@ pub const ALERTS_VIEW: &str = "CREATE VIEW alerts AS SELECT agent_id, seq, event
 /// commit, stream and reason. `SELECT stream, sum(n_events) FROM agent_drops GROUP BY stream` is
 /// exact: each report was committed in the same transaction as the drop it counts.
 pub const AGENT_DROPS_VIEW: &str = "CREATE VIEW agent_drops AS SELECT agent_id, seq, receive_time AS time, \
+/// Dead letters: input a source could not decode, kept with the reason and (capped) raw bytes.
+/// They are events on stream `dead_letters`; this view puts their attributes in columns.
+pub const DEAD_LETTERS_VIEW: &str = "CREATE VIEW dead_letters AS SELECT agent_id, seq, receive_time, source, \
+     json_get_str(attrs, 'reason') AS reason, json_get_str(attrs, 'topic') AS topic, \
+     json_get_int(attrs, 'raw_bytes') AS raw_bytes, json_get_bool(attrs, 'raw_truncated') AS raw_truncated, \
+     json_get_str(attrs, 'raw') AS raw \
      json_get_str(attrs, 'stream') AS stream, json_get_str(attrs, 'reason') AS reason, \
      json_get_int(attrs, 'n_events') AS n_events \
      FROM events WHERE stream = 'agent_drops'";

@@ -103,6 +103,20 @@ pub struct Wal {
     ops: mpsc::Sender<Op>,
 }
 
+/// A handle that does not keep the WAL writer running (for readers that live as long as the
+/// query engine, such as the `agents` table).
+#[derive(Clone)]
+pub struct WeakWal {
+    ops: mpsc::WeakSender<Op>,
+}
+
+impl WeakWal {
+    /// The WAL, unless the writer has stopped (the aggregator is shutting down).
+    pub fn upgrade(&self) -> Option<Wal> {
+        self.ops.upgrade().map(|ops| Wal { ops })
+    }
+}
+
 pub struct WalThread(JoinHandle<()>);
 
 impl WalThread {
@@ -249,6 +263,12 @@ impl Wal {
             .await
             .map_err(|_| anyhow::anyhow!("WAL writer stopped"))?;
         rx.await.context("WAL writer stopped")
+    }
+
+    pub fn downgrade(&self) -> WeakWal {
+        WeakWal {
+            ops: self.ops.downgrade(),
+        }
     }
 
     /// Every agent that ever stored a batch: its high-water mark and when it last moved.

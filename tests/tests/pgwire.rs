@@ -252,7 +252,7 @@ async fn users_must_log_in_with_their_password() {
     let pg = fleet.aggregator.pgwire_addr();
 
     let wrong = connect(pg, "grafana", Some("wrong password")).await;
-    let error = wrong.err().expect("a wrong password is refused");
+    let error = wrong.expect_err("a wrong password is refused");
     let text = format!("{error:#}");
     assert!(
         error

@@ -77,6 +77,44 @@ async fn credentials_and_formats() {
     .await
     .unwrap_or_else(|error| panic!("{error:#}\n{}", fleet.dir.report()));
 
+    // Prometheus metrics on both, without credentials (like /healthz).
+    let metrics = |addr: SocketAddr| async move {
+        let reply = send(http_client().get(format!("http://{addr}/metrics"))).await?;
+        anyhow::ensure!(reply.status == 200, "status {}", reply.status);
+        Ok::<_, anyhow::Error>(String::from_utf8(reply.bytes)?)
+    };
+    let agent_http = fleet.agent.http_addr();
+    poll_until(Duration::from_secs(30), || async {
+        let agent = metrics(agent_http).await?;
+        for line in [
+            "runnel_agent_events_received_total{source=\"http\"} 20",
+            "runnel_agent_buffered_events_total 20",
+            "runnel_agent_shipped_events_total 20",
+            "runnel_agent_buffer_events 0",
+            "runnel_agent_uplink_connected 1",
+        ] {
+            anyhow::ensure!(
+                agent.lines().any(|l| l == line),
+                "agent: no {line:?} in\n{agent}"
+            );
+        }
+        anyhow::ensure!(agent.contains("runnel_agent_batch_round_trip_seconds_bucket"));
+        let aggregator = metrics(query).await?;
+        for line in [
+            "runnel_aggregator_stored_events_total{agent_id=\"edge-api\"} 20",
+            "runnel_aggregator_connected_agents 1",
+        ] {
+            anyhow::ensure!(
+                aggregator.lines().any(|l| l == line),
+                "aggregator: no {line:?} in\n{aggregator}"
+            );
+        }
+        anyhow::ensure!(aggregator.contains("runnel_aggregator_query_duration_seconds_bucket"));
+        Ok(())
+    })
+    .await
+    .unwrap_or_else(|error| panic!("{error:#}"));
+
     // The fleet tables: the agent that stored these events, and no alerts yet.
     let agents = send(authed(
         "SELECT agent_id, connected, last_seq, last_stored IS NOT NULL AS seen FROM agents",

@@ -30,7 +30,12 @@ fn parquet_files(events_dir: &Path) -> Vec<String> {
             if path.is_dir() {
                 walk(&path, root, out);
             } else if path.extension().is_some_and(|e| e == "parquet") {
-                out.push(path.strip_prefix(root).unwrap().display().to_string());
+                out.push(
+                    path.strip_prefix(root)
+                        .expect("under the root")
+                        .display()
+                        .to_string(),
+                );
             }
         }
     }
@@ -45,7 +50,7 @@ fn in_partition(files: &[String], partition: &str) -> usize {
 }
 
 fn partition_of(unix_ms: i64) -> String {
-    let hour = chrono::DateTime::from_timestamp_millis(unix_ms).unwrap();
+    let hour = chrono::DateTime::from_timestamp_millis(unix_ms).expect("a valid time");
     format!(
         "date={}/hour={}/",
         hour.format("%Y-%m-%d"),

@@ -1,0 +1,154 @@
+//! Prometheus `GET /metrics` on the HTTP source's listener.
+//!
+//! Two kinds of series. Events as they happen go through the `metrics` facade where they occur
+//! (`runnel_agent_events_received_total` by source, the batch round-trip histogram, QUIC path
+//! figures). State the agent already keeps (buffer depth, oldest unshipped age, counters of the
+//! buffer and the uplink) is read from [`Ops::status`] at scrape time, so it is never stale and
+//! costs nothing between scrapes.
+//!
+//! Names follow Prometheus conventions: `_total` counters, `_seconds`, `_bytes`.
+
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::ops::Ops;
+
+/// Seconds buckets from 1 ms to 30 s: batch round trips on a LAN to a stalled uplink.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process's metrics recorder (once). `None` when another recorder was installed
+/// first (an agent embedded in a process that records elsewhere): `/metrics` then shows only
+/// the scrape-time series.
+pub fn install() -> Option<&'static PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+                .expect("buckets are not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).ok().map(|()| handle)
+        })
+        .as_ref()
+}
+
+pub fn router(ops: Arc<Ops>) -> axum::Router {
+    axum::Router::new()
+        .route("/metrics", get(scrape))
+        .with_state(ops)
+}
+
+async fn scrape(State(ops): State<Arc<Ops>>) -> impl IntoResponse {
+    let status = ops.status().await;
+    let mut text = String::new();
+    if let Some(handle) = install() {
+        text.push_str(&handle.render());
+    }
+    let buffer = &status.buffer;
+    let uplink = &status.uplink.state;
+    let mut out = Exposition(&mut text);
+    out.gauge("runnel_agent_up", "1 while the agent runs.", 1.0);
+    out.gauge(
+        "runnel_agent_ready",
+        "1 when every source is started and the buffer is open.",
+        f64::from(u8::from(status.ready)),
+    );
+    out.gauge(
+        "runnel_agent_buffer_events",
+        "Events held in the buffer: not yet acknowledged by the aggregator.",
+        buffer.n_events as f64,
+    );
+    out.gauge(
+        "runnel_agent_buffer_bytes",
+        "Encoded bytes of the events held in the buffer.",
+        buffer.n_bytes as f64,
+    );
+    out.gauge(
+        "runnel_agent_buffer_max_bytes",
+        "The buffer's size limit (buffer.max_bytes).",
+        buffer.max_bytes as f64,
+    );
+    out.gauge(
+        "runnel_agent_buffer_oldest_unshipped_age_seconds",
+        "Age of the oldest event not yet acknowledged by the aggregator (0 when empty).",
+        buffer.oldest_unshipped_age_ms.unwrap_or(0) as f64 / 1000.0,
+    );
+    out.counter(
+        "runnel_agent_buffered_events_total",
+        "Events committed to the buffer.",
+        buffer.n_appended,
+    );
+    out.counter(
+        "runnel_agent_shipped_events_total",
+        "Events acknowledged by the aggregator and removed from the buffer.",
+        buffer.n_deleted,
+    );
+    out.counter(
+        "runnel_agent_dropped_events_total",
+        "Events discarded or evicted by a drop_newest/drop_oldest buffer policy (per stream and reason in the agent_drops table at the aggregator).",
+        buffer.n_dropped,
+    );
+    out.counter(
+        "runnel_agent_buffer_full_refusals_total",
+        "Appends refused because the buffer was full (when_full = block).",
+        buffer.n_refused_full,
+    );
+    out.counter(
+        "runnel_agent_buffer_commits_total",
+        "SQLite transactions of the buffer's writer.",
+        buffer.n_commits,
+    );
+    out.gauge(
+        "runnel_agent_uplink_connected",
+        "1 while a QUIC connection to the aggregator is up.",
+        f64::from(u8::from(uplink.connected)),
+    );
+    out.counter(
+        "runnel_agent_uplink_connects_total",
+        "QUIC connections established (the first one and every reconnect).",
+        uplink.n_connects,
+    );
+    out.counter(
+        "runnel_agent_uplink_connection_failures_total",
+        "QUIC connections that failed or were lost.",
+        uplink.n_connection_failures,
+    );
+    out.counter(
+        "runnel_agent_uplink_acked_batches_total",
+        "Batches the aggregator acknowledged.",
+        uplink.n_batches_acked,
+    );
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+}
+
+/// Appends scrape-time series in the Prometheus text format.
+struct Exposition<'a>(&'a mut String);
+
+impl Exposition<'_> {
+    fn gauge(&mut self, name: &str, help: &str, value: f64) {
+        self.0.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
+        ));
+    }
+
+    fn counter(&mut self, name: &str, help: &str, value: u64) {
+        self.0.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
+        ));
+    }
+}

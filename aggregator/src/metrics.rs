@@ -1,0 +1,150 @@
+//! Prometheus `GET /metrics` on the query API's listener (no credentials, like `/healthz`).
+//!
+//! Two kinds of series. Events as they happen go through the `metrics` facade where they occur
+//! (`runnel_aggregator_stored_events_total` per agent, query and flush latency histograms).
+//! State the aggregator already keeps (WAL and Parquet sizes, connected agents and their last
+//! heartbeat) is read from [`Ops::status`] at scrape time.
+//!
+//! Names follow Prometheus conventions: `_total` counters, `_seconds`, `_bytes`.
+
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::ops::Ops;
+
+/// Seconds buckets from 1 ms to 30 s: a point query to a query at its time limit.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process's metrics recorder (once). `None` when another recorder was installed
+/// first (an aggregator embedded in a process that records elsewhere, such as the demo): `/metrics` then shows only
+/// the scrape-time series.
+pub fn install() -> Option<&'static PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+                .expect("buckets are not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).ok().map(|()| handle)
+        })
+        .as_ref()
+}
+
+pub fn router(ops: Arc<Ops>) -> axum::Router {
+    axum::Router::new()
+        .route("/metrics", get(scrape))
+        .with_state(ops)
+}
+
+async fn scrape(State(ops): State<Arc<Ops>>) -> impl IntoResponse {
+    let status = ops.status();
+    let mut text = String::new();
+    if let Some(handle) = install() {
+        text.push_str(&handle.render());
+    }
+    let mut out = Exposition(&mut text);
+    out.gauge("runnel_aggregator_up", "1 while the aggregator runs.", 1.0);
+    out.gauge(
+        "runnel_aggregator_ready",
+        "1 when the WAL is open and replayed and ingest listens.",
+        f64::from(u8::from(status.ready)),
+    );
+    out.gauge(
+        "runnel_aggregator_connected_agents",
+        "Agent connections open now.",
+        status.ingest.agents.len() as f64,
+    );
+    out.counter(
+        "runnel_aggregator_agent_connections_total",
+        "Agent connections accepted since start.",
+        status.ingest.n_connections_total,
+    );
+    out.gauge(
+        "runnel_aggregator_wal_bytes",
+        "Size of the WAL: the SQLite file and its journal.",
+        status.wal.file_bytes as f64,
+    );
+    out.gauge(
+        "runnel_aggregator_wal_batches",
+        "Batches in the WAL, not yet flushed to Parquet.",
+        status.wal.n_batches as f64,
+    );
+    out.gauge(
+        "runnel_aggregator_recent_rows",
+        "Rows in memory, not yet flushed to Parquet (each also in the WAL).",
+        status.wal.n_rows as f64,
+    );
+    out.gauge(
+        "runnel_aggregator_parquet_files",
+        "Parquet files of events.",
+        status.storage.n_files as f64,
+    );
+    out.gauge(
+        "runnel_aggregator_parquet_rows",
+        "Rows in Parquet files.",
+        status.storage.n_rows as f64,
+    );
+    out.gauge(
+        "runnel_aggregator_parquet_bytes",
+        "Bytes of Parquet files.",
+        status.storage.n_bytes as f64,
+    );
+    out.labelled_gauges(
+        "runnel_aggregator_agent_buffered_events",
+        "Events held in each connected agent's buffer, as of its last heartbeat.",
+        status
+            .ingest
+            .agents
+            .iter()
+            .filter_map(|a| Some((a.agent_id.as_str(), a.n_buffered_events? as f64))),
+    );
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+}
+
+/// Appends scrape-time series in the Prometheus text format.
+struct Exposition<'a>(&'a mut String);
+
+impl Exposition<'_> {
+    fn gauge(&mut self, name: &str, help: &str, value: f64) {
+        self.0.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
+        ));
+    }
+
+    fn counter(&mut self, name: &str, help: &str, value: u64) {
+        self.0.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
+        ));
+    }
+
+    fn labelled_gauges<'a>(
+        &mut self,
+        name: &str,
+        help: &str,
+        values: impl Iterator<Item = (&'a str, f64)>,
+    ) {
+        self.0
+            .push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
+        for (agent_id, value) in values {
+            let agent_id = agent_id.replace('\\', "\\\\").replace('"', "\\\"");
+            self.0
+                .push_str(&format!("{name}{{agent_id=\"{agent_id}\"}} {value}\n"));
+        }
+    }
+}
