@@ -183,7 +183,10 @@ async fn demo(args: Args) -> anyhow::Result<()> {
             aggregator_toml.display(),
             agent_toml.display()
         );
+        println!("Live progress (a line when something moved):");
+        let progress = tokio::spawn(print_progress(client.clone(), http, query));
         runnel_aggregator::cli::wait_for_signal().await;
+        progress.abort();
         println!("stopping...");
         let _ = stop_tx.send(true);
     }
@@ -301,4 +304,46 @@ async fn count_events(client: &reqwest::Client, query: SocketAddr) -> anyhow::Re
     body["rows"][0][0]
         .as_u64()
         .context("count(*) is not a number")
+}
+
+/// Every two seconds, when anything moved: events received by the agent (and the rate), held in
+/// its buffer, delivered (acknowledged by the aggregator), and stored at the aggregator.
+async fn print_progress(client: reqwest::Client, agent: SocketAddr, aggregator: SocketAddr) {
+    let get = |url: String| {
+        let client = client.clone();
+        async move {
+            let reply = client.get(url).send().await.ok()?;
+            reply.json::<serde_json::Value>().await.ok()
+        }
+    };
+    let mut last: Option<(u64, u64, u64, u64)> = None;
+    let mut last_at = Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        ticker.tick().await;
+        let (Some(agent), Some(aggregator)) = (
+            get(format!("http://{agent}/v1/status")).await,
+            get(format!("http://{aggregator}/api/v1/status")).await,
+        ) else {
+            continue;
+        };
+        let now = (
+            agent["buffer"]["n_appended"].as_u64().unwrap_or(0),
+            agent["buffer"]["n_events"].as_u64().unwrap_or(0),
+            agent["uplink"]["n_events_acked"].as_u64().unwrap_or(0),
+            aggregator["ingest"]["n_events_stored"]
+                .as_u64()
+                .unwrap_or(0),
+        );
+        let elapsed = last_at.elapsed().as_secs_f64().max(0.001);
+        let rate = last.map_or(0.0, |l| now.0.saturating_sub(l.0) as f64 / elapsed);
+        if last != Some(now) {
+            println!(
+                "  agent: {} received ({rate:.0}/s), {} buffered, {} delivered | aggregator: {} stored since start",
+                now.0, now.1, now.2, now.3
+            );
+        }
+        last = Some(now);
+        last_at = Instant::now();
+    }
 }
