@@ -11,9 +11,10 @@ pub mod agents_table;
 pub mod api;
 pub mod certs;
 pub mod cli;
+pub mod federation;
 pub mod ingest;
-pub mod ops;
 pub mod metrics;
+pub mod ops;
 pub mod pgwire;
 pub mod query;
 pub mod schema;
@@ -35,9 +36,9 @@ pub async fn run(
     config: AggregatorConfig,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.data_dir)
     // Before anything records: the facade drops what arrives with no recorder installed.
     crate::metrics::install();
+    std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("create aggregator.data_dir {}", config.data_dir.display()))?;
     std::fs::create_dir_all(&config.storage.events_dir).with_context(|| {
         format!(
@@ -71,6 +72,7 @@ pub async fn run(
         &config.storage.events_dir,
     )?);
     engine.create_views().await?;
+    engine.register_federation(&config.federation).await;
 
     let endpoint = ingest::endpoint(&config.ingest)?;
     let ingest_addr = endpoint.local_addr().context("read ingest address")?;
@@ -119,9 +121,9 @@ pub async fn run(
     });
 
     let agents = Arc::new(ingest::ConnectedAgents::default());
+    engine.register_agents(Arc::clone(&agents), wal.clone())?;
     let ops = Arc::new(ops::Ops::new(
         &config,
-    engine.register_agents(Arc::clone(&agents), wal.clone())?;
         ops::Listen {
             ingest: ingest_addr.to_string(),
             query: query_addr.to_string(),
@@ -201,9 +203,9 @@ async fn flush_loop(
     storage: runnel_config::StorageConfig,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let interval = Duration::from_millis(storage.flush_interval_ms);
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let interval = Duration::from_millis(storage.flush_interval_ms);
     ticker.tick().await;
     loop {
         tokio::select! {

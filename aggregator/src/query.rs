@@ -156,6 +156,12 @@ impl QueryEngine {
         self.ctx.sql(ALERTS_VIEW).await?;
         Ok(())
     }
+
+    /// Registers the `[[federation]]` sources (read-only schemas and tables). Never fails: a
+    /// source that cannot be read is logged and fails the queries that name it.
+    pub async fn register_federation(&self, entries: &[runnel_config::FederationConfig]) {
+        crate::federation::register(&self.ctx, entries, self.timeout).await;
+    }
 }
 
 /// Registers the `agents` table: the fleet as the WAL and the open connections know it.
@@ -181,18 +187,18 @@ impl QueryEngine {
 pub const ALERTS_VIEW: &str = "CREATE VIEW alerts AS SELECT agent_id, seq, event_time, receive_time, \
      name, event_id, score, attrs FROM events WHERE stream = 'alerts'";
 
-     FROM events WHERE stream = 'dead_letters'";
-
-/// Events agents dropped under a `drop_newest` / `drop_oldest` buffer policy: one row per agent
-/// commit, stream and reason. `SELECT stream, sum(n_events) FROM agent_drops GROUP BY stream` is
-/// exact: each report was committed in the same transaction as the drop it counts.
-pub const AGENT_DROPS_VIEW: &str = "CREATE VIEW agent_drops AS SELECT agent_id, seq, receive_time AS time, \
 /// Dead letters: input a source could not decode, kept with the reason and (capped) raw bytes.
 /// They are events on stream `dead_letters`; this view puts their attributes in columns.
 pub const DEAD_LETTERS_VIEW: &str = "CREATE VIEW dead_letters AS SELECT agent_id, seq, receive_time, source, \
      json_get_str(attrs, 'reason') AS reason, json_get_str(attrs, 'topic') AS topic, \
      json_get_int(attrs, 'raw_bytes') AS raw_bytes, json_get_bool(attrs, 'raw_truncated') AS raw_truncated, \
      json_get_str(attrs, 'raw') AS raw \
+     FROM events WHERE stream = 'dead_letters'";
+
+/// Events agents dropped under a `drop_newest` / `drop_oldest` buffer policy: one row per agent
+/// commit, stream and reason. `SELECT stream, sum(n_events) FROM agent_drops GROUP BY stream` is
+/// exact: each report was committed in the same transaction as the drop it counts.
+pub const AGENT_DROPS_VIEW: &str = "CREATE VIEW agent_drops AS SELECT agent_id, seq, receive_time AS time, \
      json_get_str(attrs, 'stream') AS stream, json_get_str(attrs, 'reason') AS reason, \
      json_get_int(attrs, 'n_events') AS n_events \
      FROM events WHERE stream = 'agent_drops'";
