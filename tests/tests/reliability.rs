@@ -772,18 +772,23 @@ async fn disk_full_then_freed() {
 
 /// The shipping path of the overload scenarios: one batch of at most this many events in
 /// flight over a link with `OVERLOAD_LINK_DELAY_MS` each way, so the agent ships at most
-/// about `OVERLOAD_BATCH_EVENTS` per round trip, whatever the machine.
+/// about `OVERLOAD_BATCH_EVENTS` per round trip (50 events/s), whatever the machine. Blocked
+/// clients offer roughly 1000 events/s, so 10x holds in the steady state too.
 const OVERLOAD_BATCH_EVENTS: u64 = 10;
 const OVERLOAD_LINK_DELAY_MS: u64 = 100;
 
-fn slow_link_spec(when_full: &str, priorities: &str) -> RigSpec {
+/// Batch size for the drop policies: they need a full buffer, not a ratio, and bigger batches
+/// drain the 1 MiB backlog faster once the link is fast again.
+const DROP_POLICY_BATCH_EVENTS: u64 = 50;
+
+fn slow_link_spec(when_full: &str, priorities: &str, max_batch_events: u64) -> RigSpec {
     let when_full = when_full.to_owned();
     let priorities = priorities.to_owned();
     RigSpec {
         via_proxy: true,
         agent: AgentOptions {
             synchronous: "full",
-            max_batch_events: OVERLOAD_BATCH_EVENTS,
+            max_batch_events,
             ..AgentOptions::default()
         },
         extra: AgentExtra {
@@ -812,7 +817,11 @@ fn slow_link() -> Faults {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn overload_ten_times_with_block() {
     let scale = scale();
-    let rig = Rig::start("rel-overload-block", slow_link_spec("block", "")).await;
+    let rig = Rig::start(
+        "rel-overload-block",
+        slow_link_spec("block", "", OVERLOAD_BATCH_EVENTS),
+    )
+    .await;
     rig.proxy().set(slow_link());
     let mut referee = new_referee(&scale, "overload_10x_block");
     let query_addr = rig.query_addr();
@@ -880,7 +889,7 @@ async fn drop_policy_scenario(when_full: &str, priorities: &str, scenario: &str)
     let scale = scale();
     let rig = Rig::start(
         &format!("rel-{}", scenario.replace('_', "-")),
-        slow_link_spec(when_full, priorities),
+        slow_link_spec(when_full, priorities, DROP_POLICY_BATCH_EVENTS),
     )
     .await;
     rig.proxy().set(slow_link());
