@@ -16,6 +16,8 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+use runnel_common::exposition::Exposition;
+
 use crate::ops::Ops;
 
 /// Seconds buckets from 1 ms to 30 s: batch round trips on a LAN to a stalled uplink.
@@ -134,21 +136,4 @@ async fn scrape(State(ops): State<Arc<Ops>>) -> impl IntoResponse {
         )],
         text,
     )
-}
-
-/// Appends scrape-time series in the Prometheus text format.
-struct Exposition<'a>(&'a mut String);
-
-impl Exposition<'_> {
-    fn gauge(&mut self, name: &str, help: &str, value: f64) {
-        self.0.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
-        ));
-    }
-
-    fn counter(&mut self, name: &str, help: &str, value: u64) {
-        self.0.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
-        ));
-    }
 }

@@ -15,6 +15,8 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+use runnel_common::exposition::Exposition;
+
 use crate::ops::Ops;
 
 /// Seconds buckets from 1 ms to 30 s: a point query to a query at its time limit.
@@ -102,6 +104,7 @@ async fn scrape(State(ops): State<Arc<Ops>>) -> impl IntoResponse {
     out.labelled_gauges(
         "runnel_aggregator_agent_buffered_events",
         "Events held in each connected agent's buffer, as of its last heartbeat.",
+        "agent_id",
         status
             .ingest
             .agents
@@ -115,36 +118,4 @@ async fn scrape(State(ops): State<Arc<Ops>>) -> impl IntoResponse {
         )],
         text,
     )
-}
-
-/// Appends scrape-time series in the Prometheus text format.
-struct Exposition<'a>(&'a mut String);
-
-impl Exposition<'_> {
-    fn gauge(&mut self, name: &str, help: &str, value: f64) {
-        self.0.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}\n"
-        ));
-    }
-
-    fn counter(&mut self, name: &str, help: &str, value: u64) {
-        self.0.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
-        ));
-    }
-
-    fn labelled_gauges<'a>(
-        &mut self,
-        name: &str,
-        help: &str,
-        values: impl Iterator<Item = (&'a str, f64)>,
-    ) {
-        self.0
-            .push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
-        for (agent_id, value) in values {
-            let agent_id = agent_id.replace('\\', "\\\\").replace('"', "\\\"");
-            self.0
-                .push_str(&format!("{name}{{agent_id=\"{agent_id}\"}} {value}\n"));
-        }
-    }
 }

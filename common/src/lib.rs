@@ -11,6 +11,7 @@
 
 pub mod batch;
 pub mod event;
+pub mod exposition;
 pub mod frame;
 pub mod human;
 pub mod limits;
