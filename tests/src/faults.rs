@@ -1335,12 +1335,23 @@ pub struct SmallDisk {
 }
 
 impl SmallDisk {
-    /// Whether this process may mount filesystems (it runs as root).
-    pub fn can_mount() -> bool {
-        std::process::Command::new("id")
+    /// Whether this process may mount a tmpfs (root with the capability to mount: not every
+    /// container grants it); the error says why not. Tries it on a temporary directory.
+    pub fn can_mount() -> Result<(), String> {
+        let is_root = std::process::Command::new("id")
             .arg("-u")
             .output()
-            .is_ok_and(|output| String::from_utf8_lossy(&output.stdout).trim() == "0")
+            .is_ok_and(|output| String::from_utf8_lossy(&output.stdout).trim() == "0");
+        if !is_root {
+            return Err("not root".to_owned());
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("runnel-mount-check-")
+            .tempdir()
+            .map_err(|error| format!("create a temp dir: {error}"))?;
+        let disk = SmallDisk::mount(dir.path(), 1 << 20).map_err(|error| format!("{error:#}"))?;
+        drop(disk);
+        Ok(())
     }
 
     /// Mounts a tmpfs of `size_bytes` on `path` (created).
