@@ -558,6 +558,14 @@ impl Writer {
                     let _ = reply.send(Ok(n));
                 }
                 let n_dropped: u64 = drops.values().sum();
+                for ((stream, reason), n) in &drops {
+                    metrics::counter!(
+                        "runnel_agent_dropped_events_total",
+                        "stream" => stream.clone(),
+                        "reason" => reason.as_str()
+                    )
+                    .increment(*n);
+                }
                 if n_dropped > 0 {
                     stats.n_dropped.fetch_add(n_dropped, Ordering::Relaxed);
                     tracing::debug!(

@@ -1,8 +1,8 @@
 //! Prometheus `GET /metrics` on the HTTP source's listener.
 //!
 //! Two kinds of series. Events as they happen go through the `metrics` facade where they occur
-//! (`runnel_agent_events_received_total` by source, the batch round-trip histogram, QUIC path
-//! figures). State the agent already keeps (buffer depth, oldest unshipped age, counters of the
+//! (`runnel_agent_events_received_total` by source, `runnel_agent_dropped_events_total` by
+//! stream and reason, the batch round-trip histogram, QUIC path figures). State the agent already keeps (buffer depth, oldest unshipped age, counters of the
 //! buffer and the uplink) is read from [`Ops::status`] at scrape time, so it is never stale and
 //! costs nothing between scrapes.
 //!
@@ -93,11 +93,6 @@ async fn scrape(State(ops): State<Arc<Ops>>) -> impl IntoResponse {
         "runnel_agent_shipped_events_total",
         "Events acknowledged by the aggregator and removed from the buffer.",
         buffer.n_deleted,
-    );
-    out.counter(
-        "runnel_agent_dropped_events_total",
-        "Events discarded or evicted by a drop_newest/drop_oldest buffer policy (per stream and reason in the agent_drops table at the aggregator).",
-        buffer.n_dropped,
     );
     out.counter(
         "runnel_agent_buffer_full_refusals_total",
