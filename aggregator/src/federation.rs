@@ -342,12 +342,21 @@ struct RemoteSchema {
     discovering: tokio::sync::Mutex<()>,
 }
 
-#[derive(Debug)]
 struct SchemaInner {
     entry: String,
     source: Source,
     state: Mutex<Discovery>,
     scans: Arc<Semaphore>,
+}
+
+// Debug by hand: a table refers back to its schema, so derived Debug would never end.
+impl fmt::Debug for SchemaInner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SchemaInner")
+            .field("entry", &self.entry)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -913,7 +922,7 @@ fn scan_sqlite(
 // Remote tables
 
 /// One remote table or view.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 struct RemoteTable {
     inner: Arc<SchemaInner>,
     /// The remote name.
@@ -922,6 +931,16 @@ struct RemoteTable {
     from_sql: String,
     columns: Vec<RemoteColumn>,
     schema: SchemaRef,
+}
+
+impl fmt::Debug for RemoteTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RemoteTable")
+            .field("entry", &self.inner.entry)
+            .field("name", &self.name)
+            .field("columns", &self.columns)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How one remote column is read and filtered.
@@ -1788,6 +1807,65 @@ mod tests {
             format!("{array:?}").split_whitespace().collect::<String>(),
             "PrimitiveArray<Int64>[7,null,null,]"
         );
+    }
+
+    #[tokio::test]
+    async fn file_sources_register_and_missing_ones_say_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let regions = dir.path().join("regions");
+        std::fs::create_dir_all(&regions).unwrap();
+        std::fs::write(regions.join("a.csv"), "user_id,region\nu1,north\n").unwrap();
+        std::fs::write(regions.join("b.csv"), "user_id,region\nu2,south\n").unwrap();
+        std::fs::write(regions.join("c.txt"), "not,this\n").unwrap();
+        let ctx = SessionContext::new();
+        let entry = |name: &str, path: PathBuf| FederationConfig {
+            name: name.into(),
+            source: FederationSource::Files {
+                format: FileFormat::Csv,
+                path,
+                file_extension: ".csv".into(),
+                has_header: true,
+            },
+        };
+        let entries = [
+            entry("regions", regions),
+            entry("gone", dir.path().join("missing")),
+        ];
+        register(&ctx, &entries, Duration::from_secs(30)).await;
+        let batches = ctx
+            .sql("SELECT user_id, region FROM regions ORDER BY user_id")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        let text = datafusion::arrow::util::pretty::pretty_format_batches(&batches)
+            .unwrap()
+            .to_string();
+        assert!(text.contains("| u1      | north  |"), "{text}");
+        assert!(text.contains("| u2      | south  |"), "{text}");
+        assert_eq!(batches.iter().map(RecordBatch::num_rows).sum::<usize>(), 2);
+        let error = match ctx.sql("SELECT * FROM gone").await {
+            Ok(frame) => frame.collect().await.unwrap_err(),
+            Err(error) => error,
+        };
+        let message = error.strip_backtrace();
+        assert!(message.contains("federation entry `gone`"), "{message}");
+        assert!(message.contains("does not exist"), "{message}");
+    }
+
+    #[test]
+    fn debug_output_ends() {
+        // A table refers back to its schema, which lists its tables: Debug must not recurse.
+        let table = Arc::new(pg_table());
+        let mut state = table.inner.state.lock().unwrap();
+        state.tables = Some(BTreeMap::from([(
+            "customers".to_owned(),
+            Arc::clone(&table),
+        )]));
+        drop(state);
+        let shown = format!("{table:?} {:?}", table.inner);
+        assert!(shown.contains("customers"), "{shown}");
     }
 
     #[test]
