@@ -53,7 +53,7 @@ pub const DROP_REPORT_STREAM: &str = "agent_drops";
 const DROP_REPORT_PRIORITY: i64 = 1000;
 
 /// Why events were dropped; the `reason` of a drop report.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum DropReason {
     /// `when_full = "drop_newest"`: arriving events discarded.
     BufferFullDropNewest,
@@ -367,6 +367,29 @@ struct Writer {
     /// it may be in flight and are never evicted: evicting them would count as dropped events
     /// the aggregator then stores anyway.
     read_mark: u64,
+    /// The newest drop report row per (stream, reason): its seq, count and encoded size. While
+    /// its seq is above `read_mark` (the uplink has not read it), later drops of the same key add
+    /// to it instead of writing a row each: under sustained overload reports stay one row per
+    /// key and shipping round, not one per commit, so they cannot crowd out events.
+    open_reports: std::collections::HashMap<(String, DropReason), OpenReport>,
+    /// Commits with deletes since the file was last shrunk.
+    n_commits_since_shrink: u32,
+}
+
+/// Shrink the file after this many commits that deleted rows (or when the buffer is empty).
+const SHRINK_EVERY_COMMITS: u32 = 64;
+
+/// Free pages worth giving back to the file system (4 KiB pages: 1 MiB).
+const SHRINK_MIN_FREE_PAGES: i64 = 256;
+
+/// Largest size SQLite leaves the write-ahead log at after a checkpoint resets it.
+const JOURNAL_SIZE_LIMIT_BYTES: u64 = 4 * 1024 * 1024;
+
+#[derive(Debug, Clone, Copy)]
+struct OpenReport {
+    seq: u64,
+    n_events: u64,
+    n_bytes: u64,
 }
 
 impl Writer {
@@ -407,6 +430,8 @@ impl Writer {
             priorities: config.stream_priorities.clone(),
             head,
             read_mark: 0,
+            open_reports: std::collections::HashMap::new(),
+            n_commits_since_shrink: 0,
         })
     }
 
@@ -451,7 +476,17 @@ impl Writer {
                 }
             }
             if !appends.is_empty() || !deletes.is_empty() {
+                let had_deletes = !deletes.is_empty();
                 self.commit_group(&mut deletes, &mut appends, stats);
+                if had_deletes {
+                    self.n_commits_since_shrink += 1;
+                    if self.n_commits_since_shrink >= SHRINK_EVERY_COMMITS
+                        || self.head.n_events == 0
+                    {
+                        self.n_commits_since_shrink = 0;
+                        self.shrink();
+                    }
+                }
             }
             for op in others.drain(..) {
                 self.handle(op);
@@ -477,8 +512,10 @@ impl Writer {
             conn,
             head,
             priorities,
+            open_reports,
             ..
         } = self;
+        let mut reports_after: Vec<((String, DropReason), OpenReport)> = Vec::new();
         let (max_bytes, when_full, read_mark) = (self.max_bytes, self.when_full, self.read_mark);
         let result = (|| -> rusqlite::Result<()> {
             let tx = conn.transaction()?;
@@ -539,19 +576,52 @@ impl Writer {
                     n_dropped: 0,
                 }));
             }
-            if !drops.is_empty() {
-                let reports = drop_reports(&drops);
-                let n_report_bytes: u64 = reports.iter().map(|e| e.0.len() as u64).sum();
-                // Reports may exceed max_bytes by their own (small) size: losing them would make
-                // the drop counts wrong, which is worse.
-                insert_events(&tx, head, priorities, &reports)?;
-                head.n_events += reports.len() as u64;
-                head.n_bytes += n_report_bytes;
+            // Reports may exceed max_bytes by their own (small) size: losing them would make
+            // the drop counts wrong, which is worse. One row per key while unread (see
+            // `open_reports`).
+            for (key, n) in &drops {
+                let open = open_reports
+                    .get(key)
+                    .copied()
+                    .filter(|open| open.seq > read_mark);
+                let n_events = open.map_or(0, |open| open.n_events) + n;
+                let report = drop_report(&key.0, key.1, n_events);
+                let n_bytes = report.0.len() as u64;
+                let updated = match open {
+                    Some(open) => {
+                        let n_rows = tx
+                            .prepare_cached("UPDATE events SET data = ?1 WHERE seq = ?2")?
+                            .execute(params![report.0, open.seq])?;
+                        (n_rows == 1).then(|| {
+                            head.n_bytes = head.n_bytes - open.n_bytes + n_bytes;
+                            open.seq
+                        })
+                    }
+                    None => None,
+                };
+                let seq = match updated {
+                    Some(seq) => seq,
+                    None => {
+                        let (_, seq) = insert_events(&tx, head, priorities, &[report])?;
+                        head.n_events += 1;
+                        head.n_bytes += n_bytes;
+                        seq
+                    }
+                };
+                reports_after.push((
+                    key.clone(),
+                    OpenReport {
+                        seq,
+                        n_events,
+                        n_bytes,
+                    },
+                ));
             }
             tx.commit()
         })();
         match result {
             Ok(()) => {
+                self.open_reports.extend(reports_after);
                 stats.n_commits.fetch_add(1, Ordering::Relaxed);
                 for (PendingDelete { reply, .. }, n) in deletes.drain(..).zip(n_deleted) {
                     stats.n_deleted.fetch_add(n, Ordering::Relaxed);
@@ -753,6 +823,32 @@ impl Writer {
         }))
     }
 
+    /// Gives disk space back. SQLite keeps the pages of deleted rows for reuse, so without this a
+    /// buffer that once held a large backlog would stay that large on disk; `auto_vacuum =
+    /// INCREMENTAL` lets us return them a chunk at a time, without rewriting the file.
+    fn shrink(&mut self) {
+        let free_pages: i64 = self
+            .conn
+            .query_row("PRAGMA freelist_count", [], |row| row.get(0))
+            .unwrap_or(0);
+        if free_pages < SHRINK_MIN_FREE_PAGES {
+            return;
+        }
+        // The pragma frees one page per step: step it to the end.
+        let result = (|| -> rusqlite::Result<()> {
+            let mut vacuum = self.conn.prepare("PRAGMA incremental_vacuum")?;
+            let mut rows = vacuum.query([])?;
+            while rows.next()?.is_some() {}
+            drop(rows);
+            drop(vacuum);
+            self.conn
+                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+        })();
+        if let Err(error) = result {
+            tracing::debug!(path = %self.path.display(), %error, "buffer shrink failed");
+        }
+    }
+
     fn delete_range(&mut self, after_seq: u64, last_seq: u64) -> anyhow::Result<u64> {
         let tx = self.conn.transaction()?;
         let (n_events, n_bytes) = delete_rows(&tx, after_seq, last_seq)?;
@@ -923,38 +1019,31 @@ fn evict(
 }
 
 /// One drop-report event per (stream, reason).
-fn drop_reports(
-    drops: &std::collections::BTreeMap<(String, DropReason), u64>,
-) -> Vec<EncodedEvent> {
-    let now_ms = crate::now_unix_ms();
-    drops
-        .iter()
-        .map(|((stream, reason), n)| {
-            let mut attrs = std::collections::BTreeMap::new();
-            attrs.insert(
-                "stream".to_owned(),
-                runnel_common::Value::String(stream.clone()),
-            );
-            attrs.insert(
-                "reason".to_owned(),
-                runnel_common::Value::String(reason.as_str().to_owned()),
-            );
-            attrs.insert(
-                "n_events".to_owned(),
-                runnel_common::Value::Int(i64::try_from(*n).unwrap_or(i64::MAX)),
-            );
-            let event = Event {
-                attrs,
-                ..Event::new(
-                    runnel_common::SourceKind::Internal,
-                    DROP_REPORT_STREAM,
-                    "events_dropped",
-                    now_ms,
-                )
-            };
-            EncodedEvent::encode(&event).expect("a drop report is small and always encodes")
-        })
-        .collect()
+/// The report event of `n` events of `stream` dropped for `reason`.
+fn drop_report(stream: &str, reason: DropReason, n: u64) -> EncodedEvent {
+    let mut attrs = std::collections::BTreeMap::new();
+    attrs.insert(
+        "stream".to_owned(),
+        runnel_common::Value::String(stream.to_owned()),
+    );
+    attrs.insert(
+        "reason".to_owned(),
+        runnel_common::Value::String(reason.as_str().to_owned()),
+    );
+    attrs.insert(
+        "n_events".to_owned(),
+        runnel_common::Value::Int(i64::try_from(n).unwrap_or(i64::MAX)),
+    );
+    let event = Event {
+        attrs,
+        ..Event::new(
+            runnel_common::SourceKind::Internal,
+            DROP_REPORT_STREAM,
+            "events_dropped",
+            crate::now_unix_ms(),
+        )
+    };
+    EncodedEvent::encode(&event).expect("a drop report is small and always encodes")
 }
 
 fn open_connection(path: &Path, synchronous: &str) -> anyhow::Result<Connection> {
@@ -967,9 +1056,17 @@ fn open_connection(path: &Path, synchronous: &str) -> anyhow::Result<Connection>
         "buffer {}: SQLite refused WAL mode (got {journal_mode}); is it on a network filesystem?",
         path.display()
     );
+    // Free pages go back to the file system (see `Writer::shrink`). A buffer made before this
+    // is converted once, by a VACUUM.
+    let auto_vacuum: i64 = conn.query_row("PRAGMA auto_vacuum", [], |row| row.get(0))?;
+    if auto_vacuum != 2 {
+        conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL; VACUUM;")
+            .with_context(|| format!("enable incremental vacuum on {}", path.display()))?;
+    }
     conn.execute_batch(&format!(
         "PRAGMA synchronous = {synchronous};
          PRAGMA busy_timeout = 5000;
+         PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT_BYTES};
          CREATE TABLE IF NOT EXISTS events (
              seq INTEGER PRIMARY KEY AUTOINCREMENT,
              data BLOB NOT NULL,
@@ -1210,6 +1307,82 @@ mod tests {
             ]
         );
         assert_eq!(buffer.stats().n_dropped.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn a_drained_backlog_gives_its_disk_space_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path(), 1 << 30);
+        let (buffer, _thread) = Buffer::open(&config).unwrap();
+        let padded = |n: i64| {
+            let mut event: Event = postcard::from_bytes(&event(n).0).unwrap();
+            event
+                .attrs
+                .insert("pad".into(), Value::String("x".repeat(1000)));
+            EncodedEvent::encode(&event).unwrap()
+        };
+        for chunk in 0..20 {
+            let events = (0..200).map(|i| padded(chunk * 200 + i)).collect();
+            buffer.append(events).await.unwrap();
+        }
+        let file_bytes = |path: &Path| std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        let wal = dir.path().join("buffer.sqlite-wal");
+        let full = file_bytes(&config.path) + file_bytes(&wal);
+        assert!(full > 4_000_000, "4,000 events of 1 KB: {full} bytes");
+        let last = buffer.head().borrow().last_seq;
+        buffer.delete_range(0, last).await.unwrap();
+        // The writer shrinks the file right after the commit that emptied it (after replying).
+        let mut empty = file_bytes(&config.path);
+        for _ in 0..100 {
+            if empty < 1_000_000 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            empty = file_bytes(&config.path);
+        }
+        assert!(
+            empty < 1_000_000,
+            "after the backlog is shipped the file shrinks: {empty} bytes (was {full} with its WAL)"
+        );
+        assert!(
+            file_bytes(&wal) <= JOURNAL_SIZE_LIMIT_BYTES + 1_000_000,
+            "WAL: {} bytes",
+            file_bytes(&wal)
+        );
+    }
+
+    #[tokio::test]
+    async fn drop_reports_add_up_in_one_row_until_the_uplink_reads_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = on_stream("web").0.len() as u64;
+        let config = BufferConfig {
+            when_full: WhenFull::DropNewest,
+            ..config(dir.path(), one * 2)
+        };
+        let (buffer, _thread) = Buffer::open(&config).unwrap();
+        buffer
+            .append(vec![on_stream("web"), on_stream("web")])
+            .await
+            .unwrap();
+        // Five commits that each drop: one report row, counting five.
+        for _ in 0..5 {
+            let appended = buffer.append(vec![on_stream("web")]).await.unwrap();
+            assert_eq!(appended.n_dropped, 1);
+        }
+        let head = *buffer.head().borrow();
+        assert_eq!(head.n_events, 3, "two events and one report");
+        // The uplink reads everything: the next drop starts a new row.
+        let read = buffer.read_raw(0, 1000, 1 << 30).await.unwrap();
+        assert_eq!(read.expect("rows to read").n_events, 3);
+        buffer.append(vec![on_stream("web")]).await.unwrap();
+        assert_eq!(
+            drop_reports_in(&buffer).await,
+            vec![
+                ("web".into(), "buffer_full_drop_newest".into(), 1),
+                ("web".into(), "buffer_full_drop_newest".into(), 5),
+            ]
+        );
+        assert_eq!(buffer.stats().n_dropped.load(Ordering::Relaxed), 6);
     }
 
     #[tokio::test]
