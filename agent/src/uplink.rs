@@ -306,11 +306,19 @@ async fn connection(
                 metrics::counter!("runnel_agent_quic_lost_packets_total").absolute(path.lost_packets);
                 metrics::counter!("runnel_agent_quic_sent_packets_total").absolute(path.sent_packets);
                 let head = *head_rx.borrow();
+                // A heartbeat without the age beats none: a failed read reports 0.
+                let oldest_unshipped_age_ms = match uplink.buffer.oldest().await {
+                    Ok(Some(oldest)) => u64::try_from(
+                        crate::now_unix_ms().saturating_sub(oldest.receive_time_ms),
+                    )
+                    .unwrap_or(0),
+                    Ok(None) | Err(_) => 0,
+                };
                 let beat = AgentMessage::Heartbeat(Heartbeat {
                     n_buffered_events: head.n_events,
                     buffered_bytes: head.n_bytes,
-                    oldest_unshipped_age_ms: 0,
-                    n_dropped_events: 0,
+                    oldest_unshipped_age_ms,
+                    n_dropped_events: uplink.buffer.stats().n_dropped.load(std::sync::atomic::Ordering::Relaxed),
                 });
                 write_frame(&mut control_send, &beat, MAX_CONTROL_FRAME_BYTES).await?;
             }
