@@ -9,6 +9,7 @@
 pub mod buffer;
 pub mod cli;
 pub mod decode;
+pub mod fuzzing;
 pub mod http;
 pub mod metrics;
 pub mod mqtt;

@@ -13,6 +13,7 @@ pub mod batch;
 pub mod event;
 pub mod exposition;
 pub mod frame;
+pub mod fuzzing;
 pub mod human;
 pub mod limits;
 pub mod session;

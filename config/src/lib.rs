@@ -12,6 +12,7 @@ mod agent;
 mod aggregator;
 mod common;
 mod error;
+pub mod fuzzing;
 mod sources;
 
 pub use agent::{
