@@ -105,6 +105,15 @@ fn check(path: PathBuf) -> anyhow::Result<()> {
     let config = runnel_config::load_agent(&path)?;
     let identity =
         crate::tls::load_identity(&config.uplink).context("check uplink certificates")?;
+    // Compiles every rule and loads every model, exactly as `run` would.
+    crate::pipeline::Pipeline::build(
+        &config,
+        &crate::pipeline::BuildContext {
+            data_dir: config.data_dir.clone(),
+            agent_id: identity.agent_id.clone(),
+        },
+    )
+    .context("check rules, windows and models")?;
     println!(
         "{}: OK\n  agent id    {}\n  http        {}\n  buffer      {} (max {} bytes, synchronous = {})\n  aggregator  {} (server name {})",
         path.display(),

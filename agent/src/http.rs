@@ -24,6 +24,7 @@ use runnel_config::{HttpSourceConfig, SegmentConfig, SnowplowConfig};
 
 use crate::buffer::{AppendError, Appended, Buffer, EncodedEvent};
 use crate::decode::{self, Received};
+use crate::pipeline::PipelineHandle;
 
 /// Seconds a client should wait before retrying when the buffer is full. Short: the buffer drains
 /// as fast as the uplink ships, and clients back off on repeated 503s anyway.
@@ -46,6 +47,7 @@ const SNOWPLOW_TP2: &str = "/com.snowplowanalytics.snowplow/tp2";
 
 struct SourceState {
     buffer: Buffer,
+    pipeline: PipelineHandle,
     block_timeout_ms: u64,
     http: HttpSourceConfig,
     snowplow: SnowplowConfig,
@@ -58,9 +60,11 @@ pub fn router(
     segment: &SegmentConfig,
     block_timeout_ms: u64,
     buffer: Buffer,
+    pipeline: PipelineHandle,
 ) -> axum::Router {
     let state = Arc::new(SourceState {
         buffer,
+        pipeline,
         block_timeout_ms,
         http: http.clone(),
         snowplow: snowplow.clone(),
@@ -263,6 +267,8 @@ async fn commit(
             None => by_source.push((source, 1)),
         }
     }
+    // Rules may drop, route or add events (alerts); the source's counts above are what arrived.
+    let events = state.pipeline.process(events).await;
     let mut encoded = Vec::with_capacity(events.len());
     for (event_idx, event) in events.iter().enumerate() {
         let e = EncodedEvent::encode(event).map_err(|error| {

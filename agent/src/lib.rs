@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod mqtt;
 pub mod mqtt_listener;
 pub mod ops;
+pub mod pipeline;
 pub mod tls;
 pub mod uplink;
 
@@ -48,6 +49,14 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> anyhow
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("create agent.data_dir {}", config.data_dir.display()))?;
     let identity = tls::load_identity(&config.uplink)?;
+    let pipeline = pipeline::Pipeline::build(
+        &config,
+        &pipeline::BuildContext {
+            data_dir: config.data_dir.clone(),
+            agent_id: identity.agent_id.clone(),
+        },
+    )?;
+    let pipeline = pipeline::PipelineHandle::new(pipeline);
     let (buffer, buffer_thread) = buffer::Buffer::open(&config.buffer)?;
 
     let listener = tokio::net::TcpListener::bind(config.http.listen)
@@ -88,6 +97,7 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> anyhow
                     agent_id: identity.agent_id.clone(),
                     buffer: buffer.clone(),
                     max_event_bytes: config.http.max_event_bytes,
+                    pipeline: pipeline.clone(),
                 },
                 shutdown.clone(),
             ))
@@ -100,6 +110,7 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> anyhow
                 config: config.mqtt_listener.clone(),
                 buffer: buffer.clone(),
                 max_event_bytes: config.http.max_event_bytes,
+                pipeline: pipeline.clone(),
             },
             shutdown.clone(),
         ))
@@ -125,6 +136,11 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> anyhow
         },
         shutdown.clone(),
     ));
+    let timers = tokio::spawn(pipeline::run_timers(
+        pipeline.clone(),
+        buffer.clone(),
+        shutdown.clone(),
+    ));
     let mut http_shutdown = shutdown.clone();
     let router = http::router(
         &config.http,
@@ -132,6 +148,7 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> anyhow
         &config.segment,
         config.buffer.block_timeout_ms,
         buffer.clone(),
+        pipeline.clone(),
     )
     .merge(ops::router(Arc::clone(&ops)))
     .merge(crate::metrics::router(Arc::clone(&ops)));
@@ -156,6 +173,10 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> anyhow
         && let Err(error) = listener.await
     {
         tracing::error!(%error, "MQTT listener task failed");
+    }
+    // After the sources: the last alerts are committed and window state saved.
+    if let Err(error) = timers.await {
+        tracing::error!(%error, "pipeline timer task failed");
     }
     if let Err(error) = uplink.await {
         tracing::error!(%error, "uplink task failed");

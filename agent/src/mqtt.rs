@@ -35,6 +35,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use crate::buffer::{AppendError, Buffer, DeliveryMark, EncodedEvent};
 use crate::decode::{self, Received};
+use crate::pipeline::PipelineHandle;
 
 /// Largest MQTT packet accepted from the broker: the wire format's event limit plus topic and
 /// header room. Larger packets close the connection (rumqttc), so they stay at the broker.
@@ -62,6 +63,8 @@ pub struct MqttSource {
     pub agent_id: String,
     pub buffer: Buffer,
     pub max_event_bytes: usize,
+    /// Rules, windows and models every decoded message runs through before its commit.
+    pub pipeline: PipelineHandle,
 }
 
 /// Runs the subscriber until `shutdown`. Connection failures are logged and retried.
@@ -93,6 +96,7 @@ pub async fn run(source: MqttSource, mut shutdown: watch::Receiver<bool>) {
             template: config.topic_template.clone(),
             buffer: source.buffer.clone(),
             max_event_bytes: source.max_event_bytes,
+            pipeline: source.pipeline.clone(),
         }),
         client.clone(),
         from_loop,
@@ -241,6 +245,7 @@ pub(crate) struct WorkerState {
     pub(crate) template: Option<String>,
     pub(crate) buffer: Buffer,
     pub(crate) max_event_bytes: usize,
+    pub(crate) pipeline: PipelineHandle,
 }
 
 /// A decoded publish waiting for its commit.
@@ -312,6 +317,7 @@ pub(crate) async fn prepare(state: &WorkerState, publish: Publish) -> Pending {
         &publish.payload,
         &received,
     );
+    let events = state.pipeline.process(events).await;
     let mut encoded = Vec::with_capacity(events.len());
     for event in events {
         let e = match EncodedEvent::encode(&event) {

@@ -85,6 +85,8 @@ pub struct MqttListener {
     pub buffer: Buffer,
     /// Encoded events larger than this become dead letters (`sources.http.max_event_bytes`).
     pub max_event_bytes: usize,
+    /// Rules, windows and models every decoded publish runs through before its commit.
+    pub pipeline: crate::pipeline::PipelineHandle,
 }
 
 /// Binds `sources.mqtt_listener.listen`. Separate from [`serve`] so that `run` fails on a bind
@@ -107,6 +109,7 @@ pub async fn serve(
         config: source.config,
         buffer: source.buffer,
         max_event_bytes: source.max_event_bytes,
+        pipeline: source.pipeline,
         sessions: Sessions::default(),
         n_connections: AtomicU64::new(0),
         warnings: LogLimiter::default(),
@@ -187,6 +190,7 @@ struct Shared {
     config: MqttListenerConfig,
     buffer: Buffer,
     max_event_bytes: usize,
+    pipeline: crate::pipeline::PipelineHandle,
     sessions: Sessions,
     /// Numbers connections, for session ownership and ids of anonymous clients.
     n_connections: AtomicU64,
@@ -443,6 +447,7 @@ async fn serve_connection(
         template: shared.config.topic_template.clone(),
         buffer: shared.buffer.clone(),
         max_event_bytes: shared.max_event_bytes,
+        pipeline: shared.pipeline.clone(),
     };
     let mut session = Session {
         state,
@@ -1024,6 +1029,9 @@ mod tests {
                 config,
                 buffer: buffer.clone(),
                 max_event_bytes: 64 * 1024,
+                pipeline: crate::pipeline::PipelineHandle::new(
+                    crate::pipeline::Pipeline::passthrough(),
+                ),
             },
             shutdown,
         ));

@@ -222,6 +222,9 @@ async fn connection(
         AggregatorMessage::Refused { reason } => {
             anyhow::bail!("aggregator refused this agent: {reason}")
         }
+        AggregatorMessage::ConfigPush(_) => {
+            anyhow::bail!("aggregator sent a config push before its welcome")
+        }
     };
     let mut session = UplinkSession::new(UplinkLimits {
         max_in_flight_batches: config.max_in_flight_batches,

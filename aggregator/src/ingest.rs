@@ -551,6 +551,9 @@ async fn read_control(
             Ok(AgentMessage::Hello(_)) => {
                 return anyhow::anyhow!("second Hello on the control stream");
             }
+            Ok(AgentMessage::Status(_) | AgentMessage::ConfigResult(_)) => {
+                return anyhow::anyhow!("protocol 2 message on a protocol 1 connection");
+            }
             Err(error) => return error,
         }
     }

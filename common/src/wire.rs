@@ -25,7 +25,12 @@ pub const MIN_PROTOCOL_VERSION: u16 = 1;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum AgentMessage {
     Hello(Hello),
+    /// Protocol 1 status. Agents on protocol 2 send [`AgentMessage::Status`] instead.
     Heartbeat(Heartbeat),
+    /// Protocol 2: full status, sent every heartbeat interval and right after a config change.
+    Status(Status),
+    /// Protocol 2: the outcome of a [`ConfigPush`].
+    ConfigResult(ConfigResult),
 }
 
 /// Aggregator -> agent on the control stream.
@@ -36,6 +41,8 @@ pub enum AggregatorMessage {
     Refused {
         reason: String,
     },
+    /// Protocol 2: a managed pipeline config the agent should apply.
+    ConfigPush(ConfigPush),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -77,6 +84,76 @@ pub struct Heartbeat {
     /// Age of the oldest event not yet acknowledged by the aggregator.
     pub oldest_unshipped_age_ms: u64,
     pub n_dropped_events: u64,
+}
+
+/// Agent status on protocol 2: what the fleet registry shows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// Hash of the effective config the agent runs (bootstrap merged with the managed config).
+    pub config_hash: String,
+    /// Version of the managed config document it runs (0: none pushed yet, bootstrap only).
+    pub config_version: u64,
+    /// The agent's software version.
+    pub agent_version: String,
+    /// Health per component (sources, buffer, uplink, pipeline), in a stable order.
+    pub components: Vec<ComponentHealth>,
+    pub n_buffered_events: u64,
+    pub buffered_bytes: u64,
+    /// Age of the oldest event not yet acknowledged by the aggregator.
+    pub oldest_unshipped_age_ms: u64,
+    /// Events dropped since the agent started, by reason (`buffer_full_drop_newest`, ...).
+    pub drops: BTreeMap<String, u64>,
+    /// Other counters since start, by name (`events_received`, `action_errors`, ...).
+    pub counters: BTreeMap<String, u64>,
+}
+
+/// One component's health in a [`Status`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ComponentHealth {
+    /// `http`, `mqtt:<name>`, `mqtt_listener`, `buffer`, `uplink`, `pipeline`.
+    pub name: String,
+    pub healthy: bool,
+    /// Why it is unhealthy, or a short note ("" when there is nothing to say).
+    pub detail: String,
+}
+
+/// A managed config for the agent: the pipeline part of its config (sources, rules, windows,
+/// models, buffer policies), merged over the agent's local bootstrap file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfigPush {
+    /// Version of the config document at the aggregator (increasing).
+    pub version: u64,
+    /// Hash of the document and its files, as the aggregator computed it.
+    pub hash: String,
+    /// The managed config, TOML text.
+    pub document: String,
+    /// Files the document refers to (models), by the name it uses.
+    pub files: Vec<ConfigFile>,
+}
+
+/// A file travelling with a [`ConfigPush`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfigFile {
+    pub name: String,
+    /// SHA-256 of `content`, lowercase hex; checked by the agent before use.
+    pub sha256: String,
+    pub content: Vec<u8>,
+}
+
+/// The agent's answer to a [`ConfigPush`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfigResult {
+    pub version: u64,
+    pub hash: String,
+    pub outcome: ConfigOutcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ConfigOutcome {
+    /// Validated, built, swapped in and saved as last-good.
+    Applied,
+    /// Not applied; the agent keeps running its previous config.
+    Failed { error: String },
 }
 
 /// Agent -> aggregator, the only frame on a batch stream.

@@ -55,6 +55,8 @@ fn agent_message_name(message: &AgentMessage) -> &'static str {
     match message {
         AgentMessage::Hello(_) => "hello",
         AgentMessage::Heartbeat(_) => "heartbeat",
+        AgentMessage::Status(_) => "status",
+        AgentMessage::ConfigResult(_) => "config_result",
     }
 }
 
@@ -62,6 +64,7 @@ fn aggregator_message_name(message: &AggregatorMessage) -> &'static str {
     match message {
         AggregatorMessage::Welcome(_) => "welcome",
         AggregatorMessage::Refused { .. } => "refused",
+        AggregatorMessage::ConfigPush(_) => "config_push",
     }
 }
 

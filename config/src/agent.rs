@@ -11,10 +11,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::common::{Checker, GIB, KIB, MIB, Synchronous, Unit, quote};
 use crate::error::ConfigError;
+use crate::models::{ModelConfig, RawModels};
+use crate::rules::{RawRules, RulesConfig};
 use crate::sources::{
     MqttListenerConfig, MqttSourceConfig, RawMqtt, RawMqttListener, RawSegment, RawSnowplow,
     SegmentConfig, SnowplowConfig,
 };
+use crate::windows::{RawWindows, WindowConfig};
 
 // Limits copied from runnel-common as literals, so this crate builds without it; the values must
 // match `runnel_common::limits`.
@@ -79,6 +82,12 @@ pub struct AgentConfig {
     pub buffer: BufferConfig,
     /// The QUIC connection to the aggregator.
     pub uplink: UplinkConfig,
+    /// Stateless rules, in order (`[[rules]]`).
+    pub rules: RulesConfig,
+    /// Stateful rules: windows and their alerts (`[[windows]]`).
+    pub windows: Vec<WindowConfig>,
+    /// Models that score events before rules run (`[[models]]`).
+    pub models: Vec<ModelConfig>,
 }
 
 /// `[sources.http]`, validated.
@@ -164,6 +173,15 @@ struct RawAgentFile {
     /// `[uplink]`: the QUIC connection to the aggregator.
     #[serde(default)]
     uplink: RawUplink,
+    /// `[[rules]]`: stateless rules, applied in order to every event.
+    #[serde(default)]
+    rules: RawRules,
+    /// `[[windows]]`: stateful rules over tumbling or sliding windows.
+    #[serde(default)]
+    windows: RawWindows,
+    /// `[[models]]`: ONNX models that score events before rules run.
+    #[serde(default)]
+    models: RawModels,
 }
 
 /// `[agent]`
@@ -323,6 +341,9 @@ impl RawAgentFile {
         let mqtt_listener = self.sources.mqtt_listener.validate(checker)?;
         let buffer = self.buffer.validate(checker, &data_dir)?;
         let uplink = self.uplink.validate(checker, &http)?;
+        let models = self.models.validate(checker)?;
+        let rules = self.rules.validate(checker)?;
+        let windows = self.windows.validate(checker)?;
         Ok(AgentConfig {
             data_dir,
             labels,
@@ -333,6 +354,9 @@ impl RawAgentFile {
             mqtt_listener,
             buffer,
             uplink,
+            rules,
+            windows,
+            models,
         })
     }
 }

@@ -13,7 +13,10 @@ mod aggregator;
 mod common;
 mod error;
 pub mod fuzzing;
+mod models;
+mod rules;
 mod sources;
+mod windows;
 
 pub use agent::{
     AgentConfig, BufferConfig, DEFAULT_STREAM_PRIORITY, HttpSourceConfig, UplinkConfig, WhenFull,
@@ -25,6 +28,9 @@ pub use aggregator::{
 };
 pub use common::Synchronous;
 pub use error::ConfigError;
+pub use models::ModelConfig;
+pub use rules::RulesConfig;
 pub use sources::{
     MqttListenerConfig, MqttPayload, MqttSourceConfig, SegmentConfig, SnowplowConfig,
 };
+pub use windows::WindowConfig;
