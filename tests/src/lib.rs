@@ -835,6 +835,9 @@ impl AgentProcess {
 pub struct AgentExtra {
     /// `buffer.max_bytes` (None: default).
     pub buffer_max_bytes: Option<u64>,
+    /// `agent.labels` as an inline table, such as `{ site = "berlin", role = "pos" }` (None: the
+    /// harness's `{ test = "e2e" }`).
+    pub labels: Option<String>,
     /// TOML appended to the config after every table the harness writes: whole tables such as
     /// `[[sources.mqtt]]` or `[sources.segment]` (not `[agent]`, `[sources.http]`, `[buffer]` or
     /// `[uplink]`, which the harness writes).
@@ -857,6 +860,11 @@ pub fn agent_config_with(
             "agent_config writes [buffer]"
         );
         config = config.replacen("[buffer]\n", &with_size, 1);
+    }
+    if let Some(labels) = &extra.labels {
+        let default = "labels = { test = \"e2e\" }\n";
+        assert!(config.contains(default), "agent_config writes agent.labels");
+        config = config.replacen(default, &format!("labels = {labels}\n"), 1);
     }
     if !extra.toml.is_empty() {
         config.push('\n');
