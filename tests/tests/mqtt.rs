@@ -339,6 +339,7 @@ async fn start_mqtt_fleet(
     let template = format!("topic_template = \"{root}/{{site}}/{{device}}/telemetry\"\n");
     let extra = AgentExtra {
         buffer_max_bytes,
+        labels: None,
         toml: mqtt_source_toml(&broker, "sub", &root, &format!("{template}{source_more}")),
     };
     let fleet = start_fleet_with(

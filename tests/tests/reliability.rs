@@ -318,6 +318,7 @@ async fn agent_sigkill_loop_under_mqtt_listener_load() {
     let spec = RigSpec {
         extra: AgentExtra {
             buffer_max_bytes: None,
+            labels: None,
             toml: format!(
                 "[sources.mqtt_listener]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\n"
             ),
@@ -401,6 +402,7 @@ async fn agent_sigkill_loop_under_mqtt_broker_load() {
     let spec = RigSpec {
         extra: AgentExtra {
             buffer_max_bytes: None,
+            labels: None,
             toml: format!(
                 "[[sources.mqtt]]\n\
                  name = \"sub\"\n\
@@ -793,6 +795,7 @@ fn slow_link_spec(when_full: &str, priorities: &str, max_batch_events: u64) -> R
         },
         extra: AgentExtra {
             buffer_max_bytes: Some(1 << 20),
+            labels: None,
             toml: String::new(),
         },
         edit: Box::new(move |config| {
