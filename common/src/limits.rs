@@ -16,9 +16,21 @@ pub const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
 /// the data does not compress, hence the headroom.
 pub const MAX_FRAME_BYTES: usize = MAX_BATCH_BYTES + 64 * 1024;
 
-/// Largest control-stream frame (hello, welcome, heartbeat). Control messages are small; a large
-/// one is hostile.
-pub const MAX_CONTROL_FRAME_BYTES: usize = 1024 * 1024;
+/// Largest file (an ONNX model) travelling with a config push. Edge models (gradient-boosted
+/// trees, small MLPs) are kilobytes to a few MiB; a larger one does not belong on every agent.
+pub const MAX_CONFIG_FILE_BYTES: usize = 8 * 1024 * 1024;
+
+/// Most bytes of one config push: the document plus all its files.
+pub const MAX_CONFIG_PUSH_BYTES: usize = 16 * 1024 * 1024;
+
+/// Most files in one config push.
+pub const MAX_CONFIG_FILES: usize = 64;
+
+/// Largest control-stream frame (hello, welcome, status, config push and result). Status messages
+/// are small; a config push carries its models, hence the room for [`MAX_CONFIG_PUSH_BYTES`]
+/// plus the names and hashes around them. Peers are authenticated (mTLS) before any control frame
+/// is read, and each connection reads one control frame at a time.
+pub const MAX_CONTROL_FRAME_BYTES: usize = MAX_CONFIG_PUSH_BYTES + 64 * 1024;
 
 /// Most labels an agent may announce, and the longest label key or value.
 pub const MAX_LABELS: usize = 64;
@@ -30,4 +42,6 @@ pub const MAX_PARKED_BATCHES: usize = 1024;
 const _: () = assert!(MAX_EVENT_BYTES < MAX_BATCH_BYTES);
 const _: () = assert!(MAX_BATCH_BYTES < MAX_FRAME_BYTES);
 const _: () = assert!(MAX_CONTROL_FRAME_BYTES <= MAX_FRAME_BYTES);
+const _: () = assert!(MAX_CONFIG_FILE_BYTES <= MAX_CONFIG_PUSH_BYTES);
+const _: () = assert!(MAX_CONFIG_PUSH_BYTES < MAX_CONTROL_FRAME_BYTES);
 const _: () = assert!(MAX_FRAME_BYTES <= u32::MAX as usize);

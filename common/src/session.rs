@@ -4,12 +4,22 @@
 //! and which buffer rows an ack makes deletable. [`IngestSequencer`] is the aggregator's side: it
 //! releases batches to the writer strictly in chain order, whatever order their streams arrive
 //! in. Neither touches a socket or a clock: drivers feed them messages and `now`.
+//!
+//! Versions: the agent offers `MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION` in its Hello, the
+//! aggregator picks the highest both speak ([`negotiate_version`]) and names it in the Welcome.
+//! From [`FLEET_PROTOCOL_VERSION`] on, the agent sends [`Status`] instead of [`Heartbeat`] and the
+//! control stream carries config pushes and their results; [`UplinkSession::status_message`],
+//! [`UplinkSession::on_control`] and [`check_agent_message`] keep each side to its version.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::limits::MAX_PARKED_BATCHES;
-use crate::wire::{Ack, AckOutcome, Hello, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Welcome};
+use crate::wire::{
+    Ack, AckOutcome, AgentMessage, AggregatorMessage, ConfigPush, ConfigResult,
+    FLEET_PROTOCOL_VERSION, Heartbeat, Hello, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Status,
+    Welcome,
+};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ProtocolError {
@@ -31,6 +41,37 @@ pub enum ProtocolError {
     BadRange { after_seq: u64, last_seq: u64 },
     #[error("{0}")]
     Refused(String),
+    #[error("{what} is not allowed on protocol version {version}")]
+    NotOnThisVersion { what: &'static str, version: u16 },
+    #[error("a second welcome on the control stream")]
+    SecondWelcome,
+}
+
+/// Checks, on the aggregator, that an agent message after the Hello belongs to the negotiated
+/// protocol `version` (a Status on protocol 1 is a confused or hostile peer).
+pub fn check_agent_message(version: u16, message: &AgentMessage) -> Result<(), ProtocolError> {
+    let what = match message {
+        AgentMessage::Hello(_) => {
+            return Err(ProtocolError::NotOnThisVersion {
+                what: "a second hello",
+                version,
+            });
+        }
+        AgentMessage::Heartbeat(_) => "a heartbeat",
+        AgentMessage::Status(_) => "a status",
+        AgentMessage::ConfigResult(_) => "a config result",
+    };
+    if message.since_protocol() > version {
+        return Err(ProtocolError::NotOnThisVersion { what, version });
+    }
+    Ok(())
+}
+
+/// A control-stream message the agent's driver must act on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Control {
+    /// Apply this config, then answer with [`UplinkSession::config_result_message`].
+    ConfigPush(ConfigPush),
 }
 
 /// Picks the protocol version for a Hello, on the aggregator.
@@ -149,6 +190,66 @@ impl UplinkSession {
 
     pub fn welcome(&self) -> Option<&Welcome> {
         self.welcome.as_ref()
+    }
+
+    /// The protocol version of this connection, once the Welcome arrived.
+    pub fn protocol_version(&self) -> Option<u16> {
+        self.welcome
+            .as_ref()
+            .map(|welcome| welcome.protocol_version)
+    }
+
+    /// Whether this connection speaks fleet configuration (status, config push and result).
+    pub fn is_fleet(&self) -> bool {
+        self.protocol_version()
+            .is_some_and(|version| version >= FLEET_PROTOCOL_VERSION)
+    }
+
+    /// Handles a control-stream message after the Welcome.
+    pub fn on_control(&mut self, message: AggregatorMessage) -> Result<Control, ProtocolError> {
+        let Some(version) = self.protocol_version() else {
+            return Err(ProtocolError::BeforeHandshake {
+                what: "a control message",
+            });
+        };
+        match message {
+            AggregatorMessage::Welcome(_) => Err(ProtocolError::SecondWelcome),
+            AggregatorMessage::Refused { reason } => Err(ProtocolError::Refused(reason)),
+            AggregatorMessage::ConfigPush(push) => {
+                if version < FLEET_PROTOCOL_VERSION {
+                    return Err(ProtocolError::NotOnThisVersion {
+                        what: "a config push",
+                        version,
+                    });
+                }
+                Ok(Control::ConfigPush(push))
+            }
+        }
+    }
+
+    /// The periodic status for this connection: a [`Status`] on the fleet protocol, the
+    /// protocol-1 [`Heartbeat`] (with the drops added up) before it. `None` before the Welcome.
+    pub fn status_message(&self, status: Status) -> Option<AgentMessage> {
+        if self.is_fleet() {
+            return Some(AgentMessage::Status(status));
+        }
+        self.welcome.as_ref()?;
+        Some(AgentMessage::Heartbeat(Heartbeat {
+            n_buffered_events: status.n_buffered_events,
+            buffered_bytes: status.buffered_bytes,
+            oldest_unshipped_age_ms: status.oldest_unshipped_age_ms,
+            n_dropped_events: status
+                .drops
+                .values()
+                .fold(0u64, |sum, n| sum.saturating_add(*n)),
+        }))
+    }
+
+    /// The answer to a config push; `None` when this connection cannot carry it (protocol 1,
+    /// where no push can arrive either).
+    pub fn config_result_message(&self, result: ConfigResult) -> Option<AgentMessage> {
+        self.is_fleet()
+            .then_some(AgentMessage::ConfigResult(result))
     }
 
     pub fn limits(&self) -> UplinkLimits {
@@ -494,6 +595,164 @@ mod tests {
             session.on_ack(&rejected, t0),
             Err(ProtocolError::Rejected { .. })
         ));
+    }
+
+    fn hello_for(min: u16, max: u16) -> Hello {
+        Hello {
+            min_protocol_version: min,
+            max_protocol_version: max,
+            agent_version: "x".into(),
+            config_hash: String::new(),
+            labels: BTreeMap::new(),
+            last_assigned_seq: 0,
+        }
+    }
+
+    fn status() -> Status {
+        Status {
+            config_hash: "h".into(),
+            config_version: 3,
+            agent_version: "0".into(),
+            components: Vec::new(),
+            n_buffered_events: 5,
+            buffered_bytes: 50,
+            oldest_unshipped_age_ms: 7,
+            drops: BTreeMap::from([("a".to_string(), 2), ("b".to_string(), 3)]),
+            counters: BTreeMap::new(),
+        }
+    }
+
+    fn push() -> ConfigPush {
+        ConfigPush {
+            version: 1,
+            hash: "h".into(),
+            document: String::new(),
+            files: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn negotiates_protocol_1_with_an_old_agent() {
+        // An agent of the first release offers 1..=1 and gets 1, whatever this build speaks.
+        assert_eq!(negotiate_version(&hello_for(1, 1)), Ok(1));
+    }
+
+    #[test]
+    fn negotiates_the_fleet_protocol_when_both_speak_it() {
+        let expected = FLEET_PROTOCOL_VERSION.min(PROTOCOL_VERSION);
+        assert_eq!(
+            negotiate_version(&hello_for(1, FLEET_PROTOCOL_VERSION)),
+            Ok(expected)
+        );
+        assert_eq!(
+            negotiate_version(&hello_for(1, FLEET_PROTOCOL_VERSION + 5)),
+            Ok(PROTOCOL_VERSION)
+        );
+        // An agent that insists on a version this build does not speak is refused.
+        assert_eq!(
+            negotiate_version(&hello_for(PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 2)),
+            Err(ProtocolError::VersionMismatch {
+                peer_min: PROTOCOL_VERSION + 1,
+                peer_max: PROTOCOL_VERSION + 2
+            })
+        );
+    }
+
+    #[test]
+    fn protocol_1_connection_sends_heartbeats_and_refuses_pushes() {
+        let mut session = UplinkSession::new(limits());
+        assert_eq!(
+            session.status_message(status()),
+            None,
+            "nothing before welcome"
+        );
+        let mut first = welcome(0, 8);
+        first.protocol_version = 1;
+        session.on_welcome(first).unwrap();
+        assert!(!session.is_fleet());
+        assert_eq!(
+            session.status_message(status()),
+            Some(AgentMessage::Heartbeat(Heartbeat {
+                n_buffered_events: 5,
+                buffered_bytes: 50,
+                oldest_unshipped_age_ms: 7,
+                n_dropped_events: 5,
+            }))
+        );
+        assert_eq!(
+            session.on_control(AggregatorMessage::ConfigPush(push())),
+            Err(ProtocolError::NotOnThisVersion {
+                what: "a config push",
+                version: 1
+            })
+        );
+        let result = ConfigResult {
+            version: 1,
+            hash: "h".into(),
+            outcome: crate::wire::ConfigOutcome::Applied,
+        };
+        assert_eq!(session.config_result_message(result), None);
+        assert!(check_agent_message(1, &AgentMessage::Status(status())).is_err());
+        assert!(
+            check_agent_message(
+                1,
+                &AgentMessage::Heartbeat(Heartbeat {
+                    n_buffered_events: 0,
+                    buffered_bytes: 0,
+                    oldest_unshipped_age_ms: 0,
+                    n_dropped_events: 0,
+                })
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn fleet_connection_sends_status_and_takes_pushes() {
+        if PROTOCOL_VERSION < FLEET_PROTOCOL_VERSION {
+            // This build does not speak the fleet protocol yet: a Welcome naming it is refused.
+            let mut session = UplinkSession::new(limits());
+            let mut fleet = welcome(0, 8);
+            fleet.protocol_version = FLEET_PROTOCOL_VERSION;
+            assert!(session.on_welcome(fleet).is_err());
+            return;
+        }
+        let mut session = UplinkSession::new(limits());
+        let mut fleet = welcome(0, 8);
+        fleet.protocol_version = FLEET_PROTOCOL_VERSION;
+        session.on_welcome(fleet).unwrap();
+        assert!(session.is_fleet());
+        assert_eq!(
+            session.status_message(status()),
+            Some(AgentMessage::Status(status()))
+        );
+        assert_eq!(
+            session.on_control(AggregatorMessage::ConfigPush(push())),
+            Ok(Control::ConfigPush(push()))
+        );
+        let result = ConfigResult {
+            version: 1,
+            hash: "h".into(),
+            outcome: crate::wire::ConfigOutcome::Applied,
+        };
+        assert_eq!(
+            session.config_result_message(result.clone()),
+            Some(AgentMessage::ConfigResult(result))
+        );
+        assert_eq!(
+            session.on_control(AggregatorMessage::Welcome(welcome(0, 8))),
+            Err(ProtocolError::SecondWelcome)
+        );
+        assert!(
+            check_agent_message(FLEET_PROTOCOL_VERSION, &AgentMessage::Status(status())).is_ok()
+        );
+        assert!(
+            check_agent_message(
+                FLEET_PROTOCOL_VERSION,
+                &AgentMessage::Hello(hello_for(1, 2))
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -21,6 +21,14 @@ pub const PROTOCOL_VERSION: u16 = 1;
 /// Lowest protocol version this build still accepts.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 
+/// The first protocol version with fleet configuration: [`AgentMessage::Status`] replaces
+/// [`AgentMessage::Heartbeat`], and the control stream carries [`AggregatorMessage::ConfigPush`]
+/// and [`AgentMessage::ConfigResult`]. On protocol 1 none of these may be sent.
+pub const FLEET_PROTOCOL_VERSION: u16 = 2;
+
+const _: () = assert!(MIN_PROTOCOL_VERSION <= PROTOCOL_VERSION);
+const _: () = assert!(FLEET_PROTOCOL_VERSION > MIN_PROTOCOL_VERSION);
+
 /// Agent -> aggregator on the control stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum AgentMessage {
@@ -33,6 +41,16 @@ pub enum AgentMessage {
     ConfigResult(ConfigResult),
 }
 
+impl AgentMessage {
+    /// The lowest protocol version on which this message may be sent.
+    pub fn since_protocol(&self) -> u16 {
+        match self {
+            AgentMessage::Hello(_) | AgentMessage::Heartbeat(_) => 1,
+            AgentMessage::Status(_) | AgentMessage::ConfigResult(_) => FLEET_PROTOCOL_VERSION,
+        }
+    }
+}
+
 /// Aggregator -> agent on the control stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum AggregatorMessage {
@@ -43,6 +61,16 @@ pub enum AggregatorMessage {
     },
     /// Protocol 2: a managed pipeline config the agent should apply.
     ConfigPush(ConfigPush),
+}
+
+impl AggregatorMessage {
+    /// The lowest protocol version on which this message may be sent.
+    pub fn since_protocol(&self) -> u16 {
+        match self {
+            AggregatorMessage::Welcome(_) | AggregatorMessage::Refused { .. } => 1,
+            AggregatorMessage::ConfigPush(_) => FLEET_PROTOCOL_VERSION,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -118,12 +146,17 @@ pub struct ComponentHealth {
 }
 
 /// A managed config for the agent: the pipeline part of its config (sources, rules, windows,
-/// models, buffer policies), merged over the agent's local bootstrap file.
+/// models, buffer policies), merged over the agent's local bootstrap file. The whole message must
+/// fit in [`crate::limits::MAX_CONTROL_FRAME_BYTES`]; each file is at most
+/// [`crate::limits::MAX_CONFIG_FILE_BYTES`] and document plus files at most
+/// [`crate::limits::MAX_CONFIG_PUSH_BYTES`]. The agent answers every push with one
+/// [`ConfigResult`] naming the same `version` and `hash`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ConfigPush {
     /// Version of the config document at the aggregator (increasing).
     pub version: u64,
-    /// Hash of the document and its files, as the aggregator computed it.
+    /// Hash of the document and its files, as the aggregator computed it
+    /// (`runnel_config::managed::document_hash`); echoed in the [`ConfigResult`].
     pub hash: String,
     /// The managed config, TOML text.
     pub document: String,
@@ -143,7 +176,10 @@ pub struct ConfigFile {
 /// The agent's answer to a [`ConfigPush`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ConfigResult {
+    /// `version` of the push this answers.
     pub version: u64,
+    /// `hash` of the push this answers (the document hash, not the effective config hash: that
+    /// one is in the [`Status`] that follows an apply).
     pub hash: String,
     pub outcome: ConfigOutcome,
 }

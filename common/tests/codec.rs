@@ -20,8 +20,9 @@ use runnel_common::limits::{
     MAX_BATCH_BYTES, MAX_BATCH_EVENTS, MAX_CONTROL_FRAME_BYTES, MAX_FRAME_BYTES,
 };
 use runnel_common::wire::{
-    Ack, AckMessage, AckOutcome, AgentMessage, AggregatorMessage, Batch, BatchMessage, Compression,
-    Heartbeat, Hello, Welcome,
+    Ack, AckMessage, AckOutcome, AgentMessage, AggregatorMessage, Batch, BatchMessage,
+    ComponentHealth, Compression, ConfigFile, ConfigOutcome, ConfigPush, ConfigResult, Heartbeat,
+    Hello, Status, Welcome,
 };
 use runnel_common::{Event, SourceKind, Value};
 
@@ -236,11 +237,94 @@ fn heartbeat() -> impl Strategy<Value = Heartbeat> {
     )
 }
 
+fn component_health() -> impl Strategy<Value = ComponentHealth> {
+    (small_string(), any::<bool>(), small_string()).prop_map(|(name, healthy, detail)| {
+        ComponentHealth {
+            name,
+            healthy,
+            detail,
+        }
+    })
+}
+
+fn status() -> impl Strategy<Value = Status> {
+    (
+        (small_string(), any::<u64>(), small_string()),
+        vec(component_health(), 0..6),
+        (any::<u64>(), any::<u64>(), any::<u64>()),
+        btree_map(small_string(), any::<u64>(), 0..4),
+        btree_map(small_string(), any::<u64>(), 0..4),
+    )
+        .prop_map(
+            |(
+                (config_hash, config_version, agent_version),
+                components,
+                (n_buffered_events, buffered_bytes, oldest_unshipped_age_ms),
+                drops,
+                counters,
+            )| Status {
+                config_hash,
+                config_version,
+                agent_version,
+                components,
+                n_buffered_events,
+                buffered_bytes,
+                oldest_unshipped_age_ms,
+                drops,
+                counters,
+            },
+        )
+}
+
+fn config_outcome() -> impl Strategy<Value = ConfigOutcome> {
+    prop_oneof![
+        Just(ConfigOutcome::Applied),
+        small_string().prop_map(|error| ConfigOutcome::Failed { error }),
+    ]
+}
+
+fn config_result() -> impl Strategy<Value = ConfigResult> {
+    (any::<u64>(), small_string(), config_outcome()).prop_map(|(version, hash, outcome)| {
+        ConfigResult {
+            version,
+            hash,
+            outcome,
+        }
+    })
+}
+
 fn agent_message() -> impl Strategy<Value = AgentMessage> {
     prop_oneof![
         hello().prop_map(AgentMessage::Hello),
         heartbeat().prop_map(AgentMessage::Heartbeat),
+        status().prop_map(AgentMessage::Status),
+        config_result().prop_map(AgentMessage::ConfigResult),
     ]
+}
+
+fn config_file() -> impl Strategy<Value = ConfigFile> {
+    (small_string(), small_string(), vec(any::<u8>(), 0..64)).prop_map(|(name, sha256, content)| {
+        ConfigFile {
+            name,
+            sha256,
+            content,
+        }
+    })
+}
+
+fn config_push() -> impl Strategy<Value = ConfigPush> {
+    (
+        any::<u64>(),
+        small_string(),
+        "\\PC{0,64}",
+        vec(config_file(), 0..3),
+    )
+        .prop_map(|(version, hash, document, files)| ConfigPush {
+            version,
+            hash,
+            document,
+            files,
+        })
 }
 
 fn welcome() -> impl Strategy<Value = Welcome> {
@@ -275,6 +359,7 @@ fn aggregator_message() -> impl Strategy<Value = AggregatorMessage> {
     prop_oneof![
         welcome().prop_map(AggregatorMessage::Welcome),
         small_string().prop_map(|reason| AggregatorMessage::Refused { reason }),
+        config_push().prop_map(AggregatorMessage::ConfigPush),
     ]
 }
 
@@ -794,10 +879,15 @@ fn short_frames_are_refused() {
 
 #[test]
 fn unknown_enum_variants_are_refused() {
-    // Variant index 2 does not exist in AgentMessage (Hello = 0, Heartbeat = 1): a newer peer's
-    // message must fail to decode, not be misread as another variant.
+    // Variant index 4 does not exist in AgentMessage (Hello = 0, Heartbeat = 1, Status = 2,
+    // ConfigResult = 3): a newer peer's message must fail to decode, not be misread as another
+    // variant. The same for AggregatorMessage (Welcome, Refused, ConfigPush).
     assert!(matches!(
-        frame::decode_payload::<AgentMessage>(&[2]),
+        frame::decode_payload::<AgentMessage>(&[4]),
+        Err(FrameError::Decode(_))
+    ));
+    assert!(matches!(
+        frame::decode_payload::<AggregatorMessage>(&[3]),
         Err(FrameError::Decode(_))
     ));
     assert!(matches!(

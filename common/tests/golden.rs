@@ -21,8 +21,9 @@ use runnel_common::batch;
 use runnel_common::frame;
 use runnel_common::limits::MAX_FRAME_BYTES;
 use runnel_common::wire::{
-    Ack, AckMessage, AckOutcome, AgentMessage, AggregatorMessage, Batch, BatchMessage, Compression,
-    Heartbeat, Hello, PROTOCOL_VERSION, Welcome,
+    Ack, AckMessage, AckOutcome, AgentMessage, AggregatorMessage, Batch, BatchMessage,
+    ComponentHealth, Compression, ConfigFile, ConfigOutcome, ConfigPush, ConfigResult, Heartbeat,
+    Hello, Status, Welcome,
 };
 use runnel_common::{Event, SourceKind, Value};
 
@@ -170,8 +171,9 @@ fn sparse_event() -> Event {
 
 fn hello() -> AgentMessage {
     AgentMessage::Hello(Hello {
+        // Literal versions: the fixture pins bytes, and a version bump must not move them.
         min_protocol_version: 1,
-        max_protocol_version: PROTOCOL_VERSION,
+        max_protocol_version: 1,
         agent_version: "0.1.0".into(),
         config_hash: "abc123".into(),
         labels: BTreeMap::from([
@@ -191,9 +193,55 @@ fn heartbeat() -> AgentMessage {
     })
 }
 
+fn status() -> AgentMessage {
+    AgentMessage::Status(Status {
+        config_hash: "e3b0c442".into(),
+        config_version: 7,
+        agent_version: "0.1.0".into(),
+        components: vec![
+            ComponentHealth {
+                name: "buffer".into(),
+                healthy: true,
+                detail: String::new(),
+            },
+            ComponentHealth {
+                name: "uplink".into(),
+                healthy: false,
+                detail: "reconnecting".into(),
+            },
+        ],
+        n_buffered_events: 12,
+        buffered_bytes: 4096,
+        oldest_unshipped_age_ms: 250,
+        drops: BTreeMap::from([("buffer_full_drop_newest".to_string(), 3)]),
+        counters: BTreeMap::from([("events_received".to_string(), 1_000)]),
+    })
+}
+
+fn config_result(outcome: ConfigOutcome) -> AgentMessage {
+    AgentMessage::ConfigResult(ConfigResult {
+        version: 7,
+        hash: "9f86d081".into(),
+        outcome,
+    })
+}
+
+fn config_push() -> AggregatorMessage {
+    AggregatorMessage::ConfigPush(ConfigPush {
+        version: 7,
+        hash: "9f86d081".into(),
+        document: "[[rules]]\nname = \"x\"\n".into(),
+        files: vec![ConfigFile {
+            name: "fraud.onnx".into(),
+            sha256: "ab12".into(),
+            content: vec![0, 1, 2, 255],
+        }],
+    })
+}
+
 fn welcome() -> AggregatorMessage {
     AggregatorMessage::Welcome(Welcome {
-        protocol_version: PROTOCOL_VERSION,
+        protocol_version: 1,
         high_water_mark: 299,
         max_in_flight_batches: 4,
         heartbeat_interval_ms: 10_000,
@@ -253,6 +301,34 @@ fn golden_heartbeat() {
 }
 
 #[test]
+fn golden_status() {
+    check_frame_fixture("status", &status());
+}
+
+#[test]
+fn golden_config_result_applied() {
+    check_frame_fixture(
+        "config_result_applied",
+        &config_result(ConfigOutcome::Applied),
+    );
+}
+
+#[test]
+fn golden_config_result_failed() {
+    check_frame_fixture(
+        "config_result_failed",
+        &config_result(ConfigOutcome::Failed {
+            error: "model fraud.onnx: sha256 mismatch".into(),
+        }),
+    );
+}
+
+#[test]
+fn golden_config_push() {
+    check_frame_fixture("config_push", &config_push());
+}
+
+#[test]
 fn golden_welcome() {
     check_frame_fixture("welcome", &welcome());
 }
@@ -306,10 +382,14 @@ fn every_fixture_has_a_test() {
         "ack_rejected",
         "ack_stored",
         "batch",
+        "config_push",
+        "config_result_applied",
+        "config_result_failed",
         "event",
         "heartbeat",
         "hello",
         "refused",
+        "status",
         "welcome",
     ];
     let dir = fixture_path("x")
