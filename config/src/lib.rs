@@ -8,10 +8,12 @@
 //! Architecture invariant: no dependency on runnel-common, tokio, or anything a binary runs; the
 //! few wire limits it checks are copied as literals with a comment.
 
+mod actions;
 mod agent;
 mod aggregator;
 mod common;
 mod error;
+mod expr;
 pub mod fuzzing;
 mod models;
 mod rules;
@@ -29,7 +31,12 @@ pub use aggregator::{
 pub use common::Synchronous;
 pub use error::ConfigError;
 pub use models::ModelConfig;
-pub use rules::RulesConfig;
+pub use actions::{
+    ActionConfig, LocalActions, LogActionConfig, LogLevel, MqttActionConfig, RateLimit,
+    WebhookActionConfig,
+};
+pub use expr::{CelError, MAX_EXPR_BYTES, TemplatePart, check_cel, parse_template};
+pub use rules::{FieldPath, MatchMode, RuleConfig, RuleEntry, RuleSetConfig, RulesConfig};
 pub use sources::{
     MqttListenerConfig, MqttPayload, MqttSourceConfig, SegmentConfig, SnowplowConfig,
 };
