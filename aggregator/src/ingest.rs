@@ -24,8 +24,8 @@ use runnel_common::frame;
 use runnel_common::limits::{MAX_CONTROL_FRAME_BYTES, MAX_FRAME_BYTES};
 use runnel_common::session::{IngestSequencer, negotiate_version};
 use runnel_common::wire::{
-    Ack, AckMessage, AckOutcome, AgentMessage, AggregatorMessage, BatchMessage, PROTOCOL_VERSION,
-    Welcome,
+    Ack, AckMessage, AckOutcome, AgentMessage, AggregatorMessage, BatchMessage, ConfigPush,
+    PROTOCOL_VERSION, Status, Welcome,
 };
 use runnel_config::IngestConfig;
 use rustls_pki_types::CertificateDer;
@@ -34,6 +34,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
+use crate::fleet::FleetEvent;
 use crate::wal::{CommitError, CommitOutcome, CommitRequest, Wal};
 
 /// How long an agent has to send its Hello after the handshake.
@@ -41,6 +42,9 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Heartbeat interval announced to agents.
 const HEARTBEAT_INTERVAL_MS: u32 = 5_000;
+
+/// Messages waiting for the control stream's writer (config pushes): a push is large and rare.
+const CONTROL_QUEUE: usize = 4;
 
 /// QUIC application error codes we close connections with.
 const CLOSE_PROTOCOL_ERROR: u32 = 1;
@@ -194,6 +198,8 @@ pub struct ConnectedAgents {
     n_connections_total: AtomicU64,
     n_batches_stored: AtomicU64,
     n_events_stored: AtomicU64,
+    /// Where connections, statuses and config results go (the fleet driver), once it runs.
+    fleet: std::sync::OnceLock<mpsc::Sender<FleetEvent>>,
 }
 
 /// One agent connection: who, from where, and what it stored and reported.
@@ -209,6 +215,25 @@ pub struct AgentConnection {
     last_heartbeat_unix_ms: AtomicI64,
     n_buffered_events: AtomicU64,
     buffered_bytes: AtomicU64,
+    oldest_unshipped_age_ms: AtomicU64,
+    n_dropped_events: AtomicU64,
+    /// From the Hello.
+    labels: BTreeMap<String, String>,
+    protocol_version: u16,
+    hello_config_hash: String,
+    /// The last protocol 2 [`Status`], if any.
+    status: std::sync::Mutex<Option<Status>>,
+    /// The control stream's single writer (protocol 2 config pushes).
+    control: mpsc::Sender<AggregatorMessage>,
+}
+
+/// One component's health, as the agent last reported it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct ComponentSnapshot {
+    pub name: String,
+    pub healthy: bool,
+    pub detail: String,
 }
 
 /// A copy of one [`AgentConnection`] at one moment.
@@ -226,6 +251,21 @@ pub struct AgentConnectionSnapshot {
     /// The agent's buffer as of its last heartbeat.
     pub n_buffered_events: Option<u64>,
     pub buffered_bytes: Option<u64>,
+    pub oldest_unshipped_age_ms: Option<u64>,
+    /// Events dropped since the agent started (all reasons).
+    pub n_dropped_events: Option<u64>,
+    pub labels: BTreeMap<String, String>,
+    pub protocol_version: u16,
+    /// Hash of the effective config: from the last status, else from the Hello.
+    pub config_hash: String,
+    /// Managed config version from the last status (protocol 2; 0: bootstrap only).
+    pub config_version: Option<u64>,
+    /// Drops by reason and other counters since the agent started (protocol 2).
+    pub drops: BTreeMap<String, u64>,
+    pub counters: BTreeMap<String, u64>,
+    pub components: Vec<ComponentSnapshot>,
+    /// All components healthy (protocol 2 status received), else unknown.
+    pub healthy: Option<bool>,
 }
 
 /// Counters of all connections since start, and the connections open now.
@@ -253,6 +293,11 @@ impl ConnectedAgents {
             .map(|connection| {
                 let heartbeat_ms = connection.last_heartbeat_unix_ms.load(Ordering::Relaxed);
                 let heard = heartbeat_ms != 0;
+                let status = connection
+                    .status
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone();
                 AgentConnectionSnapshot {
                     agent_id: connection.agent_id.to_string(),
                     remote: connection.remote.to_string(),
@@ -265,6 +310,42 @@ impl ConnectedAgents {
                         .then(|| connection.n_buffered_events.load(Ordering::Relaxed)),
                     buffered_bytes: heard
                         .then(|| connection.buffered_bytes.load(Ordering::Relaxed)),
+                    oldest_unshipped_age_ms: heard
+                        .then(|| connection.oldest_unshipped_age_ms.load(Ordering::Relaxed)),
+                    n_dropped_events: heard
+                        .then(|| connection.n_dropped_events.load(Ordering::Relaxed)),
+                    labels: connection.labels.clone(),
+                    protocol_version: connection.protocol_version,
+                    config_hash: status.as_ref().map_or_else(
+                        || connection.hello_config_hash.clone(),
+                        |status| status.config_hash.clone(),
+                    ),
+                    config_version: status.as_ref().map(|status| status.config_version),
+                    drops: status
+                        .as_ref()
+                        .map(|status| status.drops.clone())
+                        .unwrap_or_default(),
+                    counters: status
+                        .as_ref()
+                        .map(|status| status.counters.clone())
+                        .unwrap_or_default(),
+                    components: status
+                        .as_ref()
+                        .map(|status| {
+                            status
+                                .components
+                                .iter()
+                                .map(|c| ComponentSnapshot {
+                                    name: c.name.clone(),
+                                    healthy: c.healthy,
+                                    detail: c.detail.clone(),
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                    healthy: status
+                        .as_ref()
+                        .map(|status| status.components.iter().all(|c| c.healthy)),
                 }
             })
             .collect();
@@ -274,6 +355,36 @@ impl ConnectedAgents {
             n_batches_stored: self.n_batches_stored.load(Ordering::Relaxed),
             n_events_stored: self.n_events_stored.load(Ordering::Relaxed),
             agents,
+        }
+    }
+
+    /// Sends fleet events to `sink` from now on (once; later calls are ignored).
+    pub fn set_fleet(&self, sink: mpsc::Sender<FleetEvent>) {
+        let _ = self.fleet.set(sink);
+    }
+
+    /// A wake-up for the fleet driver; lost when its queue is full (it also polls).
+    fn notify_fleet(&self, event: FleetEvent) {
+        if let Some(fleet) = self.fleet.get() {
+            let _ = fleet.try_send(event);
+        }
+    }
+
+    /// Queues a config push on the newest protocol 2 connection of `agent_id`. False when the
+    /// agent is not connected on protocol 2 or its control queue is full (retry later).
+    pub fn push_config(&self, agent_id: &str, push: ConfigPush) -> bool {
+        let connection = self
+            .lock()
+            .values()
+            .filter(|c| &*c.agent_id == agent_id && c.protocol_version >= 2)
+            .max_by_key(|c| c.connected_unix_ms)
+            .cloned();
+        match connection {
+            Some(connection) => connection
+                .control
+                .try_send(AggregatorMessage::ConfigPush(push))
+                .is_ok(),
+            None => false,
         }
     }
 
@@ -304,6 +415,24 @@ impl Drop for Registered {
 }
 
 impl AgentConnection {
+    fn on_buffer(
+        &self,
+        n_buffered_events: u64,
+        buffered_bytes: u64,
+        oldest_unshipped_age_ms: u64,
+        n_dropped_events: u64,
+    ) {
+        self.n_buffered_events
+            .store(n_buffered_events, Ordering::Relaxed);
+        self.buffered_bytes.store(buffered_bytes, Ordering::Relaxed);
+        self.oldest_unshipped_age_ms
+            .store(oldest_unshipped_age_ms, Ordering::Relaxed);
+        self.n_dropped_events
+            .store(n_dropped_events, Ordering::Relaxed);
+        self.last_heartbeat_unix_ms
+            .store(crate::wal::now_unix_ms(), Ordering::Relaxed);
+    }
+
     fn on_stored(&self, agents: &ConnectedAgents, n_new: u32) {
         self.n_batches_stored.fetch_add(1, Ordering::Relaxed);
         self.n_events_stored
@@ -464,6 +593,9 @@ async fn handle_connection(
         last_assigned_seq = hello.last_assigned_seq,
         "agent connected"
     );
+    // From here on the control stream has one writer: this task, fed by a bounded queue.
+    let (control_tx, control_rx) = mpsc::channel::<AggregatorMessage>(CONTROL_QUEUE);
+    let mut control_writer = tokio::spawn(write_control(control_send, control_rx));
     let registered = agents.register(
         AgentConnection {
             agent_id: Arc::clone(&agent_id),
@@ -475,9 +607,19 @@ async fn handle_connection(
             last_heartbeat_unix_ms: AtomicI64::new(0),
             n_buffered_events: AtomicU64::new(0),
             buffered_bytes: AtomicU64::new(0),
+            oldest_unshipped_age_ms: AtomicU64::new(0),
+            n_dropped_events: AtomicU64::new(0),
+            labels: hello.labels.clone(),
+            protocol_version: version,
+            hello_config_hash: hello.config_hash.clone(),
+            status: std::sync::Mutex::new(None),
+            control: control_tx,
         },
         connection.stable_id(),
     );
+    agents.notify_fleet(FleetEvent::Connected {
+        agent_id: Arc::clone(&agent_id),
+    });
 
     // Batches go through the sequencer task, which forwards them to the WAL in chain order.
     let (to_sequencer, from_streams) = mpsc::channel::<(u64, u64, Pending)>(window.max(1));
@@ -494,6 +636,7 @@ async fn handle_connection(
         control_recv,
         Arc::clone(&agent_id),
         Arc::clone(&registered.connection),
+        Arc::clone(&agents),
     ));
     let result = loop {
         tokio::select! {
@@ -512,10 +655,18 @@ async fn handle_connection(
                 connection.close(CLOSE_PROTOCOL_ERROR.into(), b"control stream");
                 break Err(error.context("control stream"));
             }
+            ended = &mut control_writer => {
+                let error = match ended {
+                    Ok(error) => error,
+                    Err(join_error) => anyhow::Error::new(join_error),
+                };
+                connection.close(CLOSE_PROTOCOL_ERROR.into(), b"control stream");
+                break Err(error.context("control stream writer"));
+            }
         }
     };
     control.abort();
-    drop(control_send);
+    control_writer.abort();
     drop(to_sequencer);
     sequencer.abort();
     drop(registered);
@@ -528,25 +679,66 @@ struct Stored {
     connection: Arc<AgentConnection>,
 }
 
-/// Reads heartbeats until the control stream fails; returns why.
+/// Writes queued messages on the control stream until it fails or the queue closes.
+async fn write_control(
+    mut control_send: quinn::SendStream,
+    mut queue: mpsc::Receiver<AggregatorMessage>,
+) -> anyhow::Error {
+    while let Some(message) = queue.recv().await {
+        if let Err(error) = write_frame(&mut control_send, &message, MAX_CONTROL_FRAME_BYTES).await
+        {
+            return error;
+        }
+    }
+    anyhow::anyhow!("control queue closed")
+}
+
+/// Reads heartbeats, statuses and config results until the control stream fails; returns why.
 async fn read_control(
     mut control_recv: quinn::RecvStream,
     agent_id: Arc<str>,
     connection: Arc<AgentConnection>,
+    agents: Arc<ConnectedAgents>,
 ) -> anyhow::Error {
     loop {
         match read_frame::<AgentMessage>(&mut control_recv, MAX_CONTROL_FRAME_BYTES).await {
             Ok(AgentMessage::Heartbeat(beat)) => {
                 tracing::debug!(agent_id = %agent_id, n_buffered = beat.n_buffered_events, buffered_bytes = beat.buffered_bytes, "heartbeat");
-                connection
-                    .n_buffered_events
-                    .store(beat.n_buffered_events, Ordering::Relaxed);
-                connection
-                    .buffered_bytes
-                    .store(beat.buffered_bytes, Ordering::Relaxed);
-                connection
-                    .last_heartbeat_unix_ms
-                    .store(crate::wal::now_unix_ms(), Ordering::Relaxed);
+                connection.on_buffer(
+                    beat.n_buffered_events,
+                    beat.buffered_bytes,
+                    beat.oldest_unshipped_age_ms,
+                    beat.n_dropped_events,
+                );
+            }
+            Ok(AgentMessage::Status(status)) if connection.protocol_version >= 2 => {
+                tracing::debug!(agent_id = %agent_id, config_hash = %status.config_hash, config_version = status.config_version, n_buffered = status.n_buffered_events, "status");
+                connection.on_buffer(
+                    status.n_buffered_events,
+                    status.buffered_bytes,
+                    status.oldest_unshipped_age_ms,
+                    status.drops.values().sum(),
+                );
+                *connection
+                    .status
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(status);
+                agents.notify_fleet(FleetEvent::Status {
+                    agent_id: Arc::clone(&agent_id),
+                });
+            }
+            Ok(AgentMessage::ConfigResult(result)) if connection.protocol_version >= 2 => {
+                tracing::info!(agent_id = %agent_id, version = result.version, hash = %result.hash, outcome = ?result.outcome, "config result");
+                // Not a wake-up: a result must reach the fleet driver, so this waits for room.
+                if let Some(fleet) = agents.fleet.get() {
+                    let event = FleetEvent::ConfigResult {
+                        agent_id: Arc::clone(&agent_id),
+                        result,
+                    };
+                    if fleet.send(event).await.is_err() {
+                        tracing::debug!(agent_id = %agent_id, "fleet driver stopped; config result dropped");
+                    }
+                }
             }
             Ok(AgentMessage::Hello(_)) => {
                 return anyhow::anyhow!("second Hello on the control stream");

@@ -12,6 +12,7 @@ pub mod api;
 pub mod certs;
 pub mod cli;
 pub mod federation;
+pub mod fleet;
 pub mod ingest;
 pub mod metrics;
 pub mod ops;
@@ -40,23 +41,9 @@ pub async fn run(
     crate::metrics::install();
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("create aggregator.data_dir {}", config.data_dir.display()))?;
-    std::fs::create_dir_all(&config.storage.events_dir).with_context(|| {
-        format!(
-            "create storage.events_dir {}",
-            config.storage.events_dir.display()
-        )
-    })?;
-    let object_store = datafusion::object_store::local::LocalFileSystem::new_with_prefix(
-        &config.storage.events_dir,
-    )
-    .with_context(|| {
-        format!(
-            "open storage.events_dir {}",
-            config.storage.events_dir.display()
-        )
-    })?;
+    let files = store::open_files(&config.storage)?;
     let store = Arc::new(store::EventStore::new(
-        Arc::new(object_store),
+        Arc::clone(&files.store),
         config.storage.max_recent_rows,
     ));
     let (wal, wal_thread, recovered) = wal::Wal::open(
@@ -69,7 +56,7 @@ pub async fn run(
     let engine = Arc::new(query::QueryEngine::new(
         &config.query,
         Arc::clone(&store),
-        &config.storage.events_dir,
+        &files,
     )?);
     engine.create_views().await?;
     engine.register_federation(&config.federation).await;
