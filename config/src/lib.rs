@@ -40,4 +40,6 @@ pub use rules::{FieldPath, MatchMode, RuleConfig, RuleEntry, RuleSetConfig, Rule
 pub use sources::{
     MqttListenerConfig, MqttPayload, MqttSourceConfig, SegmentConfig, SnowplowConfig,
 };
-pub use windows::WindowConfig;
+pub use windows::{
+    AggregateConfig, AggregateFunction, WindowConfig, WindowKind, is_field_path, is_identifier,
+};
