@@ -156,7 +156,7 @@ impl Expr {
         }
     }
 
-    fn count_error(&self, error: &EvalError) {
+    pub(crate) fn count_error(&self, error: &EvalError) {
         self.errors.increment(1);
         if !self.logged.swap(true, Ordering::Relaxed) {
             tracing::warn!(
