@@ -327,6 +327,28 @@ pub fn parse_agent(text: &str, origin: &Path) -> Result<AgentConfig, ConfigError
     raw.validate(&mut Checker::new(origin))
 }
 
+/// Validates a parsed TOML table as an agent config file, with the same code as [`parse_agent`]:
+/// the merge of a bootstrap file and a managed document (`crate::managed`).
+pub(crate) fn validate_agent_table(
+    table: toml::Table,
+    origin: &Path,
+) -> Result<AgentConfig, ConfigError> {
+    let raw: RawAgentFile =
+        toml::Value::Table(table)
+            .try_into()
+            .map_err(|error: toml::de::Error| ConfigError::Parse {
+                file: origin.to_path_buf(),
+                message: error.to_string().trim_end().to_owned(),
+            })?;
+    raw.validate(&mut Checker::new(origin))
+}
+
+/// Checks that `text` has the shape of an agent config file (known keys, right types) without
+/// validating values or requiring keys: a managed document is only part of a config.
+pub(crate) fn check_agent_shape(text: &str, origin: &Path) -> Result<(), ConfigError> {
+    crate::common::parse_toml::<RawAgentFile>(text, origin).map(drop)
+}
+
 impl RawAgentFile {
     /// Applies defaults and checks every key; returns the first problem found, in file order.
     fn validate(self, checker: &mut Checker<'_>) -> Result<AgentConfig, ConfigError> {

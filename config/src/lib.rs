@@ -15,6 +15,7 @@ mod common;
 mod error;
 mod expr;
 pub mod fuzzing;
+pub mod managed;
 mod models;
 mod rules;
 mod sources;
