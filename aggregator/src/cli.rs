@@ -108,6 +108,9 @@ pub enum Format {
 }
 
 pub fn main() -> ExitCode {
+    // Every TLS client in the process uses rustls on ring (reqwest is built without a default
+    // provider, so one must be installed before any client is built).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     let result = match cli.command {

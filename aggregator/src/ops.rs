@@ -139,7 +139,10 @@ impl Ops {
                 n_rows: summary.n_recent_rows,
             },
             storage: StorageStatus {
-                events_dir: storage.events_dir.display().to_string(),
+                events_dir: match &storage.s3 {
+                    Some(s3) => s3.url(),
+                    None => storage.events_dir.display().to_string(),
+                },
                 n_files: summary.n_files,
                 n_rows: summary.n_file_rows,
                 n_bytes: summary.n_file_bytes,

@@ -120,7 +120,7 @@ impl QueryEngine {
     pub fn new(
         config: &QueryConfig,
         store: Arc<EventStore>,
-        events_root: &std::path::Path,
+        files: &crate::store::Files,
     ) -> anyhow::Result<Self> {
         let runtime = RuntimeEnvBuilder::new()
             .with_memory_limit(
@@ -134,7 +134,11 @@ impl QueryEngine {
         let mut ctx = SessionContext::new_with_config_rt(session, runtime);
         crate::pgwire::prepare_context(&ctx)?;
         datafusion_functions_json::register_all(&mut ctx)?;
-        let root = format!("file://{}", events_root.display());
+        if let Some((url, store)) = &files.register {
+            let url = datafusion::execution::object_store::ObjectStoreUrl::parse(url)?;
+            ctx.register_object_store(url.as_ref(), Arc::clone(store));
+        }
+        let root = files.root_url.clone();
         ctx.register_table("events", Arc::new(EventsTable { store, root }))?;
         Ok(QueryEngine {
             ctx,
@@ -462,7 +466,7 @@ mod tests {
         .unwrap()
         .query;
         let engine =
-            QueryEngine::new(&config, store, std::path::Path::new("/nonexistent")).unwrap();
+            QueryEngine::new(&config, store, &crate::store::Files::local_for_tests()).unwrap();
         engine.create_views().await.unwrap();
         engine
     }

@@ -36,6 +36,81 @@ use tokio::sync::Notify;
 use crate::schema::EVENTS_SCHEMA;
 use crate::wal::Wal;
 
+/// Where the Parquet files live: a local directory (`storage.events_dir`) or an S3 bucket
+/// (`storage.url`), as one `object_store` rooted at the events root.
+pub struct Files {
+    /// The store, with paths relative to the events root.
+    pub store: Arc<dyn ObjectStore>,
+    /// The events root as a URL DataFusion reads: `file:///...` or `s3://bucket/prefix`.
+    pub root_url: String,
+    /// A store DataFusion must be told about (`s3://bucket` and the bucket's store); None for
+    /// the local file system, which it knows.
+    pub register: Option<(String, Arc<dyn ObjectStore>)>,
+}
+
+impl Files {
+    /// A local root that queries never reach (unit tests of the query engine).
+    pub fn local_for_tests() -> Files {
+        Files {
+            store: Arc::new(datafusion::object_store::memory::InMemory::new()),
+            root_url: "file:///nonexistent".to_owned(),
+            register: None,
+        }
+    }
+}
+
+/// Opens the events root `storage` names; creates the local directory if needed.
+pub fn open_files(storage: &runnel_config::StorageConfig) -> anyhow::Result<Files> {
+    let Some(s3) = &storage.s3 else {
+        let dir = &storage.events_dir;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("create storage.events_dir {}", dir.display()))?;
+        let store = datafusion::object_store::local::LocalFileSystem::new_with_prefix(dir)
+            .with_context(|| format!("open storage.events_dir {}", dir.display()))?;
+        return Ok(Files {
+            store: Arc::new(store),
+            root_url: format!("file://{}", dir.display()),
+            register: None,
+        });
+    };
+    // `from_env` first, so the usual AWS variables (session token, web identity, container
+    // credentials) apply unless the config names its own.
+    let mut builder = datafusion::object_store::aws::AmazonS3Builder::from_env()
+        .with_bucket_name(&s3.bucket)
+        .with_region(&s3.region)
+        .with_allow_http(s3.allow_http);
+    if let Some(endpoint) = &s3.endpoint {
+        // S3-compatible stores are addressed by path (`endpoint/bucket/key`), which all of
+        // them support; virtual-hosted names need DNS set up for every bucket.
+        builder = builder
+            .with_endpoint(endpoint)
+            .with_virtual_hosted_style_request(false);
+    }
+    if let Some((key_id, secret)) = &s3.credentials {
+        builder = builder
+            .with_access_key_id(key_id)
+            .with_secret_access_key(secret);
+    }
+    let bucket: Arc<dyn ObjectStore> = Arc::new(
+        builder
+            .build()
+            .with_context(|| format!("open storage.url {}", s3.url()))?,
+    );
+    let store: Arc<dyn ObjectStore> = if s3.prefix.is_empty() {
+        Arc::clone(&bucket)
+    } else {
+        Arc::new(datafusion::object_store::prefix::PrefixStore::new(
+            Arc::clone(&bucket),
+            s3.prefix.as_str(),
+        ))
+    };
+    Ok(Files {
+        store,
+        root_url: s3.url(),
+        register: Some((format!("s3://{}", s3.bucket), bucket)),
+    })
+}
+
 /// A Parquet file that holds flushed events.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParquetFile {

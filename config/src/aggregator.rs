@@ -68,6 +68,54 @@ pub struct StorageConfig {
     /// An hour partition with this many small files gets them merged into one. 0 turns
     /// compaction off.
     pub compact_min_files: usize,
+    /// Where the Parquet files go when not in `events_dir`: an S3 bucket (`storage.url`).
+    pub s3: Option<S3Config>,
+}
+
+/// `storage.url = "s3://..."` with `[storage.s3]`, validated: an S3 or S3-compatible bucket.
+#[derive(Clone, PartialEq, Eq)]
+pub struct S3Config {
+    /// Bucket name.
+    pub bucket: String,
+    /// Key prefix inside the bucket, without leading or trailing `/` ("" for the bucket root).
+    pub prefix: String,
+    /// AWS region (S3-compatible stores accept any; `us-east-1` is the convention).
+    pub region: String,
+    /// Endpoint URL of an S3-compatible store (MinIO, Ceph, R2...); None: AWS.
+    pub endpoint: Option<String>,
+    /// Whether plain `http://` endpoints are allowed (a store on a trusted network).
+    pub allow_http: bool,
+    /// Access key id and secret from the environment variables the config names; None: the
+    /// usual AWS sources (`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`, web identity, instance
+    /// metadata), read by the aggregator at start.
+    pub credentials: Option<(String, String)>,
+}
+
+impl S3Config {
+    /// The URL DataFusion reads the files from: `s3://bucket/prefix`.
+    pub fn url(&self) -> String {
+        if self.prefix.is_empty() {
+            format!("s3://{}", self.bucket)
+        } else {
+            format!("s3://{}/{}", self.bucket, self.prefix)
+        }
+    }
+}
+
+impl std::fmt::Debug for S3Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Config")
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .field("region", &self.region)
+            .field("endpoint", &self.endpoint)
+            .field("allow_http", &self.allow_http)
+            .field(
+                "credentials",
+                &self.credentials.as_ref().map(|(id, _)| (id, "<redacted>")),
+            )
+            .finish()
+    }
 }
 
 /// `[query]`, validated.
@@ -315,6 +363,35 @@ struct RawStorage {
     /// Merge the small Parquet files (under 32 MiB) of an hour partition once it has this many
     /// (checked after every flush). 0 turns compaction off; otherwise at least 2. Default: 8.
     compact_min_files: Option<u64>,
+    /// Object store URL for the Parquet files instead of `events_dir`: "s3://bucket/prefix"
+    /// (S3 or an S3-compatible store; see `[storage.s3]`). Default: none (`events_dir`).
+    url: Option<String>,
+    /// `[storage.s3]`: region, endpoint and credentials for an `s3://` `url`.
+    s3: Option<RawS3>,
+}
+
+/// `[storage.s3]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawS3 {
+    /// AWS region. Default: "us-east-1".
+    region: Option<String>,
+    /// Endpoint URL of an S3-compatible store, such as "https://minio.example.com:9000".
+    /// Default: none (AWS S3).
+    endpoint: Option<String>,
+    /// Allow a plain "http://" endpoint. Default: false.
+    allow_http: Option<bool>,
+    /// Name of the environment variable that holds the access key id. Give it together with
+    /// `secret_access_key_env`. Default: none (the usual AWS credential sources).
+    access_key_id_env: Option<String>,
+    /// Name of the environment variable that holds the secret access key.
+    secret_access_key_env: Option<String>,
+    /// The access key id, in the file (prefer `access_key_id_env`). Give it together with
+    /// `secret_access_key`.
+    access_key_id: Option<String>,
+    /// The secret access key, in the file (prefer `secret_access_key_env`; keep the file
+    /// readable by the aggregator only).
+    secret_access_key: Option<String>,
 }
 
 /// `[query]`
@@ -546,6 +623,7 @@ impl RawStorage {
                 "must be 0 (compaction off) or at least 2: one file has nothing to merge with",
             ));
         }
+        let s3 = validate_object_store(checker, self.url, self.s3, self.events_dir.is_some())?;
         Ok(StorageConfig {
             wal_path,
             synchronous,
@@ -554,6 +632,7 @@ impl RawStorage {
             max_recent_rows,
             retention_hours,
             compact_min_files,
+            s3,
         })
     }
 }
@@ -614,6 +693,142 @@ const NEEDS_USERS: &str = "must be a loopback address (such as \"127.0.0.1:9481\
      while no [[query.users]] are configured: the SQL API is never exposed without credentials. \
      Add a [[query.users]] entry (name and password or password_env), or keep 127.0.0.1 and use \
      an SSH tunnel";
+
+/// `storage.url` and `[storage.s3]`.
+fn validate_object_store(
+    checker: &Checker<'_>,
+    url: Option<String>,
+    raw: Option<RawS3>,
+    has_events_dir: bool,
+) -> Result<Option<S3Config>, ConfigError> {
+    let Some(url) = url else {
+        if raw.is_some() {
+            return Err(checker.missing(
+                "storage.url",
+                "[storage.s3] only applies with storage.url = \"s3://bucket/prefix\"",
+            ));
+        }
+        return Ok(None);
+    };
+    if has_events_dir {
+        return Err(checker.invalid(
+            "storage.url",
+            quote(&url),
+            "give either storage.url or storage.events_dir, not both",
+        ));
+    }
+    let Some(rest) = url.strip_prefix("s3://") else {
+        return Err(checker.invalid(
+            "storage.url",
+            quote(&url),
+            "must start with s3:// (S3 or an S3-compatible store); for a local directory use \
+             storage.events_dir",
+        ));
+    };
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let prefix = prefix.trim_matches('/');
+    let bucket_ok = (3..=63).contains(&bucket.len())
+        && bucket
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.'));
+    if !bucket_ok {
+        return Err(checker.invalid(
+            "storage.url",
+            quote(&url),
+            "the bucket name must be 3 to 63 characters of a-z, 0-9, '-' and '.'",
+        ));
+    }
+    if prefix.contains("//") || prefix.chars().any(char::is_control) {
+        return Err(checker.invalid(
+            "storage.url",
+            quote(&url),
+            "the prefix must not contain empty path segments or control characters",
+        ));
+    }
+    let raw = raw.unwrap_or_default();
+    let region = raw.region.unwrap_or_else(|| "us-east-1".to_owned());
+    if region.is_empty() {
+        return Err(checker.invalid("storage.s3.region", "\"\"", "must not be empty"));
+    }
+    let allow_http = raw.allow_http.unwrap_or(false);
+    if let Some(endpoint) = &raw.endpoint {
+        let http = endpoint.starts_with("http://");
+        if !http && !endpoint.starts_with("https://") {
+            return Err(checker.invalid(
+                "storage.s3.endpoint",
+                quote(endpoint),
+                "must be an http:// or https:// URL",
+            ));
+        }
+        if http && !allow_http {
+            return Err(checker.invalid(
+                "storage.s3.endpoint",
+                quote(endpoint),
+                "is plain http: set storage.s3.allow_http = true if the network is trusted",
+            ));
+        }
+    }
+    let env = |key: &str, var: &str| {
+        std::env::var(var).map_err(|_| {
+            checker.invalid(
+                key,
+                quote(var),
+                "names an environment variable that is not set (or not UTF-8) in the \
+                 aggregator's environment",
+            )
+        })
+    };
+    let in_file = match (raw.access_key_id, raw.secret_access_key) {
+        (None, None) => None,
+        (Some(id), Some(secret)) => Some((id, secret)),
+        (Some(_), None) => {
+            return Err(checker.missing(
+                "storage.s3.secret_access_key",
+                "access_key_id and secret_access_key go together",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(checker.missing(
+                "storage.s3.access_key_id",
+                "access_key_id and secret_access_key go together",
+            ));
+        }
+    };
+    let credentials = match (raw.access_key_id_env, raw.secret_access_key_env) {
+        (None, None) => in_file,
+        (Some(_), Some(_)) if in_file.is_some() => {
+            return Err(checker.invalid(
+                "storage.s3.access_key_id_env",
+                "(set)",
+                "give the credentials either in the file or by environment variables, not both",
+            ));
+        }
+        (Some(id_var), Some(secret_var)) => Some((
+            env("storage.s3.access_key_id_env", &id_var)?,
+            env("storage.s3.secret_access_key_env", &secret_var)?,
+        )),
+        (Some(_), None) => {
+            return Err(checker.missing(
+                "storage.s3.secret_access_key_env",
+                "access_key_id_env and secret_access_key_env go together",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(checker.missing(
+                "storage.s3.access_key_id_env",
+                "access_key_id_env and secret_access_key_env go together",
+            ));
+        }
+    };
+    Ok(Some(S3Config {
+        bucket: bucket.to_owned(),
+        prefix: prefix.to_owned(),
+        region,
+        endpoint: raw.endpoint,
+        allow_http,
+        credentials,
+    }))
+}
 
 fn validate_users(
     checker: &Checker<'_>,

@@ -27,7 +27,7 @@ pub use agent::{
 };
 pub use aggregator::{
     AggregatorConfig, FederationConfig, FederationSource, FileFormat, IngestConfig, PgwireConfig,
-    PostgresSource, QueryConfig, QueryUser, StorageConfig, load_aggregator, parse_aggregator,
+    PostgresSource, QueryConfig, QueryUser, S3Config, StorageConfig, load_aggregator, parse_aggregator,
 };
 pub use common::Synchronous;
 pub use error::ConfigError;

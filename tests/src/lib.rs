@@ -933,8 +933,15 @@ pub fn agent_config(
 /// Per-request deadline of the harness's HTTP calls; a hung request is a bug worth a failure.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Makes rustls on ring the process's TLS provider (reqwest is built without a default one);
+/// every client the harness builds calls it first.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// An HTTP client that ignores proxy settings of the environment.
 pub fn http_client() -> reqwest::Client {
+    install_crypto_provider();
     reqwest::Client::builder()
         .no_proxy()
         .timeout(HTTP_TIMEOUT)

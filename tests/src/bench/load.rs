@@ -21,6 +21,7 @@ const BUSY_RETRY_PAUSE: Duration = Duration::from_millis(20);
 const MAX_TRANSPORT_RETRIES: u32 = 3;
 
 pub fn http_client(n_clients: usize) -> reqwest::Client {
+    runnel_tests::install_crypto_provider();
     reqwest::Client::builder()
         .no_proxy()
         .timeout(REQUEST_TIMEOUT)

@@ -134,6 +134,7 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     );
     println!("agent:      HTTP source on http://{http}, shipping to {ingest}");
 
+    runnel_tests::install_crypto_provider();
     let client = reqwest::Client::new();
     let before = count_events(&client, query).await?;
     let started = Instant::now();
