@@ -232,6 +232,36 @@ impl RawRules {
     }
 }
 
+/// Names the rule in an error about one of its keys (the key itself has only its index).
+fn in_rule(error: ConfigError, name: &str) -> ConfigError {
+    match error {
+        // A rule of a set is named already; the set's name would only add noise.
+        ConfigError::Invalid { ref problem, .. } if problem.starts_with("in rule ") => error,
+        ConfigError::Missing { ref hint, .. }
+            if hint.ends_with("\")") && hint.contains("(rule \"") =>
+        {
+            error
+        }
+        ConfigError::Invalid {
+            file,
+            key,
+            value,
+            problem,
+        } => ConfigError::Invalid {
+            file,
+            key,
+            value,
+            problem: format!("in rule \"{name}\": {problem}"),
+        },
+        ConfigError::Missing { file, key, hint } => ConfigError::Missing {
+            file,
+            key,
+            hint: format!("{hint} (rule \"{name}\")"),
+        },
+        other => other,
+    }
+}
+
 impl RawRule {
     fn name(
         &self,
@@ -273,12 +303,23 @@ impl RawRule {
     }
 
     fn validate_set(
-        mut self,
+        self,
         checker: &mut Checker<'_>,
         prefix: &str,
         names: &mut BTreeSet<String>,
     ) -> Result<RuleSetConfig, ConfigError> {
         let name = self.name(checker, prefix, names)?;
+        self.validate_set_body(checker, prefix, names, name.clone())
+            .map_err(|error| in_rule(error, &name))
+    }
+
+    fn validate_set_body(
+        mut self,
+        checker: &mut Checker<'_>,
+        prefix: &str,
+        names: &mut BTreeSet<String>,
+        name: String,
+    ) -> Result<RuleSetConfig, ConfigError> {
         let when = self.when(checker, prefix)?;
         let match_mode = match self.match_mode.as_deref().unwrap_or("all") {
             "first" => MatchMode::First,
@@ -358,8 +399,18 @@ impl RawRule {
         prefix: &str,
         names: &mut BTreeSet<String>,
     ) -> Result<RuleConfig, ConfigError> {
-        let key = |field: &str| format!("{prefix}.{field}");
         let name = self.name(checker, prefix, names)?;
+        self.validate_rule_body(checker, prefix, name.clone())
+            .map_err(|error| in_rule(error, &name))
+    }
+
+    fn validate_rule_body(
+        self,
+        checker: &mut Checker<'_>,
+        prefix: &str,
+        name: String,
+    ) -> Result<RuleConfig, ConfigError> {
+        let key = |field: &str| format!("{prefix}.{field}");
         let when = self.when(checker, prefix)?;
         if let Some(mode) = &self.match_mode {
             return Err(checker.invalid(
@@ -485,9 +536,11 @@ impl RawRule {
             || route.is_some()
             || !local.actions.is_empty();
         if !does_something {
-            return Err(checker.missing(
+            return Err(checker.invalid(
                 prefix,
-                "a rule needs at least one of drop, sample, set, rename, remove, tag, route, actions",
+                format!("{{ name = {} }}", quote(&name)),
+                "does nothing: a rule needs at least one of drop, sample, set, rename, remove, \
+                 tag, route, actions",
             ));
         }
         Ok(RuleConfig {
@@ -503,5 +556,300 @@ impl RawRule {
             route,
             local,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::ActionConfig;
+
+    const BASE: &str = r#"
+        [uplink]
+        aggregator = "127.0.0.1:9480"
+        ca_cert = "/c/ca.pem"
+        cert = "/c/a.pem"
+        key = "/c/a.key"
+    "#;
+
+    fn parse(rules: &str) -> Result<RulesConfig, String> {
+        crate::parse_agent(&format!("{BASE}\n{rules}"), Path::new("agent.toml"))
+            .map(|config| config.rules)
+            .map_err(|error| error.to_string())
+    }
+
+    #[test]
+    fn a_full_rule_and_a_set() {
+        let rules = parse(
+            r#"
+            [[rules]]
+            name = "enrich"
+            when = 'name == "page_view"'
+            set = { "attrs.region" = '"eu"', score = "0.5" }
+            rename = { "attrs.uid" = "user_id" }
+            remove = ["attrs.password"]
+            tag = ["web"]
+            route = "clicks"
+            sample = 0.25
+            sample_by = "user_id"
+            max_actions_per_minute = 6
+            actions = [
+              { kind = "mqtt", url = "mqtt://127.0.0.1", topic = "alerts/{{ name }}", qos = 0 },
+              { kind = "webhook", url = "https://hooks.example.com/x", headers = { "X-Key" = "k" } },
+              { kind = "log", level = "warn", message = "saw {{ name }}" },
+            ]
+
+            [[rules]]
+            name = "severity"
+            match = "first"
+            [[rules.rules]]
+            name = "critical"
+            when = "attrs.temp > 90.0"
+            tag = ["critical"]
+            "#,
+        )
+        .expect("valid");
+        assert_eq!(rules.entries.len(), 2);
+        let RuleEntry::Rule(rule) = &rules.entries[0] else {
+            panic!("a rule")
+        };
+        assert_eq!(rule.set[0].0, FieldPath::Attr("region".into()), "key order");
+        assert_eq!(rule.set[1].0, FieldPath::Score);
+        assert_eq!(
+            rule.rename,
+            vec![(FieldPath::Attr("uid".into()), FieldPath::UserId)]
+        );
+        assert_eq!(rule.route.as_deref(), Some("clicks"));
+        assert_eq!(
+            rule.local.rate_limit,
+            RateLimitView {
+                per_minute: 6,
+                burst: 6
+            }
+            .into()
+        );
+        let ActionConfig::Mqtt(mqtt) = &rule.local.actions[0] else {
+            panic!("mqtt")
+        };
+        assert_eq!(
+            (mqtt.host.as_str(), mqtt.port, mqtt.qos),
+            ("127.0.0.1", 1883, 0)
+        );
+        let ActionConfig::Webhook(webhook) = &rule.local.actions[1] else {
+            panic!("webhook")
+        };
+        assert_eq!((webhook.timeout_ms, webhook.max_retries), (5000, 2));
+        let RuleEntry::Set(set) = &rules.entries[1] else {
+            panic!("a set")
+        };
+        assert_eq!(set.match_mode, MatchMode::First);
+        assert_eq!(rules.all_rules().count(), 2);
+    }
+
+    struct RateLimitView {
+        per_minute: u64,
+        burst: u64,
+    }
+
+    impl From<RateLimitView> for crate::RateLimit {
+        fn from(view: RateLimitView) -> crate::RateLimit {
+            crate::RateLimit {
+                per_minute: view.per_minute,
+                burst: view.burst,
+            }
+        }
+    }
+
+    /// Each bad config and a piece its error must contain.
+    #[test]
+    fn errors_name_the_key_the_rule_and_the_position() {
+        let cases: &[(&str, &str)] = &[
+            (
+                r#"[[rules]]
+                   name = "ok"
+                   drop = true
+                   [[rules]]
+                   name = "bots"
+                   when = 'name == "a" &&& x'
+                   drop = true"#,
+                r#"agent.toml: rules[1].when = "name == \"a\" &&& x": in rule "bots": CEL syntax error at 1:15: "#,
+            ),
+            (
+                r#"[[rules]]
+                   name = "multi"
+                   when = """
+            name == "a" &&
+              (attrs.x > """
+                   drop = true"#,
+                "in rule \"multi\": CEL syntax error at 2:26: ",
+            ),
+            (
+                r#"[[rules]]
+                   name = "s"
+                   set = { "attrs.x" = "1 +" }"#,
+                r#"rules[0].set."attrs.x" = "1 +": in rule "s": CEL syntax error at 1:"#,
+            ),
+            (
+                r#"[[rules]]
+                   name = "s"
+                   set = { "nope" = "1" }"#,
+                "must be name, stream, event_id, user_id, session_id, score, event_time_ms or attrs.<key>",
+            ),
+            (
+                r#"[[rules]]
+                   name = "t"
+                   actions = [{ kind = "log", message = "x {{ 1 + }}" }]"#,
+                "rules[0].actions[0].message = \"x {{ 1 + }}\": in rule \"t\": placeholder 1",
+            ),
+            (
+                r#"[[rules]]
+                   name = "t"
+                   actions = [{ kind = "log", message = "x {{ name" }]"#,
+                "never closed",
+            ),
+            (
+                r#"[[rules]]
+                   name = "t"
+                   actions = [{ kind = "mqtt", url = "mqtt://h", topic = "a/#" }]"#,
+                "no + or # wildcards",
+            ),
+            (
+                r#"[[rules]]
+                   name = "t"
+                   actions = [{ kind = "log", message = "m", url = "http://x" }]"#,
+                "rules[0].actions[0].url = ...: in rule \"t\": is not a key of kind = \"log\"",
+            ),
+            (
+                r#"[[rules]]
+                   name = "t"
+                   actions = [{ kind = "sms" }]"#,
+                "must be \"mqtt\", \"webhook\" or \"log\"",
+            ),
+            (
+                r#"[[rules]]
+                   name = "t"
+                   actions = [{ kind = "webhook", url = "ftp://x" }]"#,
+                "must be an http:// or https:// URL",
+            ),
+            (
+                r#"[[rules]]
+                   name = "t"
+                   actions = [{ kind = "mqtt", url = "mqtts://h", topic = "a" }]"#,
+                "rules[0].actions[0].ca_cert is required",
+            ),
+            (
+                r#"[[rules]]
+                   name = "nothing"
+                   when = "true""#,
+                "does nothing",
+            ),
+            (
+                r#"[[rules]]
+                   name = "d"
+                   drop = true
+                   [[rules]]
+                   name = "d"
+                   drop = true"#,
+                "rules[1].name = \"d\": must be unique",
+            ),
+            (
+                r#"[[rules]]
+                   drop = true"#,
+                "rules[0].name is required",
+            ),
+            (
+                r#"[[rules]]
+                   name = "s"
+                   sample = 1.5"#,
+                "rules[0].sample = 1.5: in rule \"s\": must be more than 0 and at most 1",
+            ),
+            (
+                r#"[[rules]]
+                   name = "s"
+                   sample_by = "user_id"
+                   drop = true"#,
+                "rules[0].sample is required",
+            ),
+            (
+                r#"[[rules]]
+                   name = "r"
+                   route = "no spaces""#,
+                "rules[0].route = \"no spaces\"",
+            ),
+            (
+                r#"[[rules]]
+                   name = "r"
+                   remove = ["name"]"#,
+                "rules[0].remove[0] = \"name\": in rule \"r\": cannot be removed",
+            ),
+            (
+                r#"[[rules]]
+                   name = "r"
+                   match = "first"
+                   drop = true"#,
+                "only a rule set",
+            ),
+            (
+                r#"[[rules]]
+                   name = "set"
+                   match = "some"
+                   [[rules.rules]]
+                   name = "a"
+                   drop = true"#,
+                "rules[0].match = \"some\": in rule \"set\": must be \"first\" or \"all\"",
+            ),
+            (
+                r#"[[rules]]
+                   name = "set"
+                   drop = true
+                   [[rules.rules]]
+                   name = "a"
+                   drop = true"#,
+                "rules[0].drop = ...",
+            ),
+            (
+                r#"[[rules]]
+                   name = "set"
+                   [[rules.rules]]
+                   name = "inner"
+                   when = "x )"
+                   drop = true"#,
+                "rules[0].rules[0].when = \"x )\": in rule \"inner\": CEL syntax error at 1:3",
+            ),
+            (
+                r#"[[rules]]
+                   name = "set"
+                   rules = []"#,
+                "a rule set needs at least one rule",
+            ),
+            (
+                r#"[[rules]]
+                   name = "r"
+                   drop = true
+                   max_actions_per_minute = 0"#,
+                "rules[0].max_actions_per_minute = 0",
+            ),
+        ];
+        for (toml, expected) in cases {
+            let error = parse(toml).expect_err(toml);
+            assert!(
+                error.contains(expected),
+                "{error}\n  should contain\n{expected}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let error = parse(
+            r#"[[rules]]
+               name = "r"
+               drop = true
+               dorp = true"#,
+        )
+        .expect_err("unknown key");
+        assert!(error.contains("unknown field `dorp`"), "{error}");
     }
 }
