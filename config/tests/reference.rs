@@ -52,6 +52,7 @@ impl File {
             ],
             "query.users" => &[("name", "\"probe\"")],
             "federation" => &[("name", "\"probe\""), ("kind", "\"csv\"")],
+            "rules" => &[("name", "\"probe\"")],
             _ => &[],
         }
     }
