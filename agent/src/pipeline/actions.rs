@@ -583,4 +583,77 @@ mod tests {
         }]);
         assert!(actions.sender.get().is_some_and(Option::is_none));
     }
+
+    /// A webhook that answers 503 first and 200 next: the action retries and the body is the
+    /// rendered template.
+    #[tokio::test]
+    async fn webhooks_retry_and_send_the_rendered_payload() {
+        use axum::http::StatusCode;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        let hits = Arc::new(AtomicUsize::new(0));
+        let bodies = Arc::new(Mutex::new(Vec::<(String, String)>::new()));
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post({
+                let (hits, bodies) = (Arc::clone(&hits), Arc::clone(&bodies));
+                move |headers: axum::http::HeaderMap, body: String| async move {
+                    let n = hits.fetch_add(1, Ordering::SeqCst);
+                    let key = headers
+                        .get("x-key")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned();
+                    bodies.lock().expect("lock").push((key, body));
+                    if n == 0 {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    } else {
+                        StatusCode::OK
+                    }
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let actions = RuleActions::build(
+            "hook",
+            &LocalActions {
+                actions: vec![ActionConfig::Webhook(WebhookActionConfig {
+                    url: format!("http://{addr}/hook"),
+                    ca_cert: None,
+                    payload: Some(r#"{"device": "{{ attrs.device }}"}"#.into()),
+                    headers: [("X-Key".to_owned(), "k1".to_owned())].into(),
+                    timeout_ms: 5_000,
+                    max_retries: 2,
+                    retry_backoff_ms: 1,
+                })],
+                rate_limit: RateLimit::default(),
+            },
+        )
+        .expect("builds")
+        .expect("has actions");
+        let mut event = Event::new(SourceKind::Http, "s", "n", 0);
+        event.attrs.insert(
+            "device".into(),
+            runnel_common::Value::String("press-4".into()),
+        );
+        let runner = Actions::default();
+        runner.dispatch(vec![Fired { actions, event }]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while bodies.lock().expect("lock").len() < 2 {
+            assert!(Instant::now() < deadline, "the webhook was not retried");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let bodies = bodies.lock().expect("lock").clone();
+        assert_eq!(bodies.len(), 2, "503, then 200 and no more");
+        assert_eq!(hits.load(Ordering::SeqCst), 2);
+        for (key, body) in bodies {
+            assert_eq!(key, "k1");
+            assert_eq!(body, r#"{"device": "press-4"}"#);
+        }
+    }
 }
