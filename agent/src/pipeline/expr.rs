@@ -143,10 +143,7 @@ impl Expr {
     }
 
     fn eval_uncounted(&self, vars: &Vars<'_>) -> Result<cel::Value, EvalError> {
-        let resolver = Resolver {
-            vars,
-            attrs: OnceLock::new(),
-        };
+        let resolver = Resolver { vars };
         let mut context = Context::with_env(Arc::clone(&ENV));
         context.set_variable_resolver(&resolver);
         match std::panic::catch_unwind(AssertUnwindSafe(|| self.program.execute(&context))) {
@@ -170,10 +167,14 @@ impl Expr {
 }
 
 /// What an expression sees: an event's fields and extra variables.
+///
+/// One `Vars` may serve many expressions over the same event: the `attrs` map, once built, is
+/// kept for the next one (build a new `Vars` after changing the event).
 #[derive(Debug, Default)]
 pub struct Vars<'a> {
     event: Option<&'a Event>,
     extra: Vec<(Cow<'a, str>, cel::Value)>,
+    attrs: OnceLock<Box<dyn Val + 'a>>,
 }
 
 impl<'a> Vars<'a> {
@@ -182,6 +183,7 @@ impl<'a> Vars<'a> {
         Vars {
             event: Some(event),
             extra: Vec::new(),
+            attrs: OnceLock::new(),
         }
     }
 
@@ -198,10 +200,9 @@ impl<'a> Vars<'a> {
 }
 
 /// Serves variables to the interpreter on demand: only what an expression names is converted,
-/// and the `attrs` map at most once per evaluation.
+/// and the `attrs` map at most once per [`Vars`].
 struct Resolver<'r, 'a> {
     vars: &'r Vars<'a>,
-    attrs: OnceLock<Box<dyn Val + 'r>>,
 }
 
 impl VariableResolver for Resolver<'_, '_> {
@@ -243,7 +244,7 @@ impl VariableResolver for Resolver<'_, '_> {
                 CowVal::owned(CelList::from(tags))
             }
             "attrs" => {
-                let map = self.attrs.get_or_init(|| attrs_to_val(&event.attrs));
+                let map = self.vars.attrs.get_or_init(|| attrs_to_val(&event.attrs));
                 CowVal::Borrowed(map.as_ref())
             }
             // `attrs.temp` is offered whole first; answering it skips building the map.

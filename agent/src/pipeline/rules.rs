@@ -59,10 +59,9 @@ struct Sample {
     by: Option<Expr>,
 }
 
-/// What a rule did to an event.
+/// What a matched rule did to an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outcome {
-    NotMatched,
     Kept,
     Dropped,
 }
@@ -98,19 +97,46 @@ impl Rules {
             return events;
         }
         let mut kept = Vec::with_capacity(events.len());
-        'events: for mut event in events {
-            for entry in &self.entries {
-                let outcome = match entry {
-                    Entry::Rule(rule) => rule.apply(&mut event, fired),
-                    Entry::Set(set) => set.apply(&mut event, fired),
-                };
-                if outcome == Outcome::Dropped {
-                    continue 'events;
-                }
+        for mut event in events {
+            if self.apply_one(&mut event, fired) {
+                kept.push(event);
             }
-            kept.push(event);
         }
         kept
+    }
+
+    /// Runs every entry on one event; false when a rule discarded it. The variables (and the
+    /// `attrs` map they may have built) serve every condition until a rule changes the event.
+    fn apply_one(&self, event: &mut Event, fired: &mut Vec<Fired>) -> bool {
+        let mut vars = Vars::event(event);
+        for entry in &self.entries {
+            let (guard, first, rules) = match entry {
+                Entry::Rule(rule) => (None, false, std::slice::from_ref(rule)),
+                Entry::Set(set) => (set.when.as_ref(), set.first, set.rules.as_slice()),
+            };
+            if let Some(guard) = guard
+                && !guard.eval_bool(&vars)
+            {
+                continue;
+            }
+            for rule in rules {
+                if let Some(when) = &rule.when
+                    && !when.eval_bool(&vars)
+                {
+                    continue;
+                }
+                let values = rule.computed(&vars);
+                drop(vars);
+                if rule.act(event, values, fired) == Outcome::Dropped {
+                    return false;
+                }
+                vars = Vars::event(event);
+                if first {
+                    break;
+                }
+            }
+        }
+        true
     }
 }
 
@@ -120,26 +146,6 @@ fn compile(source: Option<&str>, rule: &str, key: &str) -> anyhow::Result<Option
             Expr::compile(source, rule).with_context(|| format!("rule {rule}: {key} = {source:?}"))
         })
         .transpose()
-}
-
-impl Set {
-    fn apply(&self, event: &mut Event, fired: &mut Vec<Fired>) -> Outcome {
-        if let Some(when) = &self.when
-            && !when.eval_bool(&Vars::event(event))
-        {
-            return Outcome::NotMatched;
-        }
-        let mut any = Outcome::NotMatched;
-        for rule in &self.rules {
-            match rule.apply(event, fired) {
-                Outcome::NotMatched => {}
-                Outcome::Dropped => return Outcome::Dropped,
-                Outcome::Kept if self.first => return Outcome::Kept,
-                Outcome::Kept => any = Outcome::Kept,
-            }
-        }
-        any
-    }
 }
 
 impl Rule {
@@ -181,27 +187,28 @@ impl Rule {
         })
     }
 
-    fn apply(&self, event: &mut Event, fired: &mut Vec<Fired>) -> Outcome {
-        if let Some(when) = &self.when
-            && !when.eval_bool(&Vars::event(event))
-        {
-            return Outcome::NotMatched;
-        }
+    /// The `set` values, computed from the event before this rule changes it (`None` where an
+    /// expression failed: that field stays as it was).
+    fn computed(&self, vars: &Vars<'_>) -> Vec<Option<Value>> {
         self.matches.increment(1);
-        if !self.set.is_empty() {
-            let values: Vec<Option<Value>> = {
-                let vars = Vars::event(event);
-                self.set
-                    .iter()
-                    .map(|(_, expr)| expr.eval_value(&vars).ok())
-                    .collect()
-            };
-            for ((field, expr), value) in self.set.iter().zip(values) {
-                if let Some(value) = value
-                    && let Err(error) = write_field(event, field, value)
-                {
-                    expr.count_error(&error);
-                }
+        self.set
+            .iter()
+            .map(|(_, expr)| expr.eval_value(vars).ok())
+            .collect()
+    }
+
+    /// Applies a matched rule's actions to the event.
+    fn act(
+        &self,
+        event: &mut Event,
+        values: Vec<Option<Value>>,
+        fired: &mut Vec<Fired>,
+    ) -> Outcome {
+        for ((field, expr), value) in self.set.iter().zip(values) {
+            if let Some(value) = value
+                && let Err(error) = write_field(event, field, value)
+            {
+                expr.count_error(&error);
             }
         }
         for (from, to) in &self.rename {

@@ -19,6 +19,8 @@ mod mqtt;
 mod raw_sqlite;
 #[path = "../bench/relay.rs"]
 mod relay;
+#[path = "../bench/rules.rs"]
+mod rules;
 #[path = "../bench/snowplow.rs"]
 mod snowplow;
 #[path = "../bench/stack.rs"]
@@ -130,6 +132,10 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // `runnel-bench rules ...`: the decision pipeline in process (bench/rules.rs).
+    if std::env::args().nth(1).as_deref() == Some("rules") {
+        return rules::main(std::env::args().skip(1));
+    }
     let args = Args::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
