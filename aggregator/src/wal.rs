@@ -336,10 +336,11 @@ fn replay(conn: &Connection, store: &EventStore) -> anyhow::Result<(usize, usize
             last_seq: row.get(3)?,
             n_events: row.get(4)?,
             uncompressed_bytes: row.get(5)?,
-            compression: if row.get::<_, i64>(6)? == 0 {
-                Compression::None
-            } else {
-                Compression::Zstd
+            compression: match row.get::<_, i64>(6)? {
+                0 => Compression::None,
+                1 => Compression::Zstd,
+                2 => Compression::ZstdColumns,
+                other => anyhow::bail!("WAL batch {id} has unknown compression code {other}"),
             },
             payload: row.get(8)?,
         };
@@ -468,6 +469,7 @@ impl Writer {
                     let compression = match b.compression {
                         Compression::None => 0,
                         Compression::Zstd => 1,
+                        Compression::ZstdColumns => 2,
                     };
                     insert.execute(params![
                         &*accepted.agent_id,

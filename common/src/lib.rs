@@ -10,6 +10,7 @@
 //! never change; golden byte fixtures in `tests/golden.rs` fail when the format moves.
 
 pub mod batch;
+pub mod columnar;
 pub mod event;
 pub mod exposition;
 pub mod frame;

@@ -215,9 +215,17 @@ pub struct Batch {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Compression {
+    /// Row-wise postcard `Vec<Event>`, uncompressed.
     None,
+    /// Row-wise postcard `Vec<Event>`, zstd-compressed.
     Zstd,
+    /// Column-wise ([`crate::columnar`]), zstd-compressed. Sent only to aggregators that speak
+    /// protocol 2 ([`BATCH_COLUMNS_PROTOCOL_VERSION`]).
+    ZstdColumns,
 }
+
+/// The first protocol version whose aggregators accept [`Compression::ZstdColumns`] batches.
+pub const BATCH_COLUMNS_PROTOCOL_VERSION: u16 = 2;
 
 /// Aggregator -> agent, the only frame back on a batch stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -79,6 +79,10 @@ fn batch_message_name(message: &BatchMessage) -> &'static str {
             compression: Compression::Zstd,
             ..
         }) => "batch (zstd)",
+        BatchMessage::Batch(Batch {
+            compression: Compression::ZstdColumns,
+            ..
+        }) => "batch (zstd columns)",
     }
 }
 
@@ -639,6 +643,8 @@ proptest! {
         let mut batch = match compression {
             Compression::None => uncompressed_batch(after_seq, last_seq, n_events, &events),
             Compression::Zstd => zstd_batch(after_seq, last_seq, n_events, &events),
+            // The column layout has its own tests (tests/columnar.rs).
+            Compression::ZstdColumns => unreachable!("compression() yields row layouts"),
         };
         let raw_bytes = batch.uncompressed_bytes;
         batch.after_seq = header_after_seq.unwrap_or(after_seq);
@@ -724,7 +730,9 @@ proptest! {
     ) {
         let payload = match compression {
             Compression::None => raw.clone(),
-            Compression::Zstd => zstd::bulk::compress(&raw, 1).map_err(|error| fail("zstd", error))?,
+            Compression::Zstd | Compression::ZstdColumns => {
+                zstd::bulk::compress(&raw, 1).map_err(|error| fail("zstd", error))?
+            }
         };
         let batch = Batch {
             after_seq,
