@@ -723,4 +723,39 @@ mod tests {
         assert_eq!(out.len(), 2);
         assert!(fired.is_empty());
     }
+
+    /// The documented example builds, and does what its comments say.
+    #[test]
+    fn the_example_config_works() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/examples/agent-rules.toml");
+        let config = runnel_config::load_agent(&path).unwrap_or_else(|error| panic!("{error}"));
+        let rules = Rules::build(&config.rules).expect("builds");
+        let mut purchase = Event::new(SourceKind::Http, "web", "purchase", 0);
+        for (key, value) in [
+            ("price", Value::Float(600.0)),
+            ("quantity", Value::Int(2)),
+            ("country", Value::String("FR".into())),
+            ("uid", Value::String("u-7".into())),
+            ("card_number", Value::String("4111".into())),
+            (
+                "user_agent",
+                Value::String("Mozilla/5.0 (iPad; CPU OS 18_1)".into()),
+            ),
+        ] {
+            purchase.attrs.insert(key.into(), value);
+        }
+        let health = Event::new(SourceKind::Http, "web", "health_check", 0);
+        let (out, fired) = run(&rules, vec![purchase, health]);
+        assert_eq!(out.len(), 1);
+        let order = &out[0];
+        assert_eq!(order.stream, "orders");
+        assert_eq!(order.attrs["total_cents"], Value::Int(120_000));
+        assert_eq!(order.attrs["region"], Value::String("eu".into()));
+        assert_eq!(order.user_id.as_deref(), Some("u-7"));
+        assert!(!order.attrs.contains_key("card_number"));
+        assert_eq!(order.attrs["device_class"], Value::String("tablet".into()));
+        assert_eq!(fired.len(), 1);
+        assert_eq!(fired[0].actions.rule(), "large-order");
+    }
 }
