@@ -561,6 +561,8 @@ mod tests {
             ("size(attrs)", cel::Value::Int(5)),
             ("attrs.device.matches(\"^press-[0-9]+$\")", true.into()),
             ("tags.exists(t, t == \"a\")", true.into()),
+            ("double(attrs.count) * 2.0", cel::Value::Float(6.0)),
+            ("attrs.count > 2.5", true.into()),
         ];
         for (source, expected) in cases {
             assert_eq!(eval(source, &event).as_ref(), Ok(expected), "{source}");
@@ -576,6 +578,8 @@ mod tests {
             "1 / 0",
             "nope",
             "attrs.device + 1",
+            // CEL keeps int and double apart in arithmetic (RULES.md says so).
+            "attrs.count * 2.0",
         ] {
             assert!(eval(source, &event).is_err(), "{source}");
         }
