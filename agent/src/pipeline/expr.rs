@@ -136,10 +136,7 @@ impl Expr {
     /// Evaluates and converts the result for an event field.
     pub fn eval_value(&self, vars: &Vars<'_>) -> Result<Value, EvalError> {
         let value = self.eval(vars)?;
-        from_cel(&value).map_err(|error| {
-            self.count_error(&error);
-            error
-        })
+        from_cel(&value).inspect_err(|error| self.count_error(error))
     }
 
     fn eval_uncounted(&self, vars: &Vars<'_>) -> Result<cel::Value, EvalError> {

@@ -29,7 +29,7 @@ pub struct Rules {
 }
 
 enum Entry {
-    Rule(Rule),
+    Rule(Box<Rule>),
     Set(Set),
 }
 
@@ -72,7 +72,7 @@ impl Rules {
         let mut entries = Vec::with_capacity(config.entries.len());
         for entry in &config.entries {
             entries.push(match entry {
-                RuleEntry::Rule(rule) => Entry::Rule(Rule::build(rule)?),
+                RuleEntry::Rule(rule) => Entry::Rule(Box::new(Rule::build(rule)?)),
                 RuleEntry::Set(set) => Entry::Set(Set {
                     when: compile(set.when.as_deref(), &set.name, "when")?,
                     first: set.match_mode == MatchMode::First,
@@ -111,7 +111,7 @@ impl Rules {
         let mut vars = Vars::event(event);
         for entry in &self.entries {
             let (guard, first, rules) = match entry {
-                Entry::Rule(rule) => (None, false, std::slice::from_ref(rule)),
+                Entry::Rule(rule) => (None, false, std::slice::from_ref(rule.as_ref())),
                 Entry::Set(set) => (set.when.as_ref(), set.first, set.rules.as_slice()),
             };
             if let Some(guard) = guard
