@@ -18,3 +18,6 @@ pub enum FleetEvent {
         result: ConfigResult,
     },
 }
+
+pub mod rollout;
+pub mod selector;
