@@ -24,6 +24,9 @@ pub const MAX_PANES_PER_WINDOW: u64 = 100;
 const DEFAULT_MAX_KEYS: u64 = 10_000;
 /// Most keys a window may hold: state is in memory and saved whole every 10 s.
 const MAX_MAX_KEYS: u64 = 1_000_000;
+/// Default of `allowed_lateness_ms`: events stamped with their receive time reach the window
+/// a moment later; a second keeps those at a window's edge from being late.
+const DEFAULT_ALLOWED_LATENESS_MS: u64 = 1000;
 /// Default of `max_future_ms`: clocks of devices drift, but not by more than minutes.
 const DEFAULT_MAX_FUTURE_MS: u64 = 5 * 60 * 1000;
 /// Most key expressions per window.
@@ -95,7 +98,7 @@ struct RawWindow {
     /// alerts on every window).
     having: Option<String>,
     /// How long after a window's end (in event time) late events are still added. 0 to
-    /// 604800000. Default: 0.
+    /// 604800000. Default: 1000.
     allowed_lateness_ms: Option<u64>,
     /// Events with an event time more than this ahead of the agent's clock are left out (and
     /// counted): a device with a wrong clock must not close every window. 0 to 604800000.
@@ -500,7 +503,7 @@ impl RawWindow {
         let allowed_lateness_ms = checker.int(
             &key_of("allowed_lateness_ms"),
             self.allowed_lateness_ms,
-            0,
+            DEFAULT_ALLOWED_LATENESS_MS,
             0,
             Some(MAX_WINDOW_MS),
             Unit::Plain,
@@ -578,6 +581,131 @@ mod tests {
         );
         assert_eq!(parse_aggregate("median(x)"), None);
         assert_eq!(parse_aggregate("sum(x"), None);
+    }
+
+    fn parse(windows: &str) -> Result<Vec<WindowConfig>, String> {
+        let text = format!(
+            "[uplink]\naggregator = \"a.example:9480\"\nca_cert = \"/c/ca.pem\"\n\
+             cert = \"/c/a.pem\"\nkey = \"/c/a.key\"\n\n{windows}"
+        );
+        crate::parse_agent(&text, std::path::Path::new("agent.toml"))
+            .map(|config| config.windows)
+            .map_err(|error| error.to_string())
+    }
+
+    const GOOD: &str = "[[windows]]\nname = \"w\"\nsize_ms = 60000\n\
+                        aggregates = { n = \"count\" }\nhaving = \"n > 2\"\n";
+
+    #[test]
+    fn a_minimal_window_gets_the_defaults() {
+        let windows = parse(GOOD).expect("valid");
+        let window = &windows[0];
+        assert_eq!(window.kind, WindowKind::Tumbling);
+        assert_eq!(window.slide_ms, 60_000);
+        assert_eq!(window.allowed_lateness_ms, DEFAULT_ALLOWED_LATENESS_MS);
+        assert_eq!(window.max_future_ms, DEFAULT_MAX_FUTURE_MS);
+        assert_eq!(window.max_keys, 10_000);
+        assert!(window.key.is_empty() && window.when.is_none());
+        assert!(window.local.actions.is_empty());
+    }
+
+    #[test]
+    fn keys_and_aggregates_get_names() {
+        let windows = parse(
+            "[[windows]]\nname = \"w\"\nkind = \"sliding\"\nsize_ms = 60000\nslide_ms = 10000\n\
+             key = [\"attrs.device\", \"user_id\", \"size(name)\"]\n\
+             aggregates = { total = \"sum(attrs.amount)\", users = \"distinct(user_id)\" }\n\
+             having = \"total > 2\"\n",
+        )
+        .expect("valid");
+        let window = &windows[0];
+        assert_eq!(window.key_names, ["device", "user_id", "key_2"]);
+        let aggregates: Vec<String> = window
+            .aggregates
+            .iter()
+            .map(|a| format!("{}={a}", a.name))
+            .collect();
+        assert_eq!(
+            aggregates,
+            ["total=sum(attrs.amount)", "users=distinct(user_id)"]
+        );
+        assert_eq!(window.kind, WindowKind::Sliding);
+    }
+
+    #[test]
+    fn errors_name_the_key_and_what_is_allowed() {
+        let second = |extra: &str, having: &str| {
+            format!(
+                "{GOOD}\n[[windows]]\nname = \"v\"\nsize_ms = 60000\n\
+                 aggregates = {{ n = \"count\" }}\nhaving = {having:?}\n{extra}"
+            )
+        };
+        for (text, expected) in [
+            (
+                second("", "n >"),
+                "agent.toml: windows[1].having = \"n >\": CEL syntax error at 1:",
+            ),
+            (
+                second("slide_ms = 1000\n", "true"),
+                "windows[1].slide_ms = 1000: is only for kind = \"sliding\"",
+            ),
+            (
+                second("kind = \"sliding\"\n", "true"),
+                "windows[1].slide_ms is required",
+            ),
+            (
+                second("kind = \"sliding\"\nslide_ms = 7000\n", "true"),
+                "windows[1].slide_ms = 7000: must divide size_ms (60000) into at most 100",
+            ),
+            (
+                second("kind = \"hopping\"\n", "true"),
+                "windows[1].kind = \"hopping\": must be \"tumbling\" or \"sliding\"",
+            ),
+            (
+                second("max_keys = 0\n", "true"),
+                "windows[1].max_keys = 0: must be between 1 and 1000000",
+            ),
+            (
+                GOOD.replace("having = \"n > 2\"\n", ""),
+                "windows[0].having is required",
+            ),
+            (
+                GOOD.replace("\"count\"", "\"median(x)\""),
+                "windows[0].aggregates.n = \"median(x)\": must be \"count\"",
+            ),
+            (
+                GOOD.replace("\"count\"", "\"sum\""),
+                "windows[0].aggregates.n = \"sum\": sum(x) needs an argument",
+            ),
+            (
+                GOOD.replace("{ n = ", "{ key = "),
+                "windows[0].aggregates.key = \"count\": aggregate names must be identifiers",
+            ),
+            (
+                format!("{GOOD}{GOOD}"),
+                "windows[1].name = \"w\": must be unique among windows",
+            ),
+            (
+                GOOD.replace("size_ms = 60000", "size_ms = 0"),
+                "windows[0].size_ms = 0: must be between 1 and 604800000",
+            ),
+            (
+                GOOD.replace("name = \"w\"", "name = \"w\"\nkey = [\"attrs.n\"]"),
+                "windows[0].aggregates.n = \"count\": aggregate names must be identifiers",
+            ),
+        ] {
+            let error = parse(&text).expect_err(&text);
+            assert!(error.contains(expected), "{error}\n  expected: {expected}");
+        }
+    }
+
+    #[test]
+    fn the_definition_changes_with_what_state_means_only() {
+        let base = &parse(GOOD).expect("valid")[0];
+        let relaxed = &parse(&GOOD.replace("n > 2", "n > 5")).expect("valid")[0];
+        assert_eq!(base.definition(), relaxed.definition());
+        let resized = &parse(&GOOD.replace("60000", "30000")).expect("valid")[0];
+        assert_ne!(base.definition(), resized.definition());
     }
 
     #[test]

@@ -52,6 +52,12 @@ impl File {
             ],
             "query.users" => &[("name", "\"probe\"")],
             "federation" => &[("name", "\"probe\""), ("kind", "\"csv\"")],
+            "windows" => &[
+                ("name", "\"probe\""),
+                ("size_ms", "1000"),
+                ("aggregates", "{ n = \"count\" }"),
+                ("having", "\"n > 0\""),
+            ],
             "rules" => &[("name", "\"probe\"")],
             _ => &[],
         }

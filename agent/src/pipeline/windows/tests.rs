@@ -52,6 +52,7 @@ when = "name == 'door_open'"
 key = ["attrs.device"]
 size_ms = 60000
 aggregates = { n = "count" }
+allowed_lateness_ms = 0
 having = "n >= 3"
 "#;
 
@@ -125,7 +126,7 @@ fn an_event_past_the_window_closes_it_and_late_events_are_left_out() {
 fn allowed_lateness_delays_the_close_and_admits_late_events() {
     let dir = tempfile::tempdir().unwrap();
     let windows = build(
-        &DOORS.replace("having", "allowed_lateness_ms = 5000\nhaving"),
+        &DOORS.replace("allowed_lateness_ms = 0", "allowed_lateness_ms = 5000"),
         dir.path(),
     );
     let mut fired = Vec::new();
@@ -154,6 +155,7 @@ name = "hot"
 kind = "sliding"
 size_ms = 30000
 slide_ms = 10000
+allowed_lateness_ms = 0
 key = ["attrs.device"]
 aggregates = { n = "count", peak = "max(attrs.temp)", mean = "avg(attrs.temp)" }
 having = "n >= 2 && peak > 50.0"
@@ -199,6 +201,7 @@ fn distinct_counts_and_cel_inputs() {
         r#"
 [[windows]]
 name = "shared_accounts"
+allowed_lateness_ms = 0
 key = ["user_id", "size(name) == 3"]
 size_ms = 1000
 aggregates = { devices = "distinct(attrs.device)", spend = "sum(attrs.cents / 100)", n = "count(attrs.cents)" }
@@ -251,6 +254,7 @@ fn having_false_emits_nothing_and_having_errors_are_false() {
         r#"
 [[windows]]
 name = "quiet"
+allowed_lateness_ms = 0
 size_ms = 1000
 aggregates = { n = "count", mean = "avg(attrs.temp)" }
 having = "mean > 10.0"
