@@ -64,6 +64,12 @@ pub enum DropReason {
 }
 
 impl DropReason {
+    pub const ALL: [DropReason; 3] = [
+        DropReason::BufferFullDropNewest,
+        DropReason::BufferFullEvicted,
+        DropReason::BufferFullNoRoom,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             DropReason::BufferFullDropNewest => "buffer_full_drop_newest",
@@ -116,6 +122,22 @@ pub struct Stats {
     pub n_deleted: AtomicU64,
     /// Events discarded or evicted by a drop policy.
     pub n_dropped: AtomicU64,
+    /// `n_dropped` by reason, indexed by `DropReason as usize`.
+    pub n_dropped_by_reason: [AtomicU64; DropReason::ALL.len()],
+}
+
+impl Stats {
+    /// Drops since start by reason (`buffer_full_drop_newest`, ...), reasons with none left out.
+    pub fn dropped_by_reason(&self) -> std::collections::BTreeMap<String, u64> {
+        DropReason::ALL
+            .iter()
+            .map(|reason| {
+                let n = self.n_dropped_by_reason[*reason as usize].load(Ordering::Relaxed);
+                (reason.as_str().to_owned(), n)
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
 }
 
 type AppendReply = oneshot::Sender<Result<Appended, AppendError>>;
@@ -174,6 +196,17 @@ enum Op {
     Oldest {
         reply: oneshot::Sender<anyhow::Result<Option<Oldest>>>,
     },
+    SetPolicy {
+        policy: Policy,
+        reply: oneshot::Sender<anyhow::Result<()>>,
+    },
+}
+
+/// The parts of `[buffer]` a managed config may change while the agent runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    pub when_full: WhenFull,
+    pub stream_priorities: std::collections::BTreeMap<String, u8>,
 }
 
 /// The oldest event still in the buffer (not yet acknowledged by the aggregator).
@@ -320,6 +353,12 @@ impl Buffer {
     /// [`Buffer::read_after`] it does not count as handed to the uplink.
     pub async fn oldest(&self) -> anyhow::Result<Option<Oldest>> {
         self.call(|reply| Op::Oldest { reply }).await
+    }
+
+    /// Changes the full-buffer policy for appends queued after this call. Priorities apply to
+    /// events appended from now on (stored rows keep the priority they were written with).
+    pub async fn set_policy(&self, policy: Policy) -> anyhow::Result<()> {
+        self.call(|reply| Op::SetPolicy { policy, reply }).await
     }
 
     pub fn head(&self) -> watch::Receiver<Head> {
@@ -629,6 +668,7 @@ impl Writer {
                 }
                 let n_dropped: u64 = drops.values().sum();
                 for ((stream, reason), n) in &drops {
+                    stats.n_dropped_by_reason[*reason as usize].fetch_add(*n, Ordering::Relaxed);
                     metrics::counter!(
                         "runnel_agent_dropped_events_total",
                         "stream" => stream.clone(),
@@ -684,6 +724,27 @@ impl Writer {
     fn handle(&mut self, op: Op) {
         match op {
             Op::Append { .. } => unreachable!("appends are grouped by run()"),
+            Op::SetPolicy { policy, reply } => {
+                let mut result = Ok(());
+                if policy.when_full == WhenFull::DropOldest {
+                    // As in `open`: eviction needs the index.
+                    result = self
+                        .conn
+                        .execute_batch(
+                            "CREATE INDEX IF NOT EXISTS events_by_priority ON events (priority, seq)",
+                        )
+                        .with_context(|| format!("index buffer {}", self.path.display()));
+                }
+                if result.is_ok() {
+                    tracing::info!(
+                        when_full = policy.when_full.as_str(),
+                        "buffer policy changed"
+                    );
+                    self.when_full = policy.when_full;
+                    self.priorities = policy.stream_priorities;
+                }
+                let _ = reply.send(result);
+            }
             Op::ReadRaw {
                 after_seq,
                 max_events,

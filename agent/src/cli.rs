@@ -88,7 +88,7 @@ fn init_tracing(format: LogFormat) {
 }
 
 fn run(path: PathBuf) -> anyhow::Result<()> {
-    let config = runnel_config::load_agent(&path)?;
+    let bootstrap = runnel_config::managed::Bootstrap::load(&path)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -100,7 +100,7 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
             tracing::info!("shutdown requested");
             let _ = stop_tx.send(true);
         });
-        crate::run(config, stop_rx).await
+        crate::run_bootstrap(bootstrap, stop_rx).await
     })
 }
 

@@ -48,7 +48,8 @@ const SNOWPLOW_TP2: &str = "/com.snowplowanalytics.snowplow/tp2";
 struct SourceState {
     buffer: Buffer,
     pipeline: PipelineHandle,
-    block_timeout_ms: u64,
+    /// `buffer.block_timeout_ms`; a managed config may change it while the agent runs.
+    block_timeout_ms: Arc<std::sync::atomic::AtomicU64>,
     http: HttpSourceConfig,
     snowplow: SnowplowConfig,
     segment: SegmentConfig,
@@ -58,7 +59,7 @@ pub fn router(
     http: &HttpSourceConfig,
     snowplow: &SnowplowConfig,
     segment: &SegmentConfig,
-    block_timeout_ms: u64,
+    block_timeout_ms: Arc<std::sync::atomic::AtomicU64>,
     buffer: Buffer,
     pipeline: PipelineHandle,
 ) -> axum::Router {
@@ -301,8 +302,12 @@ async fn commit(
     }
     let n_events = encoded.len();
     // With `block`, wait up to buffer.block_timeout_ms for the uplink to make room.
-    let deadline =
-        tokio::time::Instant::now() + std::time::Duration::from_millis(state.block_timeout_ms);
+    let deadline = tokio::time::Instant::now()
+        + std::time::Duration::from_millis(
+            state
+                .block_timeout_ms
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
     let mut pending = encoded;
     let outcome = loop {
         match state.buffer.append(pending).await {

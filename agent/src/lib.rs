@@ -8,6 +8,7 @@
 
 pub mod buffer;
 pub mod cli;
+pub mod control;
 pub mod decode;
 pub mod fuzzing;
 pub mod http;
@@ -40,22 +41,70 @@ pub fn now_unix_ms() -> i64 {
     }
 }
 
-/// Runs the agent until `shutdown` becomes true: opens the buffer, starts the HTTP source and
-/// the uplink, and on shutdown stops taking requests, lets in-flight batches finish, and closes
-/// the buffer after its last commit.
+/// Runs the agent on an already validated config, without fleet configuration: config pushes
+/// are answered `failed` (there is no bootstrap file to lay them over). Used by tests and the
+/// demo; `runnel-agent run` uses [`run_bootstrap`].
 pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    run_agent(None, config, shutdown).await
+}
+
+/// Runs the agent until `shutdown` becomes true: starts from the last good managed config in
+/// `data_dir` if it still validates over `bootstrap` (else from the bootstrap file alone), opens
+/// the buffer, starts the sources and the uplink, and on shutdown stops taking requests, lets
+/// in-flight batches finish, and closes the buffer after its last commit.
+pub async fn run_bootstrap(
+    bootstrap: runnel_config::managed::Bootstrap,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    // The data dir holds the last good config: create it before looking there.
+    std::fs::create_dir_all(&bootstrap.config().data_dir).with_context(|| {
+        format!(
+            "create agent.data_dir {}",
+            bootstrap.config().data_dir.display()
+        )
+    })?;
+    let current = control::startup_config(&bootstrap);
+    let config = current.config.clone();
+    run_agent(Some((bootstrap, current)), config, shutdown).await
+}
+
+async fn run_agent(
+    managed: Option<(runnel_config::managed::Bootstrap, control::Current)>,
+    mut config: AgentConfig,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     // Before anything records: the facade drops what arrives with no recorder installed.
     crate::metrics::install();
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("create agent.data_dir {}", config.data_dir.display()))?;
     let identity = tls::load_identity(&config.uplink)?;
-    let pipeline = pipeline::Pipeline::build(
-        &config,
-        &pipeline::BuildContext {
-            data_dir: config.data_dir.clone(),
-            agent_id: identity.agent_id.clone(),
-        },
-    )?;
+    let context = pipeline::BuildContext {
+        data_dir: config.data_dir.clone(),
+        agent_id: identity.agent_id.clone(),
+    };
+    let (mut bootstrap, mut current) = match managed {
+        Some((bootstrap, current)) => (Some(bootstrap), Some(current)),
+        None => (None, None),
+    };
+    let pipeline = match pipeline::Pipeline::build(&config, &context) {
+        Ok(pipeline) => pipeline,
+        Err(error) if current.as_ref().is_some_and(|c| c.version > 0) => {
+            // The last good managed config validated but does not build any more (a model
+            // file gone bad): the bootstrap file alone must still start the agent.
+            let fallback = control::startup_bootstrap_only(
+                bootstrap.as_ref().expect("managed implies a bootstrap"),
+            );
+            tracing::error!(
+                error = format!("{error:#}"),
+                "THE LAST GOOD MANAGED CONFIG NO LONGER BUILDS: starting with the bootstrap \
+                 file alone until the aggregator pushes a config again"
+            );
+            config = fallback.config.clone();
+            current = Some(fallback);
+            pipeline::Pipeline::build(&config, &context)?
+        }
+        Err(error) => return Err(error),
+    };
     let pipeline = pipeline::PipelineHandle::new(pipeline);
     let (buffer, buffer_thread) = buffer::Buffer::open(&config.buffer)?;
 
@@ -63,16 +112,14 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> anyhow
         .await
         .with_context(|| format!("bind sources.http.listen = {}", config.http.listen))?;
     let http_addr = listener.local_addr().context("read HTTP listen address")?;
-    let mqtt_listener = if config.mqtt_listener.enabled {
-        let mqtt_listener = mqtt_listener::bind(&config.mqtt_listener).await?;
-        let addr = mqtt_listener
-            .local_addr()
-            .context("read MQTT listener address")?;
-        Some((mqtt_listener, addr))
-    } else {
-        None
+    let source_deps = control::SourceDeps {
+        agent_id: identity.agent_id.clone(),
+        buffer: buffer.clone(),
+        pipeline: pipeline.clone(),
+        shutdown: shutdown.clone(),
     };
-    let mqtt_listener_addr = mqtt_listener.as_ref().map(|(_, addr)| *addr);
+    let sources = control::Sources::start(&config, &source_deps).await?;
+    let mqtt_listener_addr = sources.mqtt_listener_addr();
     write_runtime_file(
         &config.data_dir,
         http_addr,
@@ -84,37 +131,33 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> anyhow
         http = %http_addr,
         mqtt_listener = ?mqtt_listener_addr,
         aggregator = %config.uplink.aggregator,
+        config_version = current.as_ref().map_or(0, |c| c.version),
+        config_hash = current.as_ref().map_or("", |c| c.hash.as_str()),
         "agent started"
     );
 
-    let mqtt_sources: Vec<_> = config
-        .mqtt
-        .iter()
-        .map(|mqtt_config| {
-            tokio::spawn(mqtt::run(
-                mqtt::MqttSource {
-                    config: mqtt_config.clone(),
-                    agent_id: identity.agent_id.clone(),
-                    buffer: buffer.clone(),
-                    max_event_bytes: config.http.max_event_bytes,
-                    pipeline: pipeline.clone(),
-                },
-                shutdown.clone(),
-            ))
-        })
-        .collect();
-    let mqtt_listener = mqtt_listener.map(|(listener, _)| {
-        tokio::spawn(mqtt_listener::serve(
-            listener,
-            mqtt_listener::MqttListener {
-                config: config.mqtt_listener.clone(),
-                buffer: buffer.clone(),
-                max_event_bytes: config.http.max_event_bytes,
+    let block_timeout_ms = Arc::new(std::sync::atomic::AtomicU64::new(
+        config.buffer.block_timeout_ms,
+    ));
+    let control = match (bootstrap.take(), current.take()) {
+        (Some(bootstrap), Some(current)) => {
+            Arc::new(control::Control::new(control::ControlParts {
+                bootstrap,
+                current,
+                context: context.clone(),
                 pipeline: pipeline.clone(),
-            },
-            shutdown.clone(),
-        ))
-    });
+                buffer: buffer.clone(),
+                block_timeout_ms: Arc::clone(&block_timeout_ms),
+                deps: source_deps,
+                sources,
+            }))
+        }
+        _ => Arc::new(control::Control::unmanaged(
+            config.clone(),
+            source_deps,
+            sources,
+        )),
+    };
     let uplink_state = Arc::new(uplink::UplinkState::default());
     let ops = Arc::new(ops::Ops::new(
         &config,
@@ -126,6 +169,7 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> anyhow
         buffer.clone(),
         Arc::clone(&uplink_state),
     ));
+    ops.set_control(Arc::clone(&control));
     let uplink = tokio::spawn(uplink::run(
         uplink::Uplink {
             config: config.uplink.clone(),
@@ -133,6 +177,7 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> anyhow
             buffer: buffer.clone(),
             labels: config.labels.clone(),
             state: uplink_state,
+            control: Arc::clone(&control),
         },
         shutdown.clone(),
     ));
@@ -146,7 +191,7 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> anyhow
         &config.http,
         &config.snowplow,
         &config.segment,
-        config.buffer.block_timeout_ms,
+        block_timeout_ms,
         buffer.clone(),
         pipeline.clone(),
     )
@@ -164,16 +209,8 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> anyhow
     })
     .await
     .context("HTTP source")?;
-    for source in mqtt_sources {
-        if let Err(error) = source.await {
-            tracing::error!(%error, "MQTT source task failed");
-        }
-    }
-    if let Some(listener) = mqtt_listener
-        && let Err(error) = listener.await
-    {
-        tracing::error!(%error, "MQTT listener task failed");
-    }
+    // MQTT subscribers and listener, whichever generation runs now.
+    control.join_sources().await;
     // After the sources: the last alerts are committed and window state saved.
     if let Err(error) = timers.await {
         tracing::error!(%error, "pipeline timer task failed");
@@ -183,6 +220,7 @@ pub async fn run(config: AgentConfig, shutdown: watch::Receiver<bool>) -> anyhow
     }
     // The last buffer handles besides `buffer`: the writer thread ends when all are gone.
     drop(ops);
+    drop(control);
     if let Err(error) = supervisor.await {
         tracing::error!(%error, "supervisor task failed");
     }

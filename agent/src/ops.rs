@@ -61,9 +61,16 @@ pub struct Ops {
     config: AgentConfig,
     buffer: Buffer,
     uplink: Arc<UplinkState>,
+    /// The config control: which managed config runs (set once by `run`).
+    control: std::sync::OnceLock<Arc<crate::control::Control>>,
 }
 
 impl Ops {
+    /// Tells status which managed config runs.
+    pub fn set_control(&self, control: Arc<crate::control::Control>) {
+        let _ = self.control.set(control);
+    }
+
     pub fn new(
         config: &AgentConfig,
         agent_id: &str,
@@ -81,6 +88,7 @@ impl Ops {
             config: config.clone(),
             buffer,
             uplink,
+            control: std::sync::OnceLock::new(),
         }
     }
 
@@ -130,7 +138,10 @@ impl Ops {
                     )),
                 ),
             };
-        let config = &self.config;
+        let current = self.control.get().map(|control| control.current());
+        let config = current
+            .as_ref()
+            .map_or(&self.config, |current| &current.config);
         AgentStatus {
             service: "runnel-agent".into(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -171,6 +182,14 @@ impl Ops {
                 server_name: config.uplink.server_name.clone(),
                 state: self.uplink.snapshot(),
             },
+            config: ConfigStatus {
+                hash: current.as_ref().map(|c| c.hash.clone()).unwrap_or_default(),
+                version: current.as_ref().map_or(0, |c| c.version),
+                document_hash: current
+                    .as_ref()
+                    .map(|c| c.document_hash.clone())
+                    .unwrap_or_default(),
+            },
         }
     }
 }
@@ -193,6 +212,21 @@ pub struct AgentStatus {
     pub sources: SourcesStatus,
     pub buffer: BufferStatus,
     pub uplink: UplinkStatus,
+    /// Which config runs.
+    pub config: ConfigStatus,
+}
+
+/// The effective config: the bootstrap file, with the managed config laid over it if one was
+/// pushed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ConfigStatus {
+    /// Hash of the effective config (the one heartbeats report).
+    pub hash: String,
+    /// Version of the managed config (0: the bootstrap file alone).
+    pub version: u64,
+    /// Hash of the managed document as the aggregator pushed it ("" when none).
+    pub document_hash: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -440,6 +474,17 @@ pub fn render_status(status: &AgentStatus) -> String {
             status.agent_id.clone()
         } else {
             format!("{} ({labels})", status.agent_id)
+        },
+    );
+    line(
+        &mut out,
+        "config",
+        &match status.config.version {
+            0 => format!("bootstrap file only, hash {}", status.config.hash),
+            version => format!(
+                "managed config v{version} (document {}), effective hash {}",
+                status.config.document_hash, status.config.hash
+            ),
         },
     );
     let mut protocols = vec!["json"];

@@ -7,6 +7,11 @@
 //! Events leave the buffer only after an ack that says they are durable at the aggregator. A
 //! connection that fails for any reason leaves them in place; the next connection starts from
 //! the aggregator's high-water mark, so nothing is lost and the aggregator drops the replays.
+//!
+//! On the fleet protocol (2) the control stream is read concurrently with everything else: a
+//! config push can arrive at any time. It is applied by [`crate::control`] in a task of its own
+//! (batches keep flowing meanwhile), answered with a `ConfigResult`, and followed at once by a
+//! `Status`. A `Status` also goes out every heartbeat interval; on protocol 1 a `Heartbeat`.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
@@ -16,10 +21,12 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use futures::stream::{FuturesUnordered, StreamExt};
 use runnel_common::limits::{MAX_CONTROL_FRAME_BYTES, MAX_FRAME_BYTES};
-use runnel_common::session::{BatchDue, BufferHead, UplinkLimits, UplinkSession};
+use runnel_common::session::{
+    BatchDue, BufferHead, Control as ControlMessage, UplinkLimits, UplinkSession,
+};
 use runnel_common::wire::{
-    AckMessage, AgentMessage, AggregatorMessage, BatchMessage, Heartbeat, Hello,
-    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    AckMessage, AgentMessage, AggregatorMessage, BatchMessage, ComponentHealth, Hello,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Status,
 };
 use runnel_common::{batch, frame};
 use runnel_config::UplinkConfig;
@@ -40,6 +47,20 @@ pub struct Uplink {
     pub labels: std::collections::BTreeMap<String, String>,
     /// What the uplink reports about itself, for `/v1/status`.
     pub state: Arc<UplinkState>,
+    /// Applies config pushes; names the effective config in Hello and Status.
+    pub control: Arc<crate::control::Control>,
+}
+
+/// Control frames read ahead of the main loop (a push is answered before the next is read).
+const CONTROL_QUEUE_DEPTH: usize = 2;
+
+/// Aborts a task when dropped: the control-stream reader ends with its connection.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The uplink's connection state and counters, written by the driver and read by the status
@@ -198,13 +219,13 @@ async fn connection(
             .with_context(|| format!("connect to {}: timed out", config.aggregator))?
             .with_context(|| format!("QUIC/TLS handshake with {}", config.aggregator))?;
 
-    let (mut control_send, mut control_recv) =
+    let (mut control_send, control_recv) =
         connection.open_bi().await.context("open control stream")?;
     let hello = Hello {
         min_protocol_version: MIN_PROTOCOL_VERSION,
         max_protocol_version: PROTOCOL_VERSION,
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-        config_hash: String::new(),
+        config_hash: uplink.control.current().hash.clone(),
         labels: uplink.labels.clone(),
         last_assigned_seq: uplink.buffer.head().borrow().last_seq,
     };
@@ -214,6 +235,7 @@ async fn connection(
         MAX_CONTROL_FRAME_BYTES,
     )
     .await?;
+    let mut control_recv = control_recv;
     let welcome = match read_frame::<AggregatorMessage>(&mut control_recv, MAX_CONTROL_FRAME_BYTES)
         .await
         .context("read welcome")?
@@ -244,6 +266,24 @@ async fn connection(
     );
     backoff.reset();
     uplink.state.on_connected();
+
+    // Fleet protocol: read control frames as they come. On protocol 1 the aggregator sends
+    // nothing after its Welcome, and the stream is left alone.
+    let (control_tx, mut control_rx) = tokio::sync::mpsc::channel(CONTROL_QUEUE_DEPTH);
+    let _reader = session.is_fleet().then(|| {
+        AbortOnDrop(tokio::spawn(async move {
+            loop {
+                let message =
+                    read_frame::<AggregatorMessage>(&mut control_recv, MAX_CONTROL_FRAME_BYTES)
+                        .await;
+                let failed = message.is_err();
+                if control_tx.send(message).await.is_err() || failed {
+                    break;
+                }
+            }
+        }))
+    });
+    let mut applies = FuturesUnordered::new();
 
     let mut head_rx = uplink.buffer.head();
     let mut shutdown = shutdown;
@@ -308,28 +348,124 @@ async fn connection(
                 metrics::gauge!("runnel_agent_quic_rtt_seconds").set(path.rtt.as_secs_f64());
                 metrics::counter!("runnel_agent_quic_lost_packets_total").absolute(path.lost_packets);
                 metrics::counter!("runnel_agent_quic_sent_packets_total").absolute(path.sent_packets);
-                let head = *head_rx.borrow();
-                // A heartbeat without the age beats none: a failed read reports 0.
-                let oldest_unshipped_age_ms = match uplink.buffer.oldest().await {
-                    Ok(Some(oldest)) => u64::try_from(
-                        crate::now_unix_ms().saturating_sub(oldest.receive_time_ms),
-                    )
-                    .unwrap_or(0),
-                    Ok(None) | Err(_) => 0,
-                };
-                let beat = AgentMessage::Heartbeat(Heartbeat {
-                    n_buffered_events: head.n_events,
-                    buffered_bytes: head.n_bytes,
-                    oldest_unshipped_age_ms,
-                    n_dropped_events: uplink.buffer.stats().n_dropped.load(std::sync::atomic::Ordering::Relaxed),
-                });
-                write_frame(&mut control_send, &beat, MAX_CONTROL_FRAME_BYTES).await?;
+                if let Some(beat) = session.status_message(status(uplink).await) {
+                    write_frame(&mut control_send, &beat, MAX_CONTROL_FRAME_BYTES).await?;
+                }
+            }
+            Some(message) = control_rx.recv() => {
+                let message = message.context("read control stream")?;
+                match session.on_control(message).context("control stream")? {
+                    ControlMessage::ConfigPush(push) => {
+                        tracing::info!(version = push.version, hash = %push.hash, n_files = push.files.len(), "config push received");
+                        let control = Arc::clone(&uplink.control);
+                        applies.push(tokio::spawn(async move { control.apply(push).await }));
+                    }
+                }
+            }
+            Some(result) = applies.next() => {
+                let result = result.context("config apply task")?;
+                if let Some(message) = session.config_result_message(result) {
+                    write_frame(&mut control_send, &message, MAX_CONTROL_FRAME_BYTES).await?;
+                }
+                // Right after an apply, so the fleet registry sees the new hash at once.
+                if let Some(beat) = session.status_message(status(uplink).await) {
+                    write_frame(&mut control_send, &beat, MAX_CONTROL_FRAME_BYTES).await?;
+                }
             }
             error = connection.closed() => return Err(anyhow::Error::new(error).context("connection closed")),
             _ = stopped(&mut shutdown), if draining_since.is_none() => {
                 draining_since = Some(Instant::now());
             }
         }
+    }
+}
+
+/// How long a status waits for the buffer's oldest event before it reports the age as 0.
+const STATUS_OLDEST_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The agent's status for the fleet registry.
+async fn status(uplink: &Uplink) -> Status {
+    let current = uplink.control.current();
+    let head_rx = uplink.buffer.head();
+    let head = *head_rx.borrow();
+    let stats = uplink.buffer.stats();
+    // A status without the age beats none: a failed or slow read reports 0 and says so.
+    let (oldest_unshipped_age_ms, buffer_detail) =
+        match tokio::time::timeout(STATUS_OLDEST_TIMEOUT, uplink.buffer.oldest()).await {
+            Ok(Ok(Some(oldest))) => (
+                u64::try_from(crate::now_unix_ms().saturating_sub(oldest.receive_time_ms))
+                    .unwrap_or(0),
+                String::new(),
+            ),
+            Ok(Ok(None)) => (0, String::new()),
+            Ok(Err(error)) => (0, format!("oldest event unknown: {error:#}")),
+            Err(_) => (
+                0,
+                "oldest event unknown: the buffer did not answer".to_owned(),
+            ),
+        };
+    let buffer_alive = head_rx.has_changed().is_ok();
+    let config = &current.config;
+    let mut sources = vec!["http".to_owned()];
+    sources.extend(config.mqtt.iter().map(|mqtt| format!("mqtt:{}", mqtt.name)));
+    if config.mqtt_listener.enabled {
+        sources.push("mqtt_listener".to_owned());
+    }
+    let uplink_state = uplink.state.snapshot();
+    let components = vec![
+        ComponentHealth {
+            name: "buffer".into(),
+            healthy: buffer_alive,
+            detail: if buffer_alive {
+                buffer_detail
+            } else {
+                "the buffer's writer thread has stopped".into()
+            },
+        },
+        ComponentHealth {
+            name: "pipeline".into(),
+            healthy: true,
+            detail: format!(
+                "{} models, {} windows",
+                config.models.len(),
+                config.windows.len()
+            ),
+        },
+        ComponentHealth {
+            name: "sources".into(),
+            healthy: true,
+            detail: sources.join(", "),
+        },
+        ComponentHealth {
+            name: "uplink".into(),
+            healthy: uplink_state.connected,
+            detail: uplink_state.last_error.unwrap_or_default(),
+        },
+    ];
+    let load = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+    Status {
+        config_hash: current.hash.clone(),
+        config_version: current.version,
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        components,
+        n_buffered_events: head.n_events,
+        buffered_bytes: head.n_bytes,
+        oldest_unshipped_age_ms,
+        drops: stats.dropped_by_reason(),
+        counters: std::collections::BTreeMap::from([
+            ("events_appended".to_owned(), load(&stats.n_appended)),
+            (
+                "events_refused_full".to_owned(),
+                load(&stats.n_refused_full),
+            ),
+            ("events_acked".to_owned(), uplink_state.n_events_acked),
+            ("batches_acked".to_owned(), uplink_state.n_batches_acked),
+            (
+                "connection_failures".to_owned(),
+                uplink_state.n_connection_failures,
+            ),
+            ("buffer_commits".to_owned(), load(&stats.n_commits)),
+        ]),
     }
 }
 

@@ -187,14 +187,19 @@ fn not_managed(origin: &Path, key: &str) -> ConfigError {
     }
 }
 
-fn check_file_name(origin: &Path, key: &str, name: &str) -> Result<(), ConfigError> {
-    let ok = !name.is_empty()
+/// Whether `name` may name a file sent with a push: 1 to 128 characters of
+/// `a-z A-Z 0-9 _ . -`, not starting with '.' (so never a path, `..` or a hidden file).
+pub fn is_file_name(name: &str) -> bool {
+    !name.is_empty()
         && name.len() <= MAX_FILE_NAME_CHARS
         && !name.starts_with('.')
         && name
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
-    if ok {
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+fn check_file_name(origin: &Path, key: &str, name: &str) -> Result<(), ConfigError> {
+    if is_file_name(name) {
         return Ok(());
     }
     Err(ConfigError::Invalid {

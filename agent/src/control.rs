@@ -1,0 +1,700 @@
+//! Applies managed configs pushed by the aggregator, atomically, and keeps the last good one.
+//!
+//! An apply checks the pushed files (count, sizes, SHA-256), writes them under
+//! `data_dir/managed/<version>-<hash>/`, lays the document over the bootstrap file and validates
+//! the result (`runnel_config::managed`), saves window state, builds the new pipeline (models
+//! load, rules compile), starts changed sources before it stops the old ones, saves the config
+//! as `data_dir/managed/last-good.toml` (temp file, fsync, rename), and only then swaps the
+//! pipeline and the buffer policy. Any failure before the swap leaves everything running as it
+//! was and is reported as `Failed` with the error.
+//!
+//! It never touches the buffer's contents or the uplink: events already accepted, buffered or in
+//! flight are the same before and after an apply. Sources that did not change keep running.
+//!
+//! Architecture invariant: one apply at a time (a lock), and the running state changes only in
+//! the last step of a successful apply.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use anyhow::Context;
+use runnel_common::limits::{MAX_CONFIG_FILE_BYTES, MAX_CONFIG_FILES, MAX_CONFIG_PUSH_BYTES};
+use runnel_common::wire::{ConfigOutcome, ConfigPush, ConfigResult};
+use runnel_config::AgentConfig;
+use runnel_config::managed::{self, Bootstrap, ManagedDocument};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::buffer::{Buffer, Policy};
+use crate::pipeline::{BuildContext, Pipeline, PipelineHandle};
+
+/// Directory under `data_dir` for managed configs.
+pub const MANAGED_DIR: &str = "managed";
+/// The last applied managed document, under [`MANAGED_DIR`].
+pub const LAST_GOOD_FILE: &str = "last-good.toml";
+/// First line of [`LAST_GOOD_FILE`]: a TOML comment that carries what the document needs
+/// besides its text, as JSON. One file, so that replacing it is one atomic rename.
+const LAST_GOOD_HEADER: &str = "# runnel-agent last good managed config: ";
+
+/// What the agent runs now; published after every successful apply.
+#[derive(Debug, Clone)]
+pub struct Current {
+    /// Managed document version (0: bootstrap only).
+    pub version: u64,
+    /// Hash of the managed document as pushed ("" when bootstrap only).
+    pub document_hash: String,
+    /// Hash of the effective config (bootstrap merged with the document, plus file hashes).
+    pub hash: String,
+    pub config: AgentConfig,
+    /// Where the document's files are (none when bootstrap only).
+    pub files_dir: Option<PathBuf>,
+}
+
+/// What [`LAST_GOOD_FILE`]'s header records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct LastGoodHeader {
+    version: u64,
+    document_hash: String,
+    /// Directory name under [`MANAGED_DIR`] that holds the files.
+    files_dir: String,
+    /// File name -> SHA-256 hex.
+    files: BTreeMap<String, String>,
+}
+
+/// The effective config to start with: the last good managed config if there is one and it
+/// still validates over the bootstrap file, else the bootstrap file alone (logged loudly: the
+/// agent then runs without the config its aggregator last gave it, until the next push).
+pub fn startup_config(bootstrap: &Bootstrap) -> Current {
+    let data_dir = &bootstrap.config().data_dir;
+    match load_last_good(bootstrap, data_dir) {
+        Ok(Some(current)) => {
+            tracing::info!(
+                version = current.version,
+                hash = %current.hash,
+                "starting with the last good managed config"
+            );
+            current
+        }
+        Ok(None) => bootstrap_only(bootstrap),
+        Err(error) => {
+            tracing::error!(
+                error = format!("{error:#}"),
+                path = %data_dir.join(MANAGED_DIR).join(LAST_GOOD_FILE).display(),
+                "THE LAST GOOD MANAGED CONFIG NO LONGER VALIDATES: starting with the bootstrap \
+                 file alone until the aggregator pushes a config again"
+            );
+            bootstrap_only(bootstrap)
+        }
+    }
+}
+
+/// The bootstrap file alone, as what runs.
+pub fn startup_bootstrap_only(bootstrap: &Bootstrap) -> Current {
+    bootstrap_only(bootstrap)
+}
+
+fn bootstrap_only(bootstrap: &Bootstrap) -> Current {
+    let effective = bootstrap.effective();
+    Current {
+        version: 0,
+        document_hash: String::new(),
+        hash: effective.hash,
+        config: effective.config,
+        files_dir: None,
+    }
+}
+
+fn load_last_good(bootstrap: &Bootstrap, data_dir: &Path) -> anyhow::Result<Option<Current>> {
+    let path = data_dir.join(MANAGED_DIR).join(LAST_GOOD_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(error).with_context(|| format!("read {}", path.display())),
+    };
+    let header = text
+        .lines()
+        .next()
+        .and_then(|line| line.strip_prefix(LAST_GOOD_HEADER))
+        .with_context(|| format!("{}: no header line", path.display()))?;
+    let header: LastGoodHeader = serde_json::from_str(header)
+        .with_context(|| format!("{}: header is not valid", path.display()))?;
+    let files_dir = data_dir.join(MANAGED_DIR).join(&header.files_dir);
+    for (name, sha256) in &header.files {
+        let file = files_dir.join(name);
+        let content = std::fs::read(&file).with_context(|| format!("read {}", file.display()))?;
+        anyhow::ensure!(
+            managed::sha256_hex(&content) == *sha256,
+            "{}: content does not match its SHA-256 {sha256}",
+            file.display()
+        );
+    }
+    let document = ManagedDocument::parse(&text, &path)?;
+    let effective = managed::merge(bootstrap, &document, &files_dir, &header.files)?;
+    Ok(Some(Current {
+        version: header.version,
+        document_hash: header.document_hash,
+        hash: effective.hash,
+        config: effective.config,
+        files_dir: Some(files_dir),
+    }))
+}
+
+/// Everything a source needs besides its config.
+#[derive(Clone)]
+pub struct SourceDeps {
+    pub agent_id: String,
+    pub buffer: Buffer,
+    pub pipeline: PipelineHandle,
+    /// The agent's shutdown: every source generation stops on it too.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// One generation of a source kind (the MQTT subscribers, or the MQTT listener), stoppable on
+/// its own.
+struct Generation {
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Generation {
+    fn new() -> (Generation, watch::Receiver<bool>) {
+        let (stop, stop_rx) = watch::channel(false);
+        (
+            Generation {
+                stop,
+                tasks: Vec::new(),
+            },
+            stop_rx,
+        )
+    }
+
+    /// Stops its tasks and waits for them (they finish their current commit first).
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        self.join().await;
+    }
+
+    async fn join(self) {
+        for task in self.tasks {
+            if let Err(error) = task.await {
+                tracing::error!(%error, "source task failed");
+            }
+        }
+    }
+}
+
+/// The sources a managed config may change: MQTT subscribers and the MQTT listener. The HTTP
+/// source is the bootstrap file's (it also serves the operator endpoints).
+pub struct Sources {
+    mqtt: Vec<runnel_config::MqttSourceConfig>,
+    mqtt_generation: Generation,
+    listener: runnel_config::MqttListenerConfig,
+    listener_generation: Option<Generation>,
+    listener_addr: Option<SocketAddr>,
+}
+
+impl Sources {
+    /// Starts the sources of `config`. Fails (and starts nothing) when the MQTT listener cannot
+    /// bind.
+    pub async fn start(config: &AgentConfig, deps: &SourceDeps) -> anyhow::Result<Sources> {
+        let listener = start_listener(config, deps).await?;
+        let (listener_generation, listener_addr) = match listener {
+            Some((generation, addr)) => (Some(generation), Some(addr)),
+            None => (None, None),
+        };
+        Ok(Sources {
+            mqtt: config.mqtt.clone(),
+            mqtt_generation: start_mqtt(config, deps),
+            listener: config.mqtt_listener.clone(),
+            listener_generation,
+            listener_addr,
+        })
+    }
+
+    pub fn mqtt_listener_addr(&self) -> Option<SocketAddr> {
+        self.listener_addr
+    }
+
+    /// Waits for every source to end (after the agent's shutdown).
+    pub async fn join(self) {
+        self.mqtt_generation.join().await;
+        if let Some(generation) = self.listener_generation {
+            generation.join().await;
+        }
+    }
+}
+
+fn start_mqtt(config: &AgentConfig, deps: &SourceDeps) -> Generation {
+    let (mut generation, stop_rx) = Generation::new();
+    for mqtt_config in &config.mqtt {
+        let shutdown = either(deps.shutdown.clone(), stop_rx.clone());
+        generation.tasks.push(tokio::spawn(crate::mqtt::run(
+            crate::mqtt::MqttSource {
+                config: mqtt_config.clone(),
+                agent_id: deps.agent_id.clone(),
+                buffer: deps.buffer.clone(),
+                max_event_bytes: config.http.max_event_bytes,
+                pipeline: deps.pipeline.clone(),
+            },
+            shutdown,
+        )));
+    }
+    generation
+}
+
+async fn start_listener(
+    config: &AgentConfig,
+    deps: &SourceDeps,
+) -> anyhow::Result<Option<(Generation, SocketAddr)>> {
+    if !config.mqtt_listener.enabled {
+        return Ok(None);
+    }
+    let listener = crate::mqtt_listener::bind(&config.mqtt_listener).await?;
+    let addr = listener
+        .local_addr()
+        .context("read MQTT listener address")?;
+    let (mut generation, stop_rx) = Generation::new();
+    generation
+        .tasks
+        .push(tokio::spawn(crate::mqtt_listener::serve(
+            listener,
+            crate::mqtt_listener::MqttListener {
+                config: config.mqtt_listener.clone(),
+                buffer: deps.buffer.clone(),
+                max_event_bytes: config.http.max_event_bytes,
+                pipeline: deps.pipeline.clone(),
+            },
+            either(deps.shutdown.clone(), stop_rx),
+        )));
+    Ok(Some((generation, addr)))
+}
+
+/// A receiver that turns true when either `a` or `b` does.
+fn either(mut a: watch::Receiver<bool>, mut b: watch::Receiver<bool>) -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(*a.borrow() || *b.borrow());
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = a.wait_for(|stop| *stop) => {}
+            _ = b.wait_for(|stop| *stop) => {}
+            _ = tx.closed() => return,
+        }
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+/// The agent's config control: applies pushes, publishes what runs.
+pub struct Control {
+    /// `None` when the agent was started from a config without its file ([`crate::run`]):
+    /// pushes then fail.
+    bootstrap: Option<Bootstrap>,
+    context: BuildContext,
+    pipeline: PipelineHandle,
+    buffer: Buffer,
+    block_timeout_ms: Arc<AtomicU64>,
+    deps: SourceDeps,
+    current: watch::Sender<Arc<Current>>,
+    /// Held for a whole apply; holds the running managed sources.
+    sources: tokio::sync::Mutex<Option<Sources>>,
+}
+
+/// What [`Control::new`] needs.
+pub struct ControlParts {
+    pub bootstrap: Bootstrap,
+    pub current: Current,
+    pub context: BuildContext,
+    pub pipeline: PipelineHandle,
+    pub buffer: Buffer,
+    /// Shared with the HTTP source.
+    pub block_timeout_ms: Arc<AtomicU64>,
+    pub deps: SourceDeps,
+    pub sources: Sources,
+}
+
+impl Control {
+    pub fn new(parts: ControlParts) -> Control {
+        let (current, _) = watch::channel(Arc::new(parts.current));
+        Control {
+            bootstrap: Some(parts.bootstrap),
+            context: parts.context,
+            pipeline: parts.pipeline,
+            buffer: parts.buffer,
+            block_timeout_ms: parts.block_timeout_ms,
+            deps: parts.deps,
+            current,
+            sources: tokio::sync::Mutex::new(Some(parts.sources)),
+        }
+    }
+
+    /// A control that refuses every push: the agent runs `config` as given.
+    pub fn unmanaged(config: AgentConfig, deps: SourceDeps, sources: Sources) -> Control {
+        let (current, _) = watch::channel(Arc::new(Current {
+            version: 0,
+            document_hash: String::new(),
+            hash: String::new(),
+            files_dir: None,
+            config: config.clone(),
+        }));
+        Control {
+            bootstrap: None,
+            context: BuildContext {
+                data_dir: config.data_dir.clone(),
+                agent_id: deps.agent_id.clone(),
+            },
+            pipeline: deps.pipeline.clone(),
+            buffer: deps.buffer.clone(),
+            block_timeout_ms: Arc::new(AtomicU64::new(config.buffer.block_timeout_ms)),
+            deps,
+            current,
+            sources: tokio::sync::Mutex::new(Some(sources)),
+        }
+    }
+
+    /// What runs now.
+    pub fn current(&self) -> Arc<Current> {
+        Arc::clone(&self.current.borrow())
+    }
+
+    /// Changes of [`Control::current`].
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Current>> {
+        self.current.subscribe()
+    }
+
+    /// The MQTT listener's address now (it may move with an apply).
+    pub async fn mqtt_listener_addr(&self) -> Option<SocketAddr> {
+        self.sources
+            .lock()
+            .await
+            .as_ref()
+            .and_then(Sources::mqtt_listener_addr)
+    }
+
+    /// Waits for the sources to end, after the agent's shutdown began.
+    pub async fn join_sources(&self) {
+        let sources = self.sources.lock().await.take();
+        if let Some(sources) = sources {
+            sources.join().await;
+        }
+    }
+
+    /// Applies `push` and says how it went; on failure the agent runs exactly as before.
+    pub async fn apply(&self, push: ConfigPush) -> ConfigResult {
+        let (version, hash) = (push.version, push.hash.clone());
+        let outcome = match self.try_apply(push).await {
+            Ok(()) => {
+                tracing::info!(version, hash = %self.current().hash, "managed config applied");
+                ConfigOutcome::Applied
+            }
+            Err(error) => {
+                let error = format!("{error:#}");
+                tracing::warn!(version, %error, "managed config not applied; the previous one keeps running");
+                ConfigOutcome::Failed { error }
+            }
+        };
+        ConfigResult {
+            version,
+            hash,
+            outcome,
+        }
+    }
+
+    async fn try_apply(&self, push: ConfigPush) -> anyhow::Result<()> {
+        let Some(bootstrap) = &self.bootstrap else {
+            anyhow::bail!(
+                "this agent was started without a bootstrap file and takes no managed config"
+            );
+        };
+        let mut sources_slot = self.sources.lock().await;
+        let current = self.current();
+        if current.version == push.version && current.document_hash == push.hash {
+            // A repeat (the aggregator resends after a reconnect): already running.
+            return Ok(());
+        }
+        let files = check_files(&push)?;
+        let origin = PathBuf::from(format!("managed config v{}", push.version));
+        let document = ManagedDocument::parse(&push.document, &origin)?;
+        let data_dir = bootstrap.config().data_dir.clone();
+        let managed_dir = data_dir.join(MANAGED_DIR);
+        let dir_name = format!(
+            "{}-{}",
+            push.version,
+            &managed::sha256_hex(push.hash.as_bytes())[..12]
+        );
+        let files_dir = managed_dir.join(&dir_name);
+        let effective = managed::merge(bootstrap, &document, &files_dir, &files)?;
+
+        // Files to disk, then build: models load from there.
+        let header = LastGoodHeader {
+            version: push.version,
+            document_hash: push.hash.clone(),
+            files_dir: dir_name,
+            files,
+        };
+        {
+            let push = push.clone();
+            let files_dir = files_dir.clone();
+            tokio::task::spawn_blocking(move || write_files(&files_dir, &push))
+                .await
+                .context("file writer task")??;
+        }
+        let result = self
+            .build_and_swap(&mut sources_slot, &current, effective, header, &push)
+            .await;
+        if result.is_err() && current.files_dir.as_deref() != Some(files_dir.as_path()) {
+            // Nothing refers to the new files.
+            let _ = std::fs::remove_dir_all(&files_dir);
+        }
+        result
+    }
+
+    async fn build_and_swap(
+        &self,
+        sources_slot: &mut Option<Sources>,
+        current: &Current,
+        effective: managed::Effective,
+        header: LastGoodHeader,
+        push: &ConfigPush,
+    ) -> anyhow::Result<()> {
+        let config = effective.config;
+        // Window state first, so the new pipeline restores what the old one counted.
+        let old = self.pipeline.current();
+        tokio::task::spawn_blocking(move || old.persist())
+            .await
+            .context("save window state task")?
+            .context("save window state before the swap")?;
+        let pipeline = {
+            let config = config.clone();
+            let context = self.context.clone();
+            tokio::task::spawn_blocking(move || Pipeline::build(&config, &context))
+                .await
+                .context("pipeline build task")?
+                .context("build the pipeline (rules, windows, models)")?
+        };
+
+        // Changed sources: the new ones start first; one that cannot start fails the apply
+        // while the old ones keep running.
+        let Some(sources) = sources_slot.as_mut() else {
+            anyhow::bail!("the agent is shutting down");
+        };
+        let mqtt_changed = sources.mqtt != config.mqtt;
+        let listener_changed = sources.listener != config.mqtt_listener;
+        let same_listen_addr = config.mqtt_listener.enabled
+            && sources.listener_generation.is_some()
+            && sources.listener.listen == config.mqtt_listener.listen
+            && config.mqtt_listener.listen.port() != 0;
+        let mut new_listener = None;
+        let mut stopped_old_listener = None;
+        if listener_changed {
+            if same_listen_addr {
+                // The old listener holds the port: it has to go first. If the new one then
+                // cannot bind, the old one comes back.
+                if let Some(old) = sources.listener_generation.take() {
+                    old.stop().await;
+                }
+                stopped_old_listener = Some(sources.listener.clone());
+            }
+            match start_listener(&config, &self.deps).await {
+                Ok(started) => new_listener = Some(started),
+                Err(error) => {
+                    if stopped_old_listener.is_some() {
+                        self.restore_listener(sources).await;
+                    }
+                    return Err(error.context("start the new MQTT listener"));
+                }
+            }
+        }
+
+        if let Err(error) = save_last_good(&self.context.data_dir, &header, push).await {
+            if let Some(Some((generation, _))) = new_listener {
+                generation.stop().await;
+            }
+            if stopped_old_listener.is_some() {
+                self.restore_listener(sources).await;
+            }
+            return Err(error);
+        }
+
+        // The swap. Batches already on the old pipeline finish there.
+        self.pipeline.replace(pipeline);
+        let policy = Policy {
+            when_full: config.buffer.when_full,
+            stream_priorities: config.buffer.stream_priorities.clone(),
+        };
+        if policy.when_full != current.config.buffer.when_full
+            || policy.stream_priorities != current.config.buffer.stream_priorities
+        {
+            if let Err(error) = self.buffer.set_policy(policy).await {
+                tracing::error!(error = format!("{error:#}"), "buffer policy not changed");
+            }
+        }
+        self.block_timeout_ms
+            .store(config.buffer.block_timeout_ms, Ordering::Relaxed);
+        if let Some(started) = new_listener {
+            let old = sources.listener_generation.take();
+            match started {
+                Some((generation, addr)) => {
+                    sources.listener_generation = Some(generation);
+                    sources.listener_addr = Some(addr);
+                }
+                None => sources.listener_addr = None,
+            }
+            sources.listener = config.mqtt_listener.clone();
+            if let Some(old) = old {
+                old.stop().await;
+            }
+        }
+        if mqtt_changed {
+            let new_generation = start_mqtt(&config, &self.deps);
+            let old = std::mem::replace(&mut sources.mqtt_generation, new_generation);
+            sources.mqtt = config.mqtt.clone();
+            old.stop().await;
+        }
+        let old_dir = current.files_dir.clone();
+        let files_dir = self
+            .context
+            .data_dir
+            .join(MANAGED_DIR)
+            .join(&header.files_dir);
+        self.current.send_replace(Arc::new(Current {
+            version: header.version,
+            document_hash: header.document_hash,
+            hash: effective.hash,
+            config,
+            files_dir: Some(files_dir.clone()),
+        }));
+        if let Some(old_dir) = old_dir
+            && old_dir != files_dir
+            && let Err(error) = std::fs::remove_dir_all(&old_dir)
+        {
+            tracing::warn!(%error, dir = %old_dir.display(), "remove the previous config's files");
+        }
+        Ok(())
+    }
+
+    /// Starts the listener of the running config again after it was stopped for a new one
+    /// that did not start.
+    async fn restore_listener(&self, sources: &mut Sources) {
+        let current = self.current();
+        match start_listener(&current.config, &self.deps).await {
+            Ok(Some((generation, addr))) => {
+                sources.listener_generation = Some(generation);
+                sources.listener_addr = Some(addr);
+            }
+            Ok(None) => {}
+            Err(error) => tracing::error!(
+                error = format!("{error:#}"),
+                "the previous MQTT listener could not be restarted"
+            ),
+        }
+    }
+}
+
+/// Checks count, sizes and hashes of the pushed files; returns name -> SHA-256.
+fn check_files(push: &ConfigPush) -> anyhow::Result<BTreeMap<String, String>> {
+    anyhow::ensure!(
+        push.files.len() <= MAX_CONFIG_FILES,
+        "the config carries {} files; at most {MAX_CONFIG_FILES} are allowed",
+        push.files.len()
+    );
+    let mut n_bytes = push.document.len();
+    let mut files = BTreeMap::new();
+    for file in &push.files {
+        anyhow::ensure!(
+            managed::is_file_name(&file.name),
+            "file {:?}: not a bare file name",
+            file.name
+        );
+        anyhow::ensure!(
+            file.content.len() <= MAX_CONFIG_FILE_BYTES,
+            "file {}: {} bytes; at most {MAX_CONFIG_FILE_BYTES} are allowed per file",
+            file.name,
+            file.content.len()
+        );
+        n_bytes += file.content.len();
+        let actual = managed::sha256_hex(&file.content);
+        anyhow::ensure!(
+            actual == file.sha256.to_ascii_lowercase(),
+            "file {}: SHA-256 is {actual}, the config says {}",
+            file.name,
+            file.sha256
+        );
+        anyhow::ensure!(
+            files.insert(file.name.clone(), actual).is_none(),
+            "file {} is sent twice",
+            file.name
+        );
+    }
+    anyhow::ensure!(
+        n_bytes <= MAX_CONFIG_PUSH_BYTES,
+        "the config and its files are {n_bytes} bytes; at most {MAX_CONFIG_PUSH_BYTES} are allowed"
+    );
+    Ok(files)
+}
+
+/// Writes the push's files into `dir` (a fresh temporary directory renamed into place, so a
+/// half-written directory is never used).
+fn write_files(dir: &Path, push: &ConfigPush) -> anyhow::Result<()> {
+    let parent = dir.parent().context("files directory has a parent")?;
+    std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
+    let tmp = parent.join(format!(
+        ".tmp-{}-{}",
+        std::process::id(),
+        dir.file_name().and_then(|n| n.to_str()).unwrap_or("files")
+    ));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).with_context(|| format!("create {}", tmp.display()))?;
+    for file in &push.files {
+        let path = tmp.join(&file.name);
+        write_synced(&path, &file.content)?;
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("replace {}", dir.display()))?;
+    }
+    std::fs::rename(&tmp, dir)
+        .with_context(|| format!("rename {} to {}", tmp.display(), dir.display()))?;
+    sync_dir(parent);
+    Ok(())
+}
+
+fn write_synced(path: &Path, content: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut file =
+        std::fs::File::create(path).with_context(|| format!("create {}", path.display()))?;
+    file.write_all(content)
+        .with_context(|| format!("write {}", path.display()))?;
+    file.sync_all()
+        .with_context(|| format!("sync {}", path.display()))
+}
+
+/// Best effort: makes a rename in `dir` durable.
+fn sync_dir(dir: &Path) {
+    if let Ok(dir) = std::fs::File::open(dir) {
+        let _ = dir.sync_all();
+    }
+}
+
+async fn save_last_good(
+    data_dir: &Path,
+    header: &LastGoodHeader,
+    push: &ConfigPush,
+) -> anyhow::Result<()> {
+    let dir = data_dir.join(MANAGED_DIR);
+    let header = serde_json::to_string(header).context("encode last-good header")?;
+    let text = format!("{LAST_GOOD_HEADER}{header}\n{}", push.document);
+    tokio::task::spawn_blocking(move || {
+        let path = dir.join(LAST_GOOD_FILE);
+        let tmp = dir.join(format!(".{LAST_GOOD_FILE}.tmp"));
+        write_synced(&tmp, text.as_bytes())?;
+        std::fs::rename(&tmp, &path)
+            .with_context(|| format!("rename {} to {}", tmp.display(), path.display()))?;
+        sync_dir(&dir);
+        anyhow::Ok(())
+    })
+    .await
+    .context("last-good writer task")?
+    .context("save the last good config")
+}
