@@ -69,7 +69,20 @@ fn sha256(bytes: &[u8]) -> [u8; 32] {
 /// Basic auth against the configured users. Digests are compared, so the time taken does not
 /// depend on how much of a password matched.
 fn authorized(api: &Api, headers: &HeaderMap) -> bool {
-    if api.credentials.is_empty() {
+    check_credentials(&api.credentials, headers)
+}
+
+/// SHA-256 of `name:password` per configured user (for [`check_credentials`]).
+pub(crate) fn credentials_of(users: &[QueryUser]) -> Vec<[u8; 32]> {
+    users
+        .iter()
+        .map(|user| sha256(format!("{}:{}", user.name, user.password).as_bytes()))
+        .collect()
+}
+
+/// Basic auth against `credentials` (none: everyone is let in), as the query API does it.
+pub(crate) fn check_credentials(credentials: &[[u8; 32]], headers: &HeaderMap) -> bool {
+    if credentials.is_empty() {
         return true;
     }
     let Some(encoded) = headers
@@ -83,7 +96,7 @@ fn authorized(api: &Api, headers: &HeaderMap) -> bool {
         return false;
     };
     let digest = sha256(&decoded);
-    api.credentials
+    credentials
         .iter()
         .fold(false, |found, known| found | (*known == digest))
 }

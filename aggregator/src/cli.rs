@@ -62,6 +62,20 @@ enum Command {
         /// The SQL statement (read-only), e.g. "SELECT count(*) FROM events".
         sql: String,
     },
+    /// Fleet config documents: `config push FILE --selector ...`.
+    #[command(subcommand)]
+    Config(crate::fleet::cli::ConfigCommand),
+    /// Fleet rollouts: status, abort, history.
+    #[command(subcommand)]
+    Rollout(crate::fleet::cli::RolloutCommand),
+    /// The fleet's agents: id, labels, version, config, last seen, buffer, lag, drops, health.
+    Agents {
+        /// Only agents matching this label selector, such as site=berlin,role=pos.
+        #[arg(long)]
+        selector: Option<String>,
+        #[command(flatten)]
+        remote: crate::fleet::cli::Remote,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -123,6 +137,9 @@ pub fn main() -> ExitCode {
             sql,
         } => query(&url, format, user.as_deref(), &sql),
         Command::Status { config, url, json } => status(&config, url, json),
+        Command::Config(command) => crate::fleet::cli::config(command),
+        Command::Rollout(command) => crate::fleet::cli::rollout(command),
+        Command::Agents { selector, remote } => crate::fleet::cli::agents(selector, remote),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

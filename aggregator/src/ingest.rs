@@ -25,7 +25,7 @@ use runnel_common::limits::{MAX_CONTROL_FRAME_BYTES, MAX_FRAME_BYTES};
 use runnel_common::session::{IngestSequencer, negotiate_version};
 use runnel_common::wire::{
     Ack, AckMessage, AckOutcome, AgentMessage, AggregatorMessage, BatchMessage, ConfigPush,
-    PROTOCOL_VERSION, Status, Welcome,
+    FLEET_PROTOCOL_VERSION, PROTOCOL_VERSION, Status, Welcome,
 };
 use runnel_config::IngestConfig;
 use rustls_pki_types::CertificateDer;
@@ -376,7 +376,7 @@ impl ConnectedAgents {
         let connection = self
             .lock()
             .values()
-            .filter(|c| &*c.agent_id == agent_id && c.protocol_version >= 2)
+            .filter(|c| &*c.agent_id == agent_id && c.protocol_version >= FLEET_PROTOCOL_VERSION)
             .max_by_key(|c| c.connected_unix_ms)
             .cloned();
         match connection {
@@ -711,7 +711,9 @@ async fn read_control(
                     beat.n_dropped_events,
                 );
             }
-            Ok(AgentMessage::Status(status)) if connection.protocol_version >= 2 => {
+            Ok(AgentMessage::Status(status))
+                if connection.protocol_version >= FLEET_PROTOCOL_VERSION =>
+            {
                 tracing::debug!(agent_id = %agent_id, config_hash = %status.config_hash, config_version = status.config_version, n_buffered = status.n_buffered_events, "status");
                 connection.on_buffer(
                     status.n_buffered_events,
@@ -727,7 +729,9 @@ async fn read_control(
                     agent_id: Arc::clone(&agent_id),
                 });
             }
-            Ok(AgentMessage::ConfigResult(result)) if connection.protocol_version >= 2 => {
+            Ok(AgentMessage::ConfigResult(result))
+                if connection.protocol_version >= FLEET_PROTOCOL_VERSION =>
+            {
                 tracing::info!(agent_id = %agent_id, version = result.version, hash = %result.hash, outcome = ?result.outcome, "config result");
                 // Not a wake-up: a result must reach the fleet driver, so this waits for room.
                 if let Some(fleet) = agents.fleet.get() {

@@ -109,6 +109,13 @@ pub async fn run(
 
     let agents = Arc::new(ingest::ConnectedAgents::default());
     engine.register_agents(Arc::clone(&agents), wal.clone())?;
+    let fleet = Arc::new(fleet::Fleet::open(&config.data_dir, Arc::clone(&agents))?);
+    engine.register_fleet(Arc::clone(&fleet), Arc::clone(&agents), wal.clone())?;
+    let fleet_driver = {
+        let (events_tx, events_rx) = tokio::sync::mpsc::channel(fleet::EVENT_QUEUE);
+        agents.set_fleet(events_tx);
+        tokio::spawn(fleet::drive(Arc::clone(&fleet), events_rx, shutdown.clone()))
+    };
     let ops = Arc::new(ops::Ops::new(
         &config,
         ops::Listen {
@@ -143,6 +150,7 @@ pub async fn run(
     ops.set_ready();
     let supervisor = tokio::spawn(ops::supervise(Arc::clone(&ops), shutdown.clone()));
     let router = api::router(Arc::clone(&engine), &config.query.users)
+        .merge(fleet::api::router(Arc::clone(&fleet), &config.query.users))
         .merge(ops::router(Arc::clone(&ops)))
         .merge(crate::metrics::router(Arc::clone(&ops)));
     axum::serve(query_listener, router)
@@ -153,6 +161,7 @@ pub async fn run(
         .context("query API")?;
     let _ = ingest.await;
     let _ = flusher.await;
+    let _ = fleet_driver.await;
     // The last WAL handles besides `wal`: the writer thread ends when all are gone.
     drop(ops);
     let _ = supervisor.await;

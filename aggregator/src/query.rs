@@ -180,7 +180,32 @@ impl QueryEngine {
             Arc::new(crate::agents_table::AgentsTable {
                 agents,
                 wal: wal.downgrade(),
+                fleet: None,
             }),
+        )?;
+        Ok(())
+    }
+
+    /// The `agents` table with what the fleet knows (labels, config versions, health), and the
+    /// `rollouts` table (see `crate::fleet`).
+    pub fn register_fleet(
+        &self,
+        fleet: Arc<crate::fleet::Fleet>,
+        agents: Arc<crate::ingest::ConnectedAgents>,
+        wal: crate::wal::Wal,
+    ) -> anyhow::Result<()> {
+        self.ctx.deregister_table("agents")?;
+        self.ctx.register_table(
+            "agents",
+            Arc::new(crate::agents_table::AgentsTable {
+                agents,
+                wal: wal.downgrade(),
+                fleet: Some(Arc::clone(&fleet)),
+            }),
+        )?;
+        self.ctx.register_table(
+            "rollouts",
+            Arc::new(crate::agents_table::RolloutsTable { fleet }),
         )?;
         Ok(())
     }

@@ -17,9 +17,24 @@ use serde::{Deserialize, Serialize};
 
 /// How many agents a step takes: a count or a percentage of the targets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
 pub enum Step {
     Count(u32),
     Percent(u8),
+}
+
+impl From<Step> for String {
+    fn from(step: Step) -> String {
+        step.to_string()
+    }
+}
+
+impl TryFrom<String> for Step {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Step, String> {
+        Step::parse(&text)
+    }
 }
 
 impl Step {
