@@ -19,6 +19,7 @@
 //! `Fired { actions: Arc::clone(&actions), event }` to the `fired` vector the pipeline passes.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -254,8 +255,12 @@ fn count(rule: &str, kind: &'static str, outcome: &'static str) {
 /// The runner: performs firings in order until every sender is gone (the pipeline was
 /// replaced or the agent stops).
 async fn run(mut receiver: mpsc::Receiver<Fired>, agent_id: String) {
+    // A runner of a replaced pipeline may still be connected: the new one's MQTT client ids
+    // must differ, or the broker would keep disconnecting one for the other.
+    static GENERATION: AtomicU64 = AtomicU64::new(0);
+    let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
     let mut runner = Runner {
-        agent_id,
+        client_id_prefix: format!("runnel-{agent_id}-actions-{generation}"),
         mqtt: HashMap::new(),
         webhooks: Arc::new(Semaphore::new(MAX_WEBHOOKS_IN_FLIGHT)),
     };
@@ -265,7 +270,8 @@ async fn run(mut receiver: mpsc::Receiver<Fired>, agent_id: String) {
 }
 
 struct Runner {
-    agent_id: String,
+    /// `runnel-<agent id>-actions-<runner>`; each MQTT client appends its number.
+    client_id_prefix: String,
     /// One client per broker URL and credentials.
     mqtt: HashMap<String, rumqttc::AsyncClient>,
     webhooks: Arc<Semaphore>,
@@ -374,7 +380,7 @@ impl Runner {
             config.url, config.username, config.password, config.ca_cert
         );
         if !self.mqtt.contains_key(&key) {
-            let client_id = format!("runnel-{}-actions-{}", self.agent_id, self.mqtt.len());
+            let client_id = format!("{}-{}", self.client_id_prefix, self.mqtt.len());
             match mqtt_client(config, &client_id) {
                 Ok(client) => {
                     self.mqtt.insert(key.clone(), client);
