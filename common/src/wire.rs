@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 pub const ALPN: &[u8] = b"runnel/1";
 
 /// Highest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Lowest protocol version this build still accepts.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 
