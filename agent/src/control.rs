@@ -698,3 +698,288 @@ async fn save_last_good(
     .context("last-good writer task")?
     .context("save the last good config")
 }
+
+#[cfg(test)]
+mod tests {
+    use runnel_common::wire::ConfigFile;
+
+    use super::*;
+
+    struct Agent {
+        _dir: tempfile::TempDir,
+        data_dir: PathBuf,
+        bootstrap: Bootstrap,
+        control: Control,
+        pipeline: PipelineHandle,
+        _shutdown: watch::Sender<bool>,
+    }
+
+    fn bootstrap_text(data_dir: &Path) -> String {
+        format!(
+            r#"
+[agent]
+data_dir = "{}"
+
+[sources.http]
+listen = "127.0.0.1:0"
+
+[buffer]
+max_bytes = 10485760
+synchronous = "off"
+
+[uplink]
+aggregator = "127.0.0.1:9"
+ca_cert = "ca.pem"
+cert = "agent.pem"
+key = "agent.key"
+"#,
+            data_dir.display()
+        )
+    }
+
+    /// An agent's control as `run_bootstrap` builds it, without HTTP or uplink.
+    async fn start(dir: tempfile::TempDir) -> Agent {
+        let data_dir = dir.path().join("data");
+        std::fs::create_dir_all(&data_dir).unwrap();
+        let origin = dir.path().join("agent.toml");
+        let bootstrap = Bootstrap::parse(&bootstrap_text(&data_dir), &origin).unwrap();
+        let current = startup_config(&bootstrap);
+        let context = BuildContext {
+            data_dir: data_dir.clone(),
+            agent_id: "agent-1".into(),
+        };
+        let pipeline = PipelineHandle::new(Pipeline::build(&current.config, &context).unwrap());
+        let (buffer, _thread) = Buffer::open(&current.config.buffer).unwrap();
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        let deps = SourceDeps {
+            agent_id: "agent-1".into(),
+            buffer: buffer.clone(),
+            pipeline: pipeline.clone(),
+            shutdown,
+        };
+        let sources = Sources::start(&current.config, &deps).await.unwrap();
+        let control = Control::new(ControlParts {
+            bootstrap: bootstrap.clone(),
+            current,
+            context,
+            pipeline: pipeline.clone(),
+            buffer,
+            block_timeout_ms: Arc::new(AtomicU64::new(0)),
+            deps,
+            sources,
+        });
+        Agent {
+            _dir: dir,
+            data_dir,
+            bootstrap,
+            control,
+            pipeline,
+            _shutdown: shutdown_tx,
+        }
+    }
+
+    fn push(version: u64, document: &str, files: Vec<ConfigFile>) -> ConfigPush {
+        let hashes = files
+            .iter()
+            .map(|f| (f.name.clone(), f.sha256.clone()))
+            .collect();
+        ConfigPush {
+            version,
+            hash: managed::document_hash(document, &hashes),
+            document: document.to_owned(),
+            files,
+        }
+    }
+
+    fn file(name: &str, content: &[u8]) -> ConfigFile {
+        ConfigFile {
+            name: name.into(),
+            sha256: managed::sha256_hex(content),
+            content: content.to_vec(),
+        }
+    }
+
+    fn error_of(result: &ConfigResult) -> &str {
+        match &result.outcome {
+            ConfigOutcome::Failed { error } => error,
+            ConfigOutcome::Applied => panic!("applied, expected a failure"),
+        }
+    }
+
+    const GOOD: &str = "rules = []\n\n[buffer]\nwhen_full = \"drop_newest\"\nblock_timeout_ms = 250\n\n\
+                        [sources.mqtt_listener]\nenabled = true\nlisten = \"127.0.0.1:0\"\n";
+
+    #[tokio::test]
+    async fn good_push_swaps_the_pipeline_saves_last_good_and_survives_a_restart() {
+        let agent = start(tempfile::tempdir().unwrap()).await;
+        let before = agent.control.current();
+        let pipeline_before = agent.pipeline.current();
+        assert_eq!(before.version, 0);
+        assert_eq!(agent.control.mqtt_listener_addr().await, None);
+
+        let pushed = push(1, GOOD, Vec::new());
+        let result = agent.control.apply(pushed.clone()).await;
+        assert_eq!(result.outcome, ConfigOutcome::Applied, "{result:?}");
+        assert_eq!((result.version, &result.hash), (1, &pushed.hash));
+        let after = agent.control.current();
+        assert_eq!(after.version, 1);
+        assert_ne!(after.hash, before.hash);
+        assert_eq!(
+            after.config.buffer.when_full,
+            runnel_config::WhenFull::DropNewest
+        );
+        assert_eq!(agent.control.block_timeout_ms.load(Ordering::Relaxed), 250);
+        assert!(
+            !Arc::ptr_eq(&pipeline_before, &agent.pipeline.current()),
+            "the pipeline was swapped"
+        );
+        let addr = agent
+            .control
+            .mqtt_listener_addr()
+            .await
+            .expect("the pushed MQTT listener runs");
+        tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("the MQTT listener accepts connections");
+        let last_good =
+            std::fs::read_to_string(agent.data_dir.join(MANAGED_DIR).join(LAST_GOOD_FILE)).unwrap();
+        assert!(last_good.ends_with(GOOD), "{last_good}");
+
+        // The same push again (a reconnect) changes nothing and is applied.
+        let again = agent.control.apply(pushed).await;
+        assert_eq!(again.outcome, ConfigOutcome::Applied);
+        assert_eq!(agent.control.current().hash, after.hash);
+
+        // A restarted agent starts with the pushed config.
+        let restarted = startup_config(&agent.bootstrap);
+        assert_eq!(restarted.version, 1);
+        assert_eq!(restarted.hash, after.hash);
+        assert_eq!(
+            restarted.config.buffer.when_full,
+            runnel_config::WhenFull::DropNewest
+        );
+    }
+
+    /// Asserts the agent still runs exactly what it ran before a failed push.
+    async fn assert_unchanged(agent: &Agent, before: &Current, pipeline_before: &Arc<Pipeline>) {
+        let now = agent.control.current();
+        assert_eq!((now.version, &now.hash), (before.version, &before.hash));
+        assert!(Arc::ptr_eq(pipeline_before, &agent.pipeline.current()));
+        assert!(
+            !agent
+                .data_dir
+                .join(MANAGED_DIR)
+                .join(LAST_GOOD_FILE)
+                .exists(),
+            "no last-good file after a failure"
+        );
+    }
+
+    #[tokio::test]
+    async fn corrupt_or_unloadable_model_fails_and_the_old_config_keeps_running() {
+        let agent = start(tempfile::tempdir().unwrap()).await;
+        let before = agent.control.current();
+        let pipeline_before = agent.pipeline.current();
+        let document =
+            "[[models]]\nname = \"m\"\npath = \"m.onnx\"\n\n[[models.inputs]]\nfield = \"score\"\n";
+
+        // Damaged in transit: the content does not match its hash.
+        let mut damaged = file("m.onnx", b"model bytes");
+        damaged.content[0] ^= 1;
+        let result = agent.control.apply(push(1, document, vec![damaged])).await;
+        assert!(error_of(&result).contains("SHA-256"), "{result:?}");
+        assert_unchanged(&agent, &before, &pipeline_before).await;
+
+        // Intact, but not a model: the pipeline build fails.
+        let result = agent
+            .control
+            .apply(push(
+                2,
+                document,
+                vec![file("m.onnx", b"not an onnx model")],
+            ))
+            .await;
+        let error = error_of(&result);
+        assert!(error.contains("build the pipeline"), "{error}");
+        assert_unchanged(&agent, &before, &pipeline_before).await;
+
+        // Named but not sent.
+        let result = agent.control.apply(push(3, document, Vec::new())).await;
+        assert!(
+            error_of(&result).contains("not sent with the config"),
+            "{result:?}"
+        );
+        assert_unchanged(&agent, &before, &pipeline_before).await;
+        // Nothing is left behind in the managed directory but temporary leftovers of nothing.
+        let leftovers: Vec<_> = std::fs::read_dir(agent.data_dir.join(MANAGED_DIR))
+            .map(|dir| dir.filter_map(Result::ok).map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[tokio::test]
+    async fn taken_port_fails_and_the_old_config_keeps_running() {
+        let agent = start(tempfile::tempdir().unwrap()).await;
+        // A first config with a listener, then one that moves it to a port someone else holds.
+        let applied = agent.control.apply(push(1, GOOD, Vec::new())).await;
+        assert_eq!(applied.outcome, ConfigOutcome::Applied);
+        let before = agent.control.current();
+        let pipeline_before = agent.pipeline.current();
+        let listener_before = agent.control.mqtt_listener_addr().await.unwrap();
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let document = format!(
+            "rules = []\n[sources.mqtt_listener]\nenabled = true\nlisten = \"{}\"\n",
+            taken.local_addr().unwrap()
+        );
+        let result = agent.control.apply(push(2, &document, Vec::new())).await;
+        let error = error_of(&result);
+        assert!(error.contains("sources.mqtt_listener.listen"), "{error}");
+        let now = agent.control.current();
+        assert_eq!((now.version, &now.hash), (before.version, &before.hash));
+        assert!(Arc::ptr_eq(&pipeline_before, &agent.pipeline.current()));
+        assert_eq!(
+            agent.control.mqtt_listener_addr().await,
+            Some(listener_before)
+        );
+        tokio::net::TcpStream::connect(listener_before)
+            .await
+            .expect("the old MQTT listener still accepts connections");
+        assert_eq!(
+            startup_config(&agent.bootstrap).version,
+            1,
+            "last good is v1"
+        );
+    }
+
+    #[tokio::test]
+    async fn bootstrap_only_keys_are_refused() {
+        let agent = start(tempfile::tempdir().unwrap()).await;
+        let result = agent
+            .control
+            .apply(push(
+                1,
+                "[uplink]\naggregator = \"elsewhere:1\"\n",
+                Vec::new(),
+            ))
+            .await;
+        let error = error_of(&result);
+        assert!(
+            error.starts_with("managed config v1: uplink = ...: is not allowed"),
+            "{error}"
+        );
+        assert_eq!(agent.control.current().version, 0);
+    }
+
+    #[tokio::test]
+    async fn last_good_that_no_longer_validates_falls_back_to_the_bootstrap_file() {
+        let agent = start(tempfile::tempdir().unwrap()).await;
+        let applied = agent.control.apply(push(1, GOOD, Vec::new())).await;
+        assert_eq!(applied.outcome, ConfigOutcome::Applied);
+        let path = agent.data_dir.join(MANAGED_DIR).join(LAST_GOOD_FILE);
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.replace("drop_newest", "drop_sometimes")).unwrap();
+        let restarted = startup_config(&agent.bootstrap);
+        assert_eq!(restarted.version, 0);
+        assert_eq!(restarted.hash, agent.bootstrap.effective().hash);
+    }
+}
