@@ -31,7 +31,7 @@ pub use aggregator::{
 };
 pub use common::Synchronous;
 pub use error::ConfigError;
-pub use models::ModelConfig;
+pub use models::{ClassLabel, EventField, ModelConfig, ModelInput, OutputField, Transform};
 pub use actions::{
     ActionConfig, LocalActions, LogActionConfig, LogLevel, MqttActionConfig, RateLimit,
     WebhookActionConfig,

@@ -58,6 +58,11 @@ impl File {
                 ("aggregates", "{ n = \"count\" }"),
                 ("having", "\"n > 0\""),
             ],
+            "models" => &[
+                ("name", "\"probe\""),
+                ("path", "\"probe.onnx\""),
+                ("inputs", "[{ field = \"score\" }]"),
+            ],
             "rules" => &[("name", "\"probe\"")],
             _ => &[],
         }

@@ -1,0 +1,261 @@
+//! Model scoring with tract-onnx: inputs mapped from event fields, batched inference on a
+//! blocking thread, the output written to the event before rules run.
+//!
+//! Loading ([`model`]) uses tract's ONNX loader with our operators ([`ops`]) for what
+//! scikit-learn and XGBoost exports need and tract 0.23 lacks or runs slowly: `ZipMap`,
+//! `Scaler`, and tree ensembles, which go through a flat evaluator ([`trees`]). A model with an
+//! operator neither knows fails at load, naming the operator. See docs/MODELS.md.
+//!
+//! Per batch, each model in config order: rows are built from the events (missing or
+//! non-numeric fields take the input's default), inference runs in chunks of `batch_size`, and
+//! the value is written to `score` or `attrs.<name>`. A failed chunk leaves its events as they
+//! were and is counted (`runnel_agent_model_errors_total`); events are never dropped here.
+
+pub mod model;
+mod ops;
+mod trees;
+
+#[cfg(test)]
+mod tests;
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use runnel_common::{Event, Value};
+use runnel_config::{EventField, ModelConfig, ModelInput, OutputField, Transform};
+
+pub use model::{OnnxModel, Selection};
+
+/// The loaded models of one pipeline.
+#[derive(Default)]
+pub struct Scoring {
+    models: Arc<Vec<LoadedModel>>,
+}
+
+/// One model with its mapping.
+#[derive(Debug)]
+pub struct LoadedModel {
+    config: ModelConfig,
+    model: OnnxModel,
+}
+
+impl Scoring {
+    /// Loads and optimises every model; fails with the model name (and the operator tract
+    /// cannot run).
+    pub fn build(models: &[ModelConfig]) -> anyhow::Result<Scoring> {
+        let loaded = models
+            .iter()
+            .map(LoadedModel::load)
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Scoring {
+            models: Arc::new(loaded),
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.models.is_empty()
+    }
+
+    /// Scores a batch on a blocking thread; events a model cannot score keep their old value
+    /// (counted).
+    pub async fn score(&self, events: Vec<Event>) -> Vec<Event> {
+        let models = Arc::clone(&self.models);
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        // The events travel back through the channel even if the task is never run (runtime
+        // shutdown): they are the caller's, uncommitted.
+        let task = tokio::task::spawn_blocking(move || {
+            let mut events = events;
+            for model in models.iter() {
+                model.score(&mut events);
+            }
+            let _ = sender.send(events);
+        });
+        let _ = task.await;
+        receiver.await.unwrap_or_default()
+    }
+
+    /// Scores on the calling thread (benchmarks and tests).
+    pub fn score_blocking(&self, events: &mut [Event]) {
+        for model in self.models.iter() {
+            model.score(events);
+        }
+    }
+}
+
+impl LoadedModel {
+    /// Loads one model; errors name the model and the file.
+    pub fn load(config: &ModelConfig) -> anyhow::Result<LoadedModel> {
+        let selection = Selection {
+            input: config.input.as_deref(),
+            output: config.output.as_deref(),
+            class: config.class.as_ref(),
+        };
+        let model = OnnxModel::load(&config.path, config.columns(), &selection)
+            .with_context(|| format!("model {:?} ({})", config.name, config.path.display()))?;
+        tracing::info!(
+            model = %config.name,
+            path = %config.path.display(),
+            output = %model.output,
+            operators = ?model.operators,
+            "model loaded"
+        );
+        Ok(LoadedModel {
+            config: config.clone(),
+            model,
+        })
+    }
+
+    /// The model under the mapping (for benchmarks).
+    pub fn onnx(&self) -> &OnnxModel {
+        &self.model
+    }
+
+    /// Scores `events` in chunks of `batch_size`.
+    pub fn score(&self, events: &mut [Event]) {
+        let name = self.config.name.clone();
+        let columns = self.model.columns();
+        let mut rows = Vec::with_capacity(self.config.batch_size.min(events.len()) * columns);
+        for chunk in events.chunks_mut(self.config.batch_size) {
+            rows.clear();
+            for event in chunk.iter() {
+                push_row(&self.config.inputs, event, &mut rows);
+            }
+            let started = Instant::now();
+            let result = std::panic::catch_unwind(AssertUnwindSafe(|| self.model.infer(&rows)));
+            ::metrics::histogram!("runnel_agent_model_batch_seconds", "model" => name.clone())
+                .record(started.elapsed().as_secs_f64());
+            let values = match result {
+                Ok(Ok(values)) if values.len() == chunk.len() => values,
+                Ok(Ok(values)) => {
+                    self.failed(
+                        chunk.len(),
+                        &format!("{} values for {} rows", values.len(), chunk.len()),
+                    );
+                    continue;
+                }
+                Ok(Err(error)) => {
+                    self.failed(chunk.len(), &format!("{error:#}"));
+                    continue;
+                }
+                Err(_) => {
+                    self.failed(chunk.len(), "inference panicked");
+                    continue;
+                }
+            };
+            let mut not_finite = 0u64;
+            for (event, value) in chunk.iter_mut().zip(values) {
+                if !value.is_finite() {
+                    not_finite += 1;
+                    continue;
+                }
+                let value = f64::from(value);
+                match &self.config.output_field {
+                    OutputField::Score => event.score = Some(value),
+                    OutputField::Attr(attr) => {
+                        event.attrs.insert(attr.clone(), Value::Float(value));
+                    }
+                }
+            }
+            ::metrics::counter!("runnel_agent_model_rows_total", "model" => name.clone())
+                .increment(chunk.len() as u64);
+            if not_finite > 0 {
+                ::metrics::counter!(
+                    "runnel_agent_model_errors_total",
+                    "model" => name.clone(),
+                    "reason" => "not_finite"
+                )
+                .increment(not_finite);
+            }
+        }
+    }
+
+    fn failed(&self, rows: usize, error: &str) {
+        ::metrics::counter!(
+            "runnel_agent_model_errors_total",
+            "model" => self.config.name.clone(),
+            "reason" => "inference"
+        )
+        .increment(rows as u64);
+        tracing::warn!(model = %self.config.name, rows, error, "scoring failed; events keep their values");
+    }
+}
+
+/// Appends one row of model input built from `event`.
+pub fn push_row(inputs: &[ModelInput], event: &Event, row: &mut Vec<f32>) {
+    for input in inputs {
+        match &input.transform {
+            Transform::OneHot(values) => {
+                let text = field_text(&input.field, event);
+                for value in values {
+                    row.push(if text.as_deref() == Some(value.as_str()) {
+                        1.0
+                    } else {
+                        0.0
+                    });
+                }
+            }
+            transform => {
+                let value = field_number(&input.field, event, transform == &Transform::Bool)
+                    .and_then(|x| match transform {
+                        Transform::Log1p => (x > -1.0).then(|| x.ln_1p()),
+                        _ => Some(x),
+                    })
+                    .map_or(input.default, |x| x * input.scale + input.offset);
+                row.push(value as f32);
+            }
+        }
+    }
+}
+
+/// A field as a number: numbers, booleans (1/0), and strings that parse as one. With
+/// `boolean`, the strings `"true"`/`"false"` count too.
+fn field_number(field: &EventField, event: &Event, boolean: bool) -> Option<f64> {
+    let from_text = |s: &str| match s {
+        "true" if boolean => Some(1.0),
+        "false" if boolean => Some(0.0),
+        _ => s.trim().parse::<f64>().ok(),
+    };
+    let number = match field {
+        EventField::Score => event.score,
+        EventField::EventTimeMs => Some(event.event_time_ms as f64),
+        EventField::ReceiveTimeMs => Some(event.receive_time_ms as f64),
+        EventField::Name => from_text(&event.name),
+        EventField::Stream => from_text(&event.stream),
+        EventField::Source => None,
+        EventField::UserId => event.user_id.as_deref().and_then(from_text),
+        EventField::SessionId => event.session_id.as_deref().and_then(from_text),
+        EventField::EventId => event.event_id.as_deref().and_then(from_text),
+        EventField::Attr(key) => match event.attrs.get(key)? {
+            Value::Int(i) => Some(*i as f64),
+            Value::Float(f) => Some(*f),
+            Value::Bool(b) => Some(f64::from(u8::from(*b))),
+            Value::String(s) => from_text(s),
+            Value::Null | Value::Bytes(_) | Value::Json(_) => None,
+        },
+    };
+    number.filter(|x| x.is_finite())
+}
+
+/// A field as text, for one-hot inputs.
+fn field_text(field: &EventField, event: &Event) -> Option<String> {
+    match field {
+        EventField::Score => event.score.map(|s| s.to_string()),
+        EventField::EventTimeMs => Some(event.event_time_ms.to_string()),
+        EventField::ReceiveTimeMs => Some(event.receive_time_ms.to_string()),
+        EventField::Name => Some(event.name.clone()),
+        EventField::Stream => Some(event.stream.clone()),
+        EventField::Source => Some(event.source.as_str().to_owned()),
+        EventField::UserId => event.user_id.clone(),
+        EventField::SessionId => event.session_id.clone(),
+        EventField::EventId => event.event_id.clone(),
+        EventField::Attr(key) => match event.attrs.get(key)? {
+            Value::String(s) => Some(s.clone()),
+            Value::Int(i) => Some(i.to_string()),
+            Value::Bool(b) => Some(b.to_string()),
+            Value::Float(f) => Some(f.to_string()),
+            Value::Null | Value::Bytes(_) | Value::Json(_) => None,
+        },
+    }
+}
