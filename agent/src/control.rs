@@ -300,6 +300,10 @@ pub struct Control {
     current: watch::Sender<Arc<Current>>,
     /// Held for a whole apply; holds the running managed sources.
     sources: tokio::sync::Mutex<Option<Sources>>,
+    /// The MQTT listener's address as of the last change, readable without waiting for an apply.
+    listener_addr: std::sync::Mutex<Option<SocketAddr>>,
+    /// The HTTP address for the runtime file, rewritten when the MQTT listener moves.
+    http_addr: std::sync::OnceLock<SocketAddr>,
 }
 
 /// What [`Control::new`] needs.
@@ -326,7 +330,9 @@ impl Control {
             block_timeout_ms: parts.block_timeout_ms,
             deps: parts.deps,
             current,
+            listener_addr: std::sync::Mutex::new(parts.sources.mqtt_listener_addr()),
             sources: tokio::sync::Mutex::new(Some(parts.sources)),
+            http_addr: std::sync::OnceLock::new(),
         }
     }
 
@@ -350,7 +356,9 @@ impl Control {
             block_timeout_ms: Arc::new(AtomicU64::new(config.buffer.block_timeout_ms)),
             deps,
             current,
+            listener_addr: std::sync::Mutex::new(sources.mqtt_listener_addr()),
             sources: tokio::sync::Mutex::new(Some(sources)),
+            http_addr: std::sync::OnceLock::new(),
         }
     }
 
@@ -371,6 +379,37 @@ impl Control {
             .await
             .as_ref()
             .and_then(Sources::mqtt_listener_addr)
+    }
+
+    /// The MQTT listener's address after the last apply, without waiting for one in progress.
+    pub fn mqtt_listener_addr_now(&self) -> Option<SocketAddr> {
+        *self
+            .listener_addr
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// From now on, rewrite the runtime file (`data_dir/agent.runtime.json`) when the MQTT
+    /// listener moves.
+    pub fn keep_runtime_file(&self, http_addr: SocketAddr) {
+        let _ = self.http_addr.set(http_addr);
+    }
+
+    fn publish_listener(&self, addr: Option<SocketAddr>) {
+        *self
+            .listener_addr
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = addr;
+        if let Some(http) = self.http_addr.get()
+            && let Err(error) = crate::write_runtime_file(
+                &self.context.data_dir,
+                *http,
+                addr,
+                &self.context.agent_id,
+            )
+        {
+            tracing::warn!(error = format!("{error:#}"), "rewrite the runtime file");
+        }
     }
 
     /// Waits for the sources to end, after the agent's shutdown began.
@@ -546,6 +585,7 @@ impl Control {
             if let Some(old) = old {
                 old.stop().await;
             }
+            self.publish_listener(sources.listener_addr);
         }
         if mqtt_changed {
             let new_generation = start_mqtt(&config, &self.deps);
@@ -583,6 +623,7 @@ impl Control {
             Ok(Some((generation, addr))) => {
                 sources.listener_generation = Some(generation);
                 sources.listener_addr = Some(addr);
+                self.publish_listener(Some(addr));
             }
             Ok(None) => {}
             Err(error) => tracing::error!(

@@ -118,7 +118,32 @@ async fn run_agent(
         pipeline: pipeline.clone(),
         shutdown: shutdown.clone(),
     };
-    let sources = control::Sources::start(&config, &source_deps).await?;
+    let sources = match control::Sources::start(&config, &source_deps).await {
+        Ok(sources) => sources,
+        Err(error) if current.as_ref().is_some_and(|c| c.version > 0) => {
+            // The last good managed config's sources do not start (its port is taken now):
+            // back to the bootstrap file alone, pipeline and buffer policy included.
+            let fallback = control::startup_bootstrap_only(
+                bootstrap.as_ref().expect("managed implies a bootstrap"),
+            );
+            tracing::error!(
+                error = format!("{error:#}"),
+                "THE LAST GOOD MANAGED CONFIG NO LONGER STARTS: starting with the bootstrap \
+                 file alone until the aggregator pushes a config again"
+            );
+            config = fallback.config.clone();
+            current = Some(fallback);
+            pipeline.replace(pipeline::Pipeline::build(&config, &context)?);
+            buffer
+                .set_policy(buffer::Policy {
+                    when_full: config.buffer.when_full,
+                    stream_priorities: config.buffer.stream_priorities.clone(),
+                })
+                .await?;
+            control::Sources::start(&config, &source_deps).await?
+        }
+        Err(error) => return Err(error),
+    };
     let mqtt_listener_addr = sources.mqtt_listener_addr();
     write_runtime_file(
         &config.data_dir,
@@ -170,6 +195,7 @@ async fn run_agent(
         Arc::clone(&uplink_state),
     ));
     ops.set_control(Arc::clone(&control));
+    control.keep_runtime_file(http_addr);
     let uplink = tokio::spawn(uplink::run(
         uplink::Uplink {
             config: config.uplink.clone(),
@@ -232,7 +258,7 @@ async fn run_agent(
     Ok(())
 }
 
-fn write_runtime_file(
+pub(crate) fn write_runtime_file(
     data_dir: &Path,
     http: SocketAddr,
     mqtt_listener: Option<SocketAddr>,

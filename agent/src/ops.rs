@@ -152,7 +152,14 @@ impl Ops {
             uptime_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
             ready: self.readiness().is_ok(),
             not_ready_reason: self.readiness().err().map(str::to_owned),
-            listen: self.listen.clone(),
+            listen: Listen {
+                http: self.listen.http.clone(),
+                // The MQTT listener may move with a managed config.
+                mqtt_listener: match self.control.get() {
+                    Some(control) => control.mqtt_listener_addr_now().map(|a| a.to_string()),
+                    None => self.listen.mqtt_listener.clone(),
+                },
+            },
             sources: SourcesStatus {
                 snowplow: config.snowplow.enabled,
                 segment: config.segment.enabled,
@@ -480,6 +487,7 @@ pub fn render_status(status: &AgentStatus) -> String {
         &mut out,
         "config",
         &match status.config.version {
+            0 if status.config.hash.is_empty() => "not reported".to_owned(),
             0 => format!("bootstrap file only, hash {}", status.config.hash),
             version => format!(
                 "managed config v{version} (document {}), effective hash {}",
