@@ -45,6 +45,9 @@ struct Args {
     /// TOML appended to the built-in rules, such as five [[windows]].
     #[arg(long)]
     extra_toml: Option<PathBuf>,
+    /// Also append the five built-in [[windows]] of [`default_windows_toml`].
+    #[arg(long)]
+    windows: bool,
     /// Threads of the parallel run (default: every core).
     #[arg(long)]
     threads: Option<usize>,
@@ -175,6 +178,60 @@ pub fn default_rules_toml() -> String {
     toml
 }
 
+/// Five windows over the clickstream events, of every kind and aggregate: per user and per
+/// session, tumbling and sliding, with CEL filters, inputs and `having`.
+pub fn default_windows_toml() -> String {
+    r#"
+[[windows]]
+name = "cart-burst"
+when = 'name == "add_to_cart"'
+key = ["user_id"]
+size_ms = 60000
+allowed_lateness_ms = 5000
+aggregates = { n = "count", items = "sum(attrs.quantity)" }
+having = "n >= 5"
+
+[[windows]]
+name = "big-spender"
+when = 'name == "purchase"'
+key = ["user_id"]
+kind = "sliding"
+size_ms = 300000
+slide_ms = 60000
+allowed_lateness_ms = 5000
+aggregates = { spend = "sum(double(attrs.price) * double(attrs.quantity))", orders = "count" }
+having = "spend > 1000.0"
+
+[[windows]]
+name = "session-depth"
+key = ["session_id"]
+size_ms = 60000
+allowed_lateness_ms = 5000
+aggregates = { views = "count", pages = "distinct(attrs.url)" }
+having = "views > 50"
+
+[[windows]]
+name = "price-range"
+when = "has(attrs.price)"
+key = ["name"]
+size_ms = 10000
+allowed_lateness_ms = 5000
+aggregates = { low = "min(attrs.price)", high = "max(attrs.price)", mean = "avg(attrs.price)" }
+having = "high > 10.0 * low"
+
+[[windows]]
+name = "shared-sessions"
+key = ["session_id"]
+kind = "sliding"
+size_ms = 60000
+slide_ms = 10000
+allowed_lateness_ms = 5000
+aggregates = { users = "distinct(user_id)" }
+having = "users > 1"
+"#
+    .to_owned()
+}
+
 fn run(args: &Args) -> anyhow::Result<String> {
     anyhow::ensure!(args.events >= 100, "--events {}: at least 100", args.events);
     let (toml, origin) = match &args.config {
@@ -184,6 +241,10 @@ fn run(args: &Args) -> anyhow::Result<String> {
         ),
         None => {
             let mut toml = format!("{BASE_TOML}\n{}", default_rules_toml());
+            if args.windows {
+                toml.push('\n');
+                toml.push_str(&default_windows_toml());
+            }
             if let Some(extra) = &args.extra_toml {
                 toml.push('\n');
                 toml.push_str(
