@@ -718,5 +718,16 @@ mod tests {
         assert!(error.contains("uplink"), "{error}");
         let error = validate("", &[("m.onnx".to_owned(), vec![1])].into()).expect_err("unused");
         assert!(error.contains("m.onnx"), "{error}");
+        let error = validate(
+            "[[rules]]\nname = \"r\"\nwhen = \"name ==\"\ndrop = true\n",
+            &BTreeMap::new(),
+        )
+        .expect_err("bad expression");
+        assert!(error.contains("rules[0].when"), "{error}");
+        let model = "[[models]]\nname = \"m\"\npath = \"m.onnx\"\n[[models.inputs]]\nfield = \"attrs.amount\"\n";
+        let error = validate(model, &BTreeMap::new()).expect_err("missing model file");
+        assert!(error.contains("models[0].path"), "{error}");
+        validate(model, &[("m.onnx".to_owned(), vec![1, 2])].into())
+            .expect("a model file that is sent validates (its content is the agent's to check)");
     }
 }
