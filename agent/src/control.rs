@@ -547,7 +547,31 @@ impl Control {
             }
         }
 
-        if let Err(error) = save_last_good(&self.context.data_dir, &header, push).await {
+        // The buffer policy before the last-good file: it can fail (an index to build), and a
+        // saved config must be one that runs.
+        let policy = |config: &AgentConfig| Policy {
+            when_full: config.buffer.when_full,
+            stream_priorities: config.buffer.stream_priorities.clone(),
+        };
+        let policy_changed = policy(&config) != policy(&current.config);
+        let mut saved = Ok(());
+        if policy_changed {
+            saved = self
+                .buffer
+                .set_policy(policy(&config))
+                .await
+                .context("change the buffer policy");
+        }
+        if saved.is_ok() {
+            saved = save_last_good(&self.context.data_dir, &header, push).await;
+            if saved.is_err()
+                && policy_changed
+                && let Err(error) = self.buffer.set_policy(policy(&current.config)).await
+            {
+                tracing::error!(error = format!("{error:#}"), "buffer policy not restored");
+            }
+        }
+        if let Err(error) = saved {
             if let Some(Some((generation, _))) = new_listener {
                 generation.stop().await;
             }
@@ -559,17 +583,6 @@ impl Control {
 
         // The swap. Batches already on the old pipeline finish there.
         self.pipeline.replace(pipeline);
-        let policy = Policy {
-            when_full: config.buffer.when_full,
-            stream_priorities: config.buffer.stream_priorities.clone(),
-        };
-        if policy.when_full != current.config.buffer.when_full
-            || policy.stream_priorities != current.config.buffer.stream_priorities
-        {
-            if let Err(error) = self.buffer.set_policy(policy).await {
-                tracing::error!(error = format!("{error:#}"), "buffer policy not changed");
-            }
-        }
         self.block_timeout_ms
             .store(config.buffer.block_timeout_ms, Ordering::Relaxed);
         if let Some(started) = new_listener {
