@@ -21,6 +21,8 @@ mod raw_sqlite;
 mod relay;
 #[path = "../bench/rules.rs"]
 mod rules;
+#[path = "../bench/scoring.rs"]
+mod scoring;
 #[path = "../bench/snowplow.rs"]
 mod snowplow;
 #[path = "../bench/stack.rs"]
@@ -135,6 +137,10 @@ fn main() -> ExitCode {
     // `runnel-bench rules ...`: the decision pipeline in process (bench/rules.rs).
     if std::env::args().nth(1).as_deref() == Some("rules") {
         return rules::main(std::env::args().skip(1));
+    }
+    // `runnel-bench scoring ...`: fixture models against onnxruntime (bench/scoring.rs).
+    if std::env::args().nth(1).as_deref() == Some("scoring") {
+        return scoring::main(std::env::args().skip(1));
     }
     let args = Args::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -299,3 +299,18 @@ async fn scoring_writes_the_value_and_leaves_others_alone() {
         assert_eq!(event.score, None);
     }
 }
+
+#[test]
+fn the_example_config_loads_its_model() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/examples/agent-models.toml");
+    let config = runnel_config::load_agent(&path).expect("the example validates");
+    assert_eq!(config.models.len(), 1);
+    let scoring = Scoring::build(&config.models).expect("the example's model loads");
+    let mut events = vec![event_with(&[
+        ("amount", Value::Float(120.0)),
+        ("card_present", Value::Bool(true)),
+    ])];
+    scoring.score_blocking(&mut events);
+    let score = events[0].score.expect("scored");
+    assert!((0.0..=1.0).contains(&score), "{score}");
+}
