@@ -1006,6 +1006,55 @@ key = "agent.key"
     }
 
     #[tokio::test]
+    async fn pushed_model_travels_with_the_config_and_scores_events() {
+        let agent = start(tempfile::tempdir().unwrap()).await;
+        let model = std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../tests/fixtures/models/gb_classifier.onnx"),
+        )
+        .unwrap();
+        let mut document =
+            "[[models]]\nname = \"fraud\"\npath = \"fraud.onnx\"\nclass = 1\noutput_field = \"score\"\n"
+                .to_owned();
+        for field in [
+            "amount",
+            "hour",
+            "velocity",
+            "account_age_days",
+            "card_present",
+            "distance_score",
+            "items",
+            "risk_delta",
+        ] {
+            document.push_str(&format!("[[models.inputs]]\nfield = \"attrs.{field}\"\n"));
+        }
+        let result = agent
+            .control
+            .apply(push(1, &document, vec![file("fraud.onnx", &model)]))
+            .await;
+        assert_eq!(result.outcome, ConfigOutcome::Applied, "{result:?}");
+        let current = agent.control.current();
+        let files_dir = current
+            .files_dir
+            .clone()
+            .expect("a managed config has files");
+        assert_eq!(std::fs::read(files_dir.join("fraud.onnx")).unwrap(), model);
+        assert_eq!(current.config.models[0].path, files_dir.join("fraud.onnx"));
+
+        let mut event = runnel_common::Event::new(runnel_common::SourceKind::Http, "s", "e", 0);
+        event
+            .attrs
+            .insert("amount".into(), runnel_common::Value::Float(120.0));
+        let scored = agent.pipeline.process(vec![event]).await;
+        assert!(scored[0].score.is_some(), "{scored:?}");
+
+        // Restarted, the agent finds the model where the last good config says.
+        let restarted = startup_config(&agent.bootstrap);
+        assert_eq!((restarted.version, &restarted.hash), (1, &current.hash));
+        assert!(restarted.config.models[0].path.exists());
+    }
+
+    #[tokio::test]
     async fn bootstrap_only_keys_are_refused() {
         let agent = start(tempfile::tempdir().unwrap()).await;
         let result = agent
