@@ -36,8 +36,29 @@ fn every_example_parses() {
             assert!(!config.uplink.aggregator.is_empty(), "{name}");
             assert_eq!(config.buffer.when_full, WhenFull::Block, "{name}");
             assert!(config.data_dir.is_absolute(), "{name}");
+        } else if name.starts_with("managed") {
+            // A managed document, laid over the plain agent example with its model files.
+            use runnel_config::managed::{Bootstrap, ManagedDocument, merge};
+            let text = std::fs::read_to_string(&path).expect("read example");
+            let document = ManagedDocument::parse(&text, &path)
+                .unwrap_or_else(|error| panic!("{}: {error}", path.display()));
+            let bootstrap =
+                Bootstrap::load(&path.with_file_name("agent.toml")).expect("agent.toml");
+            let files = document
+                .model_files()
+                .into_iter()
+                .map(|name| (name, "0".repeat(64)))
+                .collect();
+            let effective = merge(&bootstrap, &document, Path::new("/managed/1"), &files)
+                .unwrap_or_else(|error| panic!("{}: {error}", path.display()));
+            assert_eq!(
+                effective.config.buffer.when_full,
+                WhenFull::DropOldest,
+                "{name}"
+            );
+            assert!(effective.config.mqtt_listener.enabled, "{name}");
         } else {
-            panic!("{name}: example names start with \"agent\" or \"aggregator\"");
+            panic!("{name}: example names start with \"agent\", \"aggregator\" or \"managed\"");
         }
     }
 }
