@@ -239,15 +239,11 @@ impl Acc {
         match (self, other) {
             (Acc::Count(a), Acc::Count(b)) => *a += b,
             (Acc::Sum(a), Acc::Sum(b)) | (Acc::Avg(a), Acc::Avg(b)) => a.merge(b),
-            (Acc::Min(a), Acc::Min(Some(b))) => {
-                if a.is_none_or(|m| b.as_f64() < m.as_f64()) {
-                    *a = Some(*b);
-                }
+            (Acc::Min(a), Acc::Min(Some(b))) if a.is_none_or(|m| b.as_f64() < m.as_f64()) => {
+                *a = Some(*b);
             }
-            (Acc::Max(a), Acc::Max(Some(b))) => {
-                if a.is_none_or(|m| b.as_f64() > m.as_f64()) {
-                    *a = Some(*b);
-                }
+            (Acc::Max(a), Acc::Max(Some(b))) if a.is_none_or(|m| b.as_f64() > m.as_f64()) => {
+                *a = Some(*b);
             }
             (Acc::Distinct(a), Acc::Distinct(b)) => a.extend(b.iter().copied()),
             _ => {}
@@ -376,6 +372,7 @@ impl WindowState {
         self.keys.len()
     }
 
+    #[cfg(test)]
     pub fn watermark_ms(&self) -> Option<i64> {
         self.watermark_ms
     }
