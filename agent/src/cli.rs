@@ -117,6 +117,33 @@ fn check(path: PathBuf) -> anyhow::Result<()> {
         },
     )
     .context("check rules, windows and models")?;
+    // What `run` would start with: the last good managed config, if it still fits this file.
+    let bootstrap = runnel_config::managed::Bootstrap::load(&path)?;
+    let managed = match crate::control::load_last_good(&bootstrap, &config.data_dir) {
+        Ok(None) => format!(
+            "none (bootstrap file only, hash {})",
+            bootstrap.effective().hash
+        ),
+        Ok(Some(current)) => match crate::pipeline::Pipeline::build(
+            &current.config,
+            &crate::pipeline::BuildContext {
+                data_dir: config.data_dir.clone(),
+                agent_id: identity.agent_id.clone(),
+            },
+        ) {
+            Ok(_) => format!(
+                "last good v{} (effective hash {})",
+                current.version, current.hash
+            ),
+            Err(error) => format!(
+                "last good v{} does not build ({error:#}): the agent would start from this file alone",
+                current.version
+            ),
+        },
+        Err(error) => format!(
+            "last good config does not validate ({error:#}): the agent would start from this file alone"
+        ),
+    };
     println!(
         "{}: OK\n  agent id    {}\n  http        {}\n  buffer      {} (max {} bytes, synchronous = {})\n  aggregator  {} (server name {})",
         path.display(),
@@ -128,6 +155,7 @@ fn check(path: PathBuf) -> anyhow::Result<()> {
         config.uplink.aggregator,
         config.uplink.server_name,
     );
+    println!("  managed     {managed}");
     Ok(())
 }
 

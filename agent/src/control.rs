@@ -108,7 +108,9 @@ fn bootstrap_only(bootstrap: &Bootstrap) -> Current {
     }
 }
 
-fn load_last_good(bootstrap: &Bootstrap, data_dir: &Path) -> anyhow::Result<Option<Current>> {
+/// The last good managed config over `bootstrap`, if `data_dir` has one; an error when it no
+/// longer validates (a file missing or damaged, or the bootstrap file changed under it).
+pub fn load_last_good(bootstrap: &Bootstrap, data_dir: &Path) -> anyhow::Result<Option<Current>> {
     let path = data_dir.join(MANAGED_DIR).join(LAST_GOOD_FILE);
     let text = match std::fs::read_to_string(&path) {
         Ok(text) => text,
