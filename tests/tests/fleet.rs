@@ -24,7 +24,8 @@ struct World {
     // Field order is drop order: processes go before the directory that holds their logs.
     agents: Vec<AgentProcess>,
     aggregator: AggregatorProcess,
-    _certs: Certs,
+    certs: Certs,
+    uplink: Uplink,
     dir: TestDir,
 }
 
@@ -40,33 +41,37 @@ impl World {
             aggregator: aggregator.ingest_addr(),
             ca_cert: certs.ca_cert.clone(),
         };
-        let agents = agents
-            .iter()
-            .map(|(id, labels)| {
-                let cert: AgentCert = certs.issue_agent(id);
-                let extra = AgentExtra {
-                    labels: Some((*labels).to_owned()),
-                    ..AgentExtra::default()
-                };
-                let agent = AgentProcess::start_with(
-                    &bins,
-                    &dir,
-                    &format!("agent-{id}"),
-                    &cert,
-                    &uplink,
-                    AgentOptions::default(),
-                    &extra,
-                );
-                assert_eq!(agent.agent_id(), *id);
-                agent
-            })
-            .collect();
-        World {
-            agents,
+        let mut world = World {
+            agents: Vec::new(),
             aggregator,
-            _certs: certs,
+            certs,
+            uplink,
             dir,
+        };
+        for (id, labels) in agents {
+            world.add_agent(id, labels);
         }
+        world
+    }
+
+    /// Starts one more agent with certificate `id` and `labels` (a TOML inline table).
+    fn add_agent(&mut self, id: &str, labels: &str) {
+        let cert: AgentCert = self.certs.issue_agent(id);
+        let extra = AgentExtra {
+            labels: Some(labels.to_owned()),
+            ..AgentExtra::default()
+        };
+        let agent = AgentProcess::start_with(
+            &binaries!(),
+            &self.dir,
+            &format!("agent-{id}"),
+            &cert,
+            &self.uplink,
+            AgentOptions::default(),
+            &extra,
+        );
+        assert_eq!(agent.agent_id(), id);
+        self.agents.push(agent);
     }
 
     fn query(&self) -> SocketAddr {
@@ -213,7 +218,7 @@ fn pushes_to(world: &World, id: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn push_to_a_selector_reaches_exactly_the_matching_agents_and_loses_no_event() {
-    let world = World::start(
+    let mut world = World::start(
         "fleet-selector",
         &[
             ("berlin-pos", "{ site = \"berlin\", role = \"pos\" }"),
@@ -277,6 +282,7 @@ async fn push_to_a_selector_reaches_exactly_the_matching_agents_and_loses_no_eve
             row[3], hash_before,
             "{berlin}'s effective config hash changed"
         );
+        assert_eq!(pushes_to(&world, berlin), 1, "{berlin} got the push once");
     }
     let paris = agent_row(addr, "paris-pos").await.expect("row");
     assert_eq!(paris[0], 0, "paris runs its bootstrap config: {paris:?}");
@@ -363,6 +369,11 @@ async fn push_to_a_selector_reaches_exactly_the_matching_agents_and_loses_no_eve
         ok && out.contains("completed") && out.contains("health gate passed"),
         "{out}{err}"
     );
+
+    // An agent that joins later with matching labels gets its peers' config.
+    world.add_agent("berlin-late", "{ site = \"berlin\", role = \"pos\" }");
+    wait_running(&world, "berlin-late", version).await;
+    assert_eq!(agent_row(addr, "paris-pos").await.expect("row")[0], 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -431,6 +442,44 @@ async fn invalid_documents_are_refused_before_anything_is_sent() {
     assert_eq!(rollouts["rollouts"], json!([]));
     assert_eq!(pushes_to(&world, "berlin-1"), 0);
     assert_eq!(agent_row(addr, "berlin-1").await.expect("row")[0], 0);
+
+    // A valid document through the CLI, with a bake long enough to abort it.
+    let file = world.dir.join("good.toml");
+    std::fs::write(&file, DROP_OLDEST).expect("write good.toml");
+    let (ok, out, err) = world.cli(&[
+        "config",
+        "push",
+        file.to_str().expect("path"),
+        "--selector",
+        "site=berlin",
+        "--canary",
+        "100%",
+        "--bake",
+        "10m",
+        "--note",
+        "slow bake",
+    ]);
+    assert!(ok, "push failed: {err}");
+    assert!(out.contains("rollout 1 of config version 1"), "{out}");
+    let reply = push(
+        addr,
+        json!({ "document": DROP_OLDEST, "selector": "site=berlin" }),
+    )
+    .await;
+    assert_eq!(
+        reply.status,
+        409,
+        "a second rollout while one runs: {}",
+        reply.error()
+    );
+    wait_phase(&world, 1, "baking").await;
+    let (ok, out, err) = world.cli(&["rollout", "abort", "1"]);
+    assert!(ok && out.contains("aborted"), "{out}{err}");
+    let (ok, out, err) = world.cli(&["rollout", "history"]);
+    assert!(
+        ok && out.contains("aborted") && out.contains("slow bake"),
+        "{out}{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -555,7 +604,10 @@ async fn an_offline_agent_converges_on_reconnect_and_a_restarted_agent_keeps_its
     );
     assert_eq!(agent_row(addr, "b-offline").await.expect("row")[1], version);
 
-    // It comes back and gets its target config.
+    // The desired versions survive an aggregator restart; then b comes back and converges.
+    world.aggregator.restart();
+    let addr = world.query();
+    assert_eq!(agent_row(addr, "b-offline").await.expect("row")[1], version);
     world.agent("b-offline").restart();
     wait_running(&world, "b-offline", version).await;
     assert_eq!(pushes_to(&world, "b-offline"), 1);

@@ -439,17 +439,15 @@ impl Fleet {
     /// An agent answered a push.
     pub fn on_result(&self, agent_id: &str, result: &ConfigResult, now_ms: i64) {
         let mut state = self.lock();
-        if state
-            .in_flight
-            .get(agent_id)
-            .is_some_and(|(v, _)| *v == result.version)
-        {
-            state.in_flight.remove(agent_id);
-        }
+        // The push stays in flight until a status shows the version running (that status is
+        // sent right after this result): clearing it here would push the same version again.
         let error = match &result.outcome {
             ConfigOutcome::Applied => None,
             ConfigOutcome::Failed { error } => Some(error.clone()),
         };
+        let outcome = if error.is_some() { "failed" } else { "applied" };
+        ::metrics::counter!("runnel_aggregator_config_results_total", "outcome" => outcome)
+            .increment(1);
         if error.is_some()
             && let Some(desired) = state.desired.get(agent_id).copied()
             && desired.version == result.version
@@ -498,6 +496,9 @@ impl Fleet {
             let seen = c
                 .last_heartbeat_unix_ms
                 .unwrap_or(c.connected_since_unix_ms);
+            if !state.known.contains_key(id) && !state.desired.contains_key(id) {
+                self.adopt(state, id, c, now_ms);
+            }
             let known = state.known.entry(id.clone()).or_default();
             let changed = known.labels != c.labels
                 || known.agent_version != c.agent_version
@@ -530,6 +531,33 @@ impl Fleet {
                 .get(id)
                 .is_some_and(|c| c.connected_since_unix_ms == *since)
         });
+    }
+
+    /// An agent seen for the first time gets the version of the newest completed rollout whose
+    /// selector matches its labels: a new agent joins its peers' config.
+    fn adopt(&self, state: &mut State, id: &str, c: &AgentConnectionSnapshot, now_ms: i64) {
+        if c.protocol_version < FLEET_PROTOCOL_VERSION {
+            return;
+        }
+        let Some(rollout) = state.rollouts.iter_mut().rev().find(|r| {
+            r.phase == Phase::Completed
+                && Selector::parse(&r.spec.selector).is_ok_and(|s| s.matches(&c.labels))
+        }) else {
+            return;
+        };
+        let version = rollout.spec.version;
+        rollout.history.push(rollout::HistoryEntry {
+            at_ms: now_ms,
+            message: format!("{id}: new agent matching the selector, given version {version}"),
+        });
+        self.persist(self.store.save_rollout(rollout));
+        let desired = Desired {
+            version,
+            failed_version: None,
+        };
+        state.desired.insert(id.to_owned(), desired);
+        self.persist(self.store.set_desired(id, desired));
+        tracing::info!(agent_id = %id, version, rollout = rollout.id, "new agent adopts the fleet's config");
     }
 
     fn step_locked(
@@ -631,6 +659,7 @@ impl Fleet {
                 }
             };
             if self.agents.push_config(id, push) {
+                ::metrics::counter!("runnel_aggregator_config_pushes_total").increment(1);
                 tracing::info!(agent_id = %id, version = desired.version, running, "config pushed");
                 state
                     .in_flight
