@@ -1057,6 +1057,40 @@ key = "agent.key"
     }
 
     #[tokio::test]
+    async fn listener_on_the_same_port_restarts_with_new_settings() {
+        let agent = start(tempfile::tempdir().unwrap()).await;
+        // A fixed port, so the second config names the same address as the first.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let listener = |max_connections: u32| {
+            format!(
+                "[sources.mqtt_listener]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\n\
+                 max_connections = {max_connections}\n"
+            )
+        };
+        let first = agent
+            .control
+            .apply(push(1, &listener(10), Vec::new()))
+            .await;
+        assert_eq!(first.outcome, ConfigOutcome::Applied, "{first:?}");
+        let second = agent
+            .control
+            .apply(push(2, &listener(20), Vec::new()))
+            .await;
+        assert_eq!(second.outcome, ConfigOutcome::Applied, "{second:?}");
+        let current = agent.control.current();
+        assert_eq!(current.config.mqtt_listener.max_connections, 20);
+        let addr = agent.control.mqtt_listener_addr().await.unwrap();
+        assert_eq!(addr.port(), port);
+        tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("the restarted MQTT listener accepts connections");
+    }
+
+    #[tokio::test]
     async fn bootstrap_only_keys_are_refused() {
         let agent = start(tempfile::tempdir().unwrap()).await;
         let result = agent
