@@ -1,20 +1,30 @@
 //! Stateful rules end to end: events posted to the real agent over HTTP fill a `[[windows]]`
 //! window, its alert travels to the aggregator like any event and shows in the `alerts` view;
-//! and the window's state survives a graceful agent restart.
+//! the window's state survives a graceful agent restart; and an alert's MQTT action reaches a
+//! subscriber on a real broker (`RUNNEL_TEST_MQTT_URL`, else an in-process rumqttd, as in
+//! `tests/rules.rs`).
 //!
 //! The windows lie an hour in the future (`max_future_ms` lets them in): the agent's clock can
 //! then never close them during the test, whatever the wall clock and however slowly the agent
 //! restarts, and the test closes them on demand with an event past the window's end.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
 use runnel_tests::{
-    AgentExtra, AgentOptions, AgentProcess, AggregatorOptions, AggregatorProcess, Certs, TestDir,
-    Uplink, attrs_of, binaries, http_client, post_body, query_rows, wait_count_of,
+    ARRIVAL_TIMEOUT, AgentExtra, AgentOptions, AgentProcess, AggregatorOptions, AggregatorProcess,
+    Certs, TestDir, Uplink, attrs_of, binaries, http_client, poll_until, post_body, query_rows,
+    wait_count_of,
 };
 use serde_json::{Value, json};
 
 const WINDOW_MS: i64 = 60_000;
+
+/// Environment variable naming the broker, such as `mqtt://127.0.0.1:1883`.
+const MQTT_URL_ENV: &str = "RUNNEL_TEST_MQTT_URL";
 
 const WINDOWS_TOML: &str = r#"
 [[windows]]
@@ -37,6 +47,10 @@ struct Fleet {
 }
 
 fn start_fleet(test_name: &str) -> Fleet {
+    start_fleet_with(test_name, WINDOWS_TOML)
+}
+
+fn start_fleet_with(test_name: &str, windows_toml: &str) -> Fleet {
     let bins = binaries!();
     let dir = TestDir::new(test_name);
     let certs = Certs::init(&dir.join("certs"));
@@ -54,7 +68,7 @@ fn start_fleet(test_name: &str) -> Fleet {
         &uplink,
         AgentOptions::default(),
         &AgentExtra {
-            toml: WINDOWS_TOML.to_owned(),
+            toml: windows_toml.to_owned(),
             ..AgentExtra::default()
         },
     );
@@ -129,14 +143,29 @@ async fn a_window_alert_reaches_the_aggregator() {
     assert_eq!(attrs["users"], json!(2), "{attrs}");
     assert_eq!(attrs["window_start_ms"], json!(start), "{attrs}");
     assert_eq!(attrs["window_end_ms"], json!(start + WINDOW_MS), "{attrs}");
-    // The events themselves arrive too, unchanged: 6 posted, plus the alert.
+    // A late event: counted, stored like any event, and no second alert.
+    post(&fleet, &[door("d1", "u5", start + 30_000)]).await;
+    wait_for_metrics(
+        fleet.agent.http_addr(),
+        &[
+            r#"runnel_agent_window_alerts_total{window="door_bursts"} 1"#,
+            r#"runnel_agent_window_late_events_total{window="door_bursts"} 1"#,
+        ],
+    )
+    .await;
+    // The events themselves arrive too, unchanged: 7 posted, plus the alert.
     wait_count_of(
         &fleet.dir,
         fleet.aggregator.query_addr(),
         "SELECT count(*) FROM events",
-        7,
+        8,
     )
     .await;
+    let n_alerts =
+        runnel_tests::query_count(fleet.aggregator.query_addr(), "SELECT count(*) FROM alerts")
+            .await
+            .expect("count alerts");
+    assert_eq!(n_alerts, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -170,4 +199,224 @@ async fn window_state_survives_a_graceful_restart() {
     );
     assert_eq!(attrs["users"], json!(3), "{attrs}");
     assert_eq!(attrs["window_start_ms"], json!(start), "{attrs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_alert_publishes_to_a_real_mqtt_topic() {
+    let broker = broker();
+    let root = format!("runnel-windows-{:016x}", fastrand::u64(..));
+
+    // Subscribe first: the broker drops a QoS 1 message to a topic nobody subscribed yet.
+    let mut options = MqttOptions::new(format!("{root}-sub"), broker.host.clone(), broker.port);
+    options.set_keep_alive(Duration::from_secs(30));
+    let (subscriber, mut eventloop) = AsyncClient::new(options, 64);
+    subscriber
+        .subscribe(format!("{root}/#"), QoS::AtLeastOnce)
+        .await
+        .expect("queue subscribe");
+    let (messages_tx, mut messages) = tokio::sync::mpsc::channel::<(String, Vec<u8>)>(64);
+    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel::<()>();
+    let what = broker.what.clone();
+    let subscriber_task = tokio::spawn(async move {
+        let mut subscribed_tx = Some(subscribed_tx);
+        loop {
+            match eventloop.poll().await {
+                Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
+                    if let Some(tx) = subscribed_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                Ok(MqttEvent::Incoming(Packet::Publish(publish))) => {
+                    let _ = messages_tx
+                        .send((publish.topic.clone(), publish.payload.to_vec()))
+                        .await;
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    eprintln!("subscriber on {what}: {error}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(30), subscribed)
+        .await
+        .expect("SUBACK within 30 s")
+        .expect("subscriber running");
+
+    let windows_toml = WINDOWS_TOML.replace(
+        "having = \"n >= 3\"\n",
+        &format!(
+            "having = \"n >= 3\"\nactions = [{{ kind = \"mqtt\", url = \"{url}\", \
+             topic = \"{root}/doors/{{{{ attrs.device }}}}\", \
+             payload = '{{\"device\": \"{{{{ attrs.device }}}}\", \"n\": {{{{ attrs.n }}}}, \
+             \"start\": {{{{ attrs.window_start_ms }}}}}}' }}]\n",
+            url = broker.url()
+        ),
+    );
+    let fleet = start_fleet_with("windows-mqtt", &windows_toml);
+    let start = future_window_start();
+    post(
+        &fleet,
+        &[
+            door("d2", "u1", start + 100),
+            door("d1", "u1", start + 1_000),
+            door("d1", "u2", start + 2_000),
+            door("d1", "u3", start + 3_000),
+        ],
+    )
+    .await;
+    post(&fleet, &[door("d9", "u9", start + WINDOW_MS)]).await;
+
+    let (topic, payload) = tokio::time::timeout(ARRIVAL_TIMEOUT, messages.recv())
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "no MQTT message on {root}/# from {} within {ARRIVAL_TIMEOUT:?}\n{}",
+                broker.what,
+                fleet.dir.report()
+            )
+        })
+        .expect("subscriber running");
+    assert_eq!(topic, format!("{root}/doors/d1"));
+    let payload: Value = serde_json::from_slice(&payload).expect("the payload is JSON");
+    assert_eq!(payload, json!({"device": "d1", "n": 3, "start": start}));
+    // The alert is stored too; d2 (n = 1) neither alerts nor publishes.
+    let (name, attrs) = the_alert(&fleet).await;
+    assert_eq!(
+        (name.as_str(), &attrs["device"]),
+        ("door_bursts", &json!("d1"))
+    );
+    wait_for_metrics(
+        fleet.agent.http_addr(),
+        &[r#"runnel_agent_actions_total{rule="door_bursts",kind="mqtt",outcome="ok"} 1"#],
+    )
+    .await;
+    assert!(messages.try_recv().is_err(), "exactly one message");
+    subscriber_task.abort();
+}
+
+/// Polls the agent's `/metrics` until it has every one of `lines` (30 s at most).
+async fn wait_for_metrics(http: SocketAddr, lines: &[&str]) {
+    let client = http_client();
+    let client = &client;
+    let found = poll_until(Duration::from_secs(30), || async move {
+        let text = client
+            .get(format!("http://{http}/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?;
+        let missing: Vec<&&str> = lines.iter().filter(|line| !text.contains(**line)).collect();
+        anyhow::ensure!(missing.is_empty(), "missing {missing:?} in:\n{text}");
+        Ok(())
+    })
+    .await;
+    if let Err(error) = found {
+        panic!("/metrics: {error:#}");
+    }
+}
+
+/// The broker the tests use (the same choice as `tests/rules.rs`).
+#[derive(Debug, Clone)]
+struct Broker {
+    host: String,
+    port: u16,
+    /// What it is, for messages.
+    what: String,
+}
+
+impl Broker {
+    fn url(&self) -> String {
+        format!("mqtt://{}:{}", self.host, self.port)
+    }
+}
+
+fn broker() -> Broker {
+    match std::env::var(MQTT_URL_ENV) {
+        Ok(url) => {
+            let rest = url
+                .strip_prefix("mqtt://")
+                .unwrap_or_else(|| panic!("{MQTT_URL_ENV}={url:?}: expected mqtt://host:port"));
+            let rest = rest.trim_end_matches('/');
+            let (host, port) = match rest.rsplit_once(':') {
+                Some((host, port)) => (
+                    host.to_owned(),
+                    port.parse()
+                        .unwrap_or_else(|_| panic!("{MQTT_URL_ENV}={url:?}: bad port")),
+                ),
+                None => (rest.to_owned(), 1883),
+            };
+            Broker {
+                host,
+                port,
+                what: format!("{url} (from {MQTT_URL_ENV})"),
+            }
+        }
+        Err(_) => {
+            let port = in_process_broker_port();
+            Broker {
+                host: "127.0.0.1".to_owned(),
+                port,
+                what: format!("in-process rumqttd on 127.0.0.1:{port} ({MQTT_URL_ENV} unset)"),
+            }
+        }
+    }
+}
+
+/// Starts rumqttd once per test process on a free loopback port; returns the port once it
+/// accepts connections.
+fn in_process_broker_port() -> u16 {
+    static PORT: OnceLock<u16> = OnceLock::new();
+    *PORT.get_or_init(|| {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("find a free port")
+            .port();
+        let listen: SocketAddr = ([127, 0, 0, 1], port).into();
+        let server = rumqttd::ServerSettings {
+            name: "v4-test".to_owned(),
+            listen,
+            tls: None,
+            next_connection_delay_ms: 1,
+            connections: rumqttd::ConnectionSettings {
+                connection_timeout_ms: 60_000,
+                max_payload_size: 1 << 20,
+                max_inflight_count: 500,
+                auth: None,
+                external_auth: None,
+                dynamic_filters: true,
+            },
+        };
+        let config = rumqttd::Config {
+            id: 0,
+            router: rumqttd::RouterConfig {
+                max_connections: 1000,
+                max_outgoing_packet_count: 200,
+                max_segment_size: 100 << 20,
+                max_segment_count: 10,
+                ..rumqttd::RouterConfig::default()
+            },
+            v4: Some(HashMap::from([("1".to_owned(), server)])),
+            ..rumqttd::Config::default()
+        };
+        std::thread::Builder::new()
+            .name("rumqttd".to_owned())
+            .spawn(move || {
+                let mut broker = rumqttd::Broker::new(config);
+                if let Err(error) = broker.start() {
+                    eprintln!("in-process rumqttd stopped: {error}");
+                }
+            })
+            .expect("spawn the broker thread");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(listen).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the in-process rumqttd did not listen on {listen} within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        port
+    })
 }
