@@ -735,6 +735,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_example_document_in_fleet_md_validates() {
+        let doc = include_str!("../../../docs/FLEET.md");
+        let start = doc.find("```toml\n").expect("a toml block") + "```toml\n".len();
+        let text = &doc[start..];
+        let text = &text[..text.find("```").expect("end of block")];
+        validate(text, &[("fraud.onnx".to_owned(), b"model".to_vec())].into())
+            .unwrap_or_else(|error| panic!("{error}\n{text}"));
+    }
+
+    #[test]
     fn representative_bootstrap_is_valid_and_documents_are_checked() {
         let valid = validate("[buffer]\nwhen_full = \"drop_oldest\"\n", &BTreeMap::new())
             .expect("a buffer policy is a valid document");
