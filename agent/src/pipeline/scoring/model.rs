@@ -4,7 +4,7 @@
 //! for a `[N, columns]` f32 input.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, bail, ensure};
 use runnel_config::ClassLabel;
@@ -31,10 +31,15 @@ pub struct Selection<'a> {
     pub class: Option<&'a ClassLabel>,
 }
 
+/// Run states kept for reuse (one per thread scoring at once, up to this many).
+const MAX_IDLE_STATES: usize = 8;
+
 /// An optimised model that maps `[N, columns]` f32 rows to one value per row.
 #[derive(Debug)]
 pub struct OnnxModel {
     plan: Arc<TypedRunnableModel>,
+    /// Idle run states: spawning one per call costs more than a small batch's inference.
+    states: Mutex<Vec<TypedSimpleState>>,
     columns: usize,
     /// The column of a `[N, C]` output that is read; `None` for `[N]` or `[N, 1]`.
     column: Option<usize>,
@@ -106,6 +111,7 @@ impl OnnxModel {
         let plan = typed.into_runnable()?;
         Ok(OnnxModel {
             plan,
+            states: Mutex::new(Vec::new()),
             columns,
             column,
             output,
@@ -122,7 +128,17 @@ impl OnnxModel {
     pub fn infer(&self, rows: &[f32]) -> anyhow::Result<Vec<f32>> {
         let n_rows = rows.len() / self.columns;
         let input = Tensor::from_shape(&[n_rows, self.columns], rows)?;
-        let mut outputs = self.plan.run(tvec!(input.into_tvalue()))?;
+        let idle = self.states.lock().ok().and_then(|mut states| states.pop());
+        let mut state = match idle {
+            Some(state) => state,
+            None => self.plan.spawn()?,
+        };
+        let mut outputs = state.run(tvec!(input.into_tvalue()))?;
+        if let Ok(mut states) = self.states.lock()
+            && states.len() < MAX_IDLE_STATES
+        {
+            states.push(state);
+        }
         let output = outputs.pop().context("the model returned no output")?;
         let output = output.cast_to::<f32>()?;
         let plain = output.try_as_plain_ram()?;
