@@ -265,11 +265,7 @@ fn choose_output(graph: &pb::GraphProto, wanted: Option<&str>) -> anyhow::Result
 fn labels_of(graph: &pb::GraphProto, output: &str) -> anyhow::Result<Option<Labels>> {
     let mut name = output.to_owned();
     for _ in 0..graph.node.len() {
-        let Some(node) = graph
-            .node
-            .iter()
-            .find(|n| n.output.iter().any(|o| *o == name))
-        else {
+        let Some(node) = graph.node.iter().find(|n| n.output.contains(&name)) else {
             return Ok(None);
         };
         match node.op_type.as_str() {
