@@ -1091,6 +1091,49 @@ key = "agent.key"
     }
 
     #[tokio::test]
+    async fn mqtt_subscribers_are_replaced_and_the_old_ones_stop() {
+        let agent = start(tempfile::tempdir().unwrap()).await;
+        // A broker that is not there: the subscriber keeps retrying until it is stopped.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let subscriber = format!(
+            "[[sources.mqtt]]\nname = \"plant\"\nurl = \"mqtt://127.0.0.1:{port}\"\n\
+             topics = [\"plant/#\"]\n"
+        );
+        let first = agent.control.apply(push(1, &subscriber, Vec::new())).await;
+        assert_eq!(first.outcome, ConfigOutcome::Applied, "{first:?}");
+        assert_eq!(agent.control.current().config.mqtt.len(), 1);
+        let old_task_count = agent
+            .control
+            .sources
+            .lock()
+            .await
+            .as_ref()
+            .unwrap()
+            .mqtt_generation
+            .tasks
+            .len();
+        assert_eq!(old_task_count, 1);
+        // Removing it waits for the old subscriber to stop; a subscriber that ignored its stop
+        // signal would hold the apply past this deadline.
+        let second = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            agent
+                .control
+                .apply(push(2, "sources.mqtt = []\n", Vec::new())),
+        )
+        .await
+        .expect("the old subscriber stops");
+        assert_eq!(second.outcome, ConfigOutcome::Applied, "{second:?}");
+        assert!(agent.control.current().config.mqtt.is_empty());
+        let sources = agent.control.sources.lock().await;
+        assert!(sources.as_ref().unwrap().mqtt_generation.tasks.is_empty());
+    }
+
+    #[tokio::test]
     async fn bootstrap_only_keys_are_refused() {
         let agent = start(tempfile::tempdir().unwrap()).await;
         let result = agent
