@@ -241,6 +241,14 @@ async fn run_agent(
     if let Err(error) = timers.await {
         tracing::error!(%error, "pipeline timer task failed");
     }
+    // The timer saved window state when shutdown began; requests the sources finished after
+    // that changed it again, so save once more now that no source can.
+    let last = pipeline.current();
+    match tokio::task::spawn_blocking(move || last.persist()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::warn!(error = format!("{error:#}"), "save window state"),
+        Err(error) => tracing::warn!(%error, "save window state task failed"),
+    }
     if let Err(error) = uplink.await {
         tracing::error!(%error, "uplink task failed");
     }
