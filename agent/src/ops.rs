@@ -616,5 +616,24 @@ mod tests {
         let text = render_status(&status);
         assert!(text.contains("runnel-agent 9.9.9"), "{text}");
         assert!(text.contains("connected to a:1"), "{text}");
+        assert!(text.contains("config      not reported"), "{text}");
+    }
+
+    #[test]
+    fn status_names_the_running_config() {
+        let mut status = AgentStatus::default();
+        status.config.hash = "abc".into();
+        let text = render_status(&status);
+        assert!(
+            text.contains("config      bootstrap file only, hash abc"),
+            "{text}"
+        );
+        status.config.version = 7;
+        status.config.document_hash = "d0c".into();
+        let text = render_status(&status);
+        assert!(
+            text.contains("config      managed config v7 (document d0c), effective hash abc"),
+            "{text}"
+        );
     }
 }
