@@ -70,6 +70,7 @@ struct LastGoodHeader {
 /// agent then runs without the config its aggregator last gave it, until the next push).
 pub fn startup_config(bootstrap: &Bootstrap) -> Current {
     let data_dir = &bootstrap.config().data_dir;
+    let managed_dir = data_dir.join(MANAGED_DIR);
     match load_last_good(bootstrap, data_dir) {
         Ok(Some(current)) => {
             tracing::info!(
@@ -77,10 +78,16 @@ pub fn startup_config(bootstrap: &Bootstrap) -> Current {
                 hash = %current.hash,
                 "starting with the last good managed config"
             );
+            remove_leftovers(&managed_dir, current.files_dir.as_deref(), false);
             current
         }
-        Ok(None) => bootstrap_only(bootstrap),
+        Ok(None) => {
+            remove_leftovers(&managed_dir, None, false);
+            bootstrap_only(bootstrap)
+        }
         Err(error) => {
+            // Its files stay: fixing the bootstrap file may make it valid again.
+            remove_leftovers(&managed_dir, None, true);
             tracing::error!(
                 error = format!("{error:#}"),
                 path = %data_dir.join(MANAGED_DIR).join(LAST_GOOD_FILE).display(),
@@ -95,6 +102,38 @@ pub fn startup_config(bootstrap: &Bootstrap) -> Current {
 /// The bootstrap file alone, as what runs.
 pub fn startup_bootstrap_only(bootstrap: &Bootstrap) -> Current {
     bootstrap_only(bootstrap)
+}
+
+/// Removes what an apply interrupted by a crash or power loss left in `managed_dir`: temporary
+/// directories and files, and file directories no last-good config refers to (all but `keep`,
+/// unless `keep_file_dirs`).
+fn remove_leftovers(managed_dir: &Path, keep: Option<&Path>, keep_file_dirs: bool) {
+    let Ok(entries) = std::fs::read_dir(managed_dir) else {
+        return;
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let path = entry.path();
+        let name = entry.file_name();
+        let temporary = name.to_string_lossy().starts_with('.');
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        let remove = temporary || (is_dir && !keep_file_dirs && Some(path.as_path()) != keep);
+        if !remove {
+            continue;
+        }
+        let result = if is_dir {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        match result {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), "removed a leftover of an interrupted apply")
+            }
+            Err(error) => {
+                tracing::warn!(%error, path = %path.display(), "remove a leftover of an interrupted apply")
+            }
+        }
+    }
 }
 
 fn bootstrap_only(bootstrap: &Bootstrap) -> Current {
@@ -906,8 +945,15 @@ key = "agent.key"
         assert_eq!(again.outcome, ConfigOutcome::Applied);
         assert_eq!(agent.control.current().hash, after.hash);
 
-        // A restarted agent starts with the pushed config.
+        // A restarted agent starts with the pushed config, and clears what a crash in the middle
+        // of a later apply left behind.
+        let managed_dir = agent.data_dir.join(MANAGED_DIR);
+        std::fs::create_dir_all(managed_dir.join(".tmp-1-2-abc")).unwrap();
+        std::fs::create_dir_all(managed_dir.join("2-abc")).unwrap();
         let restarted = startup_config(&agent.bootstrap);
+        assert!(!managed_dir.join(".tmp-1-2-abc").exists());
+        assert!(!managed_dir.join("2-abc").exists());
+        assert!(managed_dir.join(LAST_GOOD_FILE).exists());
         assert_eq!(restarted.version, 1);
         assert_eq!(restarted.hash, after.hash);
         assert_eq!(
