@@ -32,11 +32,14 @@ struct World {
 impl World {
     /// An aggregator and one agent per `(id, labels)`, labels as a TOML inline table.
     fn start(test_name: &str, agents: &[(&str, &str)]) -> World {
+        World::start_with(test_name, agents, AggregatorOptions::default())
+    }
+
+    fn start_with(test_name: &str, agents: &[(&str, &str)], options: AggregatorOptions) -> World {
         let bins = binaries!();
         let dir = TestDir::new(test_name);
         let certs = Certs::init(&dir.join("certs"));
-        let aggregator =
-            AggregatorProcess::start(&bins, &dir, &certs, AggregatorOptions::default());
+        let aggregator = AggregatorProcess::start(&bins, &dir, &certs, options);
         let uplink = Uplink {
             aggregator: aggregator.ingest_addr(),
             ca_cert: certs.ca_cert.clone(),
@@ -648,5 +651,75 @@ async fn an_offline_agent_converges_on_reconnect_and_a_restarted_agent_keeps_its
         pushes_to(&world, "a-online"),
         n_pushes,
         "no push was needed after the restart"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_fleet_api_asks_for_the_query_credentials() {
+    let options = AggregatorOptions {
+        query_extra: "[[query.users]]\nname = \"ops\"\npassword = \"fleet secret\"\n".into(),
+        ..AggregatorOptions::default()
+    };
+    let world = World::start_with(
+        "fleet-auth",
+        &[("berlin-1", "{ site = \"berlin\" }")],
+        options,
+    );
+    let addr = world.query();
+    let client = http_client();
+    for request in [
+        client.get(format!("http://{addr}/api/v1/agents")),
+        client.get(format!("http://{addr}/api/v1/rollouts")),
+        client.post(format!("http://{addr}/api/v1/rollouts/1/abort")),
+        client
+            .post(format!("http://{addr}/api/v1/config"))
+            .json(&json!({ "document": DROP_OLDEST })),
+    ] {
+        let reply = send(request).await.expect("request");
+        assert_eq!(reply.status, 401, "{}", reply.error());
+        let wrong = send(
+            client
+                .get(format!("http://{addr}/api/v1/agents"))
+                .basic_auth("ops", Some("wrong")),
+        )
+        .await
+        .expect("request");
+        assert_eq!(wrong.status, 401);
+    }
+    world
+        .dir
+        .wait_until(FLEET_TIMEOUT, "berlin-1 is listed with credentials", || {
+            let client = client.clone();
+            async move {
+                let agents = send(
+                    client
+                        .get(format!(
+                            "http://{addr}/api/v1/agents?selector=site%3Dberlin"
+                        ))
+                        .basic_auth("ops", Some("fleet secret")),
+                )
+                .await?;
+                anyhow::ensure!(agents.status == 200, "{}", agents.error());
+                let json = agents.json();
+                anyhow::ensure!(json["agents"][0]["agent_id"] == "berlin-1", "{json}");
+                Ok(())
+            }
+        })
+        .await;
+    let url = format!("http://{addr}");
+    let output = std::process::Command::new(binaries!().aggregator)
+        .args(["agents", "--user", "ops", "--url", &url])
+        .env("RUNNEL_QUERY_PASSWORD", "fleet secret")
+        .output()
+        .expect("run runnel-aggregator");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("berlin-1") && stdout.contains("site=berlin"),
+        "{stdout}"
     );
 }
