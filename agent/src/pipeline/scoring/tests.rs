@@ -314,3 +314,71 @@ fn the_example_config_loads_its_model() {
     let score = events[0].score.expect("scored");
     assert!((0.0..=1.0).contains(&score), "{score}");
 }
+
+/// A hand-made `TreeEnsembleRegressor` with the branch modes and missing-value tracks the
+/// fixtures do not use: tree 0 is `x0 >= 1 (NaN: true) ? 10 : (x1 != 5 ? 20 : 30)`, tree 1 a
+/// single leaf of 4; base value 0.5.
+fn hand_made_regressor(aggregate: &str) -> tract_onnx::pb::NodeProto {
+    use tract_onnx::pb::{AttributeProto, NodeProto};
+    let ints = |name: &str, values: &[i64]| AttributeProto {
+        name: name.into(),
+        ints: values.to_vec(),
+        ..AttributeProto::default()
+    };
+    let floats = |name: &str, values: &[f32]| AttributeProto {
+        name: name.into(),
+        floats: values.to_vec(),
+        ..AttributeProto::default()
+    };
+    let strings = |name: &str, values: &[&str]| AttributeProto {
+        name: name.into(),
+        strings: values.iter().map(|s| s.as_bytes().to_vec()).collect(),
+        ..AttributeProto::default()
+    };
+    NodeProto {
+        op_type: "TreeEnsembleRegressor".into(),
+        attribute: vec![
+            ints("nodes_treeids", &[0, 0, 0, 0, 0, 1]),
+            ints("nodes_nodeids", &[0, 1, 2, 3, 4, 0]),
+            ints("nodes_featureids", &[0, 0, 1, 0, 0, 0]),
+            floats("nodes_values", &[1.0, 0.0, 5.0, 0.0, 0.0, 0.0]),
+            ints("nodes_truenodeids", &[1, 0, 3, 0, 0, 0]),
+            ints("nodes_falsenodeids", &[2, 0, 4, 0, 0, 0]),
+            strings(
+                "nodes_modes",
+                &["BRANCH_GTE", "LEAF", "BRANCH_NEQ", "LEAF", "LEAF", "LEAF"],
+            ),
+            ints("nodes_missing_value_tracks_true", &[1, 0, 0, 0, 0, 0]),
+            ints("target_treeids", &[0, 0, 0, 1]),
+            ints("target_nodeids", &[1, 3, 4, 0]),
+            ints("target_ids", &[0, 0, 0, 0]),
+            floats("target_weights", &[10.0, 20.0, 30.0, 4.0]),
+            floats("base_values", &[0.5]),
+            AttributeProto {
+                name: "aggregate_function".into(),
+                s: aggregate.as_bytes().to_vec(),
+                ..AttributeProto::default()
+            },
+        ],
+        ..NodeProto::default()
+    }
+}
+
+#[test]
+fn trees_follow_every_mode_missing_tracks_and_aggregate() {
+    let rows = [2.0, 0.0, 0.0, 5.0, 0.0, 1.0, f32::NAN, 5.0, 0.5, f32::NAN];
+    // Leaves of tree 0 per row: 10, 30, 20, 10 (NaN tracks true), 20 (NaN != 5).
+    let cases: [(&str, [f32; 5]); 4] = [
+        ("SUM", [14.5, 34.5, 24.5, 14.5, 24.5]),
+        ("AVERAGE", [7.5, 17.5, 12.5, 7.5, 12.5]),
+        ("MIN", [4.5, 4.5, 4.5, 4.5, 4.5]),
+        ("MAX", [10.5, 30.5, 20.5, 10.5, 20.5]),
+    ];
+    for (aggregate, expected) in cases {
+        let ensemble = super::trees::TreeEnsemble::parse(&hand_made_regressor(aggregate))
+            .unwrap_or_else(|e| panic!("{aggregate}: {e:#}"));
+        let mut scores = [0f32; 5];
+        ensemble.eval(&rows, 2, &mut scores, None);
+        assert_eq!(scores, expected, "{aggregate}");
+    }
+}
