@@ -62,18 +62,28 @@ impl Scoring {
     /// (counted).
     pub async fn score(&self, events: Vec<Event>) -> Vec<Event> {
         let models = Arc::clone(&self.models);
-        let (sender, receiver) = tokio::sync::oneshot::channel();
-        // The events travel back through the channel even if the task is never run (runtime
-        // shutdown): they are the caller's, uncommitted.
         let task = tokio::task::spawn_blocking(move || {
             let mut events = events;
             for model in models.iter() {
-                model.score(&mut events);
+                // Inference panics are caught per chunk; this also covers the mapping, so the
+                // events always come back.
+                let scored =
+                    std::panic::catch_unwind(AssertUnwindSafe(|| model.score(&mut events)));
+                if scored.is_err() {
+                    model.failed(events.len(), "scoring panicked");
+                }
             }
-            let _ = sender.send(events);
+            events
         });
-        let _ = task.await;
-        receiver.await.unwrap_or_default()
+        match task.await {
+            Ok(events) => events,
+            Err(error) => {
+                // Only when the runtime shuts down: the batch is not committed, so its source
+                // was not acknowledged (the sender sees an error or retries).
+                tracing::warn!(%error, "scoring task did not run");
+                Vec::new()
+            }
+        }
     }
 
     /// Scores on the calling thread (benchmarks and tests).
