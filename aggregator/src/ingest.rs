@@ -40,7 +40,7 @@ use crate::wal::{CommitError, CommitOutcome, CommitRequest, Wal};
 /// How long an agent has to send its Hello after the handshake.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Heartbeat interval announced to agents.
+/// Heartbeat interval announced to agents unless `fleet.heartbeat_interval_ms` says otherwise.
 const HEARTBEAT_INTERVAL_MS: u32 = 5_000;
 
 /// Messages waiting for the control stream's writer (config pushes): a push is large and rare.
@@ -200,6 +200,8 @@ pub struct ConnectedAgents {
     n_events_stored: AtomicU64,
     /// Where connections, statuses and config results go (the fleet driver), once it runs.
     fleet: std::sync::OnceLock<mpsc::Sender<FleetEvent>>,
+    /// Heartbeat interval announced in the Welcome (0: [`HEARTBEAT_INTERVAL_MS`]).
+    heartbeat_interval_ms: std::sync::atomic::AtomicU32,
 }
 
 /// One agent connection: who, from where, and what it stored and reported.
@@ -355,6 +357,19 @@ impl ConnectedAgents {
             n_batches_stored: self.n_batches_stored.load(Ordering::Relaxed),
             n_events_stored: self.n_events_stored.load(Ordering::Relaxed),
             agents,
+        }
+    }
+
+    /// Announces `interval_ms` as the heartbeat interval to agents that connect from now on.
+    pub fn set_heartbeat_interval_ms(&self, interval_ms: u32) {
+        self.heartbeat_interval_ms
+            .store(interval_ms, Ordering::Relaxed);
+    }
+
+    fn heartbeat_interval_ms(&self) -> u32 {
+        match self.heartbeat_interval_ms.load(Ordering::Relaxed) {
+            0 => HEARTBEAT_INTERVAL_MS,
+            ms => ms,
         }
     }
 
@@ -574,7 +589,7 @@ async fn handle_connection(
         protocol_version: version,
         high_water_mark,
         max_in_flight_batches: window as u32,
-        heartbeat_interval_ms: HEARTBEAT_INTERVAL_MS,
+        heartbeat_interval_ms: agents.heartbeat_interval_ms(),
         agent_id: agent_id.to_string(),
         aggregator_version: env!("CARGO_PKG_VERSION").to_owned(),
     };

@@ -109,7 +109,11 @@ pub async fn run(
 
     let agents = Arc::new(ingest::ConnectedAgents::default());
     engine.register_agents(Arc::clone(&agents), wal.clone())?;
-    let fleet = Arc::new(fleet::Fleet::open(&config.data_dir, Arc::clone(&agents))?);
+    let fleet = Arc::new(fleet::Fleet::open(
+        &config.data_dir,
+        Arc::clone(&agents),
+        config.fleet,
+    )?);
     engine.register_fleet(Arc::clone(&fleet), Arc::clone(&agents), wal.clone())?;
     let fleet_driver = {
         let (events_tx, events_rx) = tokio::sync::mpsc::channel(fleet::EVENT_QUEUE);

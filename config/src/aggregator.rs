@@ -29,6 +29,19 @@ pub struct AggregatorConfig {
     pub pgwire: PgwireConfig,
     /// External sources SQL can read next to `events`, in file order.
     pub federation: Vec<FederationConfig>,
+    /// Fleet configuration: heartbeats and rollout defaults.
+    pub fleet: FleetConfig,
+}
+
+/// `[fleet]`, validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FleetConfig {
+    /// How often agents send their status (announced in the Welcome).
+    pub heartbeat_interval_ms: u64,
+    /// Bake time of a rollout whose push does not say.
+    pub default_bake_ms: u64,
+    /// How long a pushed agent has to answer, when the push does not say.
+    pub default_apply_timeout_ms: u64,
 }
 
 /// `[ingest]`, validated.
@@ -299,6 +312,52 @@ struct RawAggregatorFile {
     /// `[[federation]]`: external sources SQL can read, read-only.
     #[serde(default)]
     federation: Vec<RawFederation>,
+    /// `[fleet]`: agent heartbeats and config rollout defaults.
+    #[serde(default)]
+    fleet: RawFleet,
+}
+
+/// `[fleet]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFleet {
+    /// Status interval announced to agents, 1 s to 10 min. Default: 5000.
+    heartbeat_interval_ms: Option<u64>,
+    /// Rollout bake time when a push does not say, up to 1 day. Default: 60000.
+    default_bake_ms: Option<u64>,
+    /// Time a pushed agent has to answer when a push does not say, 1 s to 1 h. Default: 60000.
+    default_apply_timeout_ms: Option<u64>,
+}
+
+impl RawFleet {
+    fn validate(self, checker: &Checker<'_>) -> Result<FleetConfig, ConfigError> {
+        Ok(FleetConfig {
+            heartbeat_interval_ms: checker.int(
+                "fleet.heartbeat_interval_ms",
+                self.heartbeat_interval_ms,
+                5_000,
+                1_000,
+                Some(600_000),
+                Unit::Plain,
+            )?,
+            default_bake_ms: checker.int(
+                "fleet.default_bake_ms",
+                self.default_bake_ms,
+                60_000,
+                0,
+                Some(86_400_000),
+                Unit::Plain,
+            )?,
+            default_apply_timeout_ms: checker.int(
+                "fleet.default_apply_timeout_ms",
+                self.default_apply_timeout_ms,
+                60_000,
+                1_000,
+                Some(3_600_000),
+                Unit::Plain,
+            )?,
+        })
+    }
 }
 
 /// `[aggregator]`
@@ -497,6 +556,7 @@ impl RawAggregatorFile {
         let query = self.query.validate(checker)?;
         let pgwire = self.pgwire.validate(checker, !query.users.is_empty())?;
         let federation = validate_federation(checker, self.federation)?;
+        let fleet = self.fleet.validate(checker)?;
         Ok(AggregatorConfig {
             data_dir,
             ingest,
@@ -504,6 +564,7 @@ impl RawAggregatorFile {
             query,
             pgwire,
             federation,
+            fleet,
         })
     }
 }
@@ -911,12 +972,13 @@ impl RawPgwire {
 
 /// Names a `[[federation]]` entry cannot take: Runnel's own tables and views, and the schemas
 /// SQL clients rely on.
-const RESERVED_NAMES: [&str; 8] = [
+const RESERVED_NAMES: [&str; 9] = [
     "events",
     "dead_letters",
     "agent_drops",
     "alerts",
     "agents",
+    "rollouts",
     "public",
     "pg_catalog",
     "information_schema",

@@ -26,7 +26,7 @@ pub use agent::{
     load_agent, parse_agent,
 };
 pub use aggregator::{
-    AggregatorConfig, FederationConfig, FederationSource, FileFormat, IngestConfig, PgwireConfig,
+    AggregatorConfig, FederationConfig, FederationSource, FileFormat, FleetConfig, IngestConfig, PgwireConfig,
     PostgresSource, QueryConfig, QueryUser, S3Config, StorageConfig, load_aggregator, parse_aggregator,
 };
 pub use common::Synchronous;

@@ -32,7 +32,12 @@ struct World {
 impl World {
     /// An aggregator and one agent per `(id, labels)`, labels as a TOML inline table.
     fn start(test_name: &str, agents: &[(&str, &str)]) -> World {
-        World::start_with(test_name, agents, AggregatorOptions::default())
+        let options = AggregatorOptions {
+            // Statuses every second: the gate and convergence see changes sooner.
+            extra_toml: "[fleet]\nheartbeat_interval_ms = 1000\n".into(),
+            ..AggregatorOptions::default()
+        };
+        World::start_with(test_name, agents, options)
     }
 
     fn start_with(test_name: &str, agents: &[(&str, &str)], options: AggregatorOptions) -> World {

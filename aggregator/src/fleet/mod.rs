@@ -57,8 +57,6 @@ const LAST_SEEN_WRITE_MS: i64 = 30_000;
 /// Defaults of a push that does not say.
 pub const DEFAULT_CANARY: Step = Step::Percent(10);
 pub const DEFAULT_WAVE: Step = Step::Percent(25);
-pub const DEFAULT_BAKE_MS: u64 = 60_000;
-pub const DEFAULT_APPLY_TIMEOUT_MS: u64 = 60_000;
 
 /// The bootstrap file documents are validated against: the smallest valid agent config. Keys a
 /// managed document may not set (identity, uplink, HTTP listener) do not change what is valid.
@@ -219,6 +217,7 @@ pub struct Fleet {
     store: FleetStore,
     agents: Arc<ConnectedAgents>,
     state: std::sync::Mutex<State>,
+    defaults: runnel_config::FleetConfig,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -255,7 +254,15 @@ fn newest_connections(agents: &ConnectedAgents) -> BTreeMap<String, AgentConnect
 }
 
 impl Fleet {
-    pub fn open(data_dir: &Path, agents: Arc<ConnectedAgents>) -> anyhow::Result<Fleet> {
+    /// Opens `fleet.db` in `data_dir`; `defaults` are the `[fleet]` settings.
+    pub fn open(
+        data_dir: &Path,
+        agents: Arc<ConnectedAgents>,
+        defaults: runnel_config::FleetConfig,
+    ) -> anyhow::Result<Fleet> {
+        agents.set_heartbeat_interval_ms(
+            u32::try_from(defaults.heartbeat_interval_ms).unwrap_or(u32::MAX),
+        );
         let store = FleetStore::open(data_dir)?;
         let state = State {
             rollouts: store.rollouts()?,
@@ -267,6 +274,7 @@ impl Fleet {
             store,
             agents,
             state: std::sync::Mutex::new(state),
+            defaults,
         })
     }
 
@@ -326,8 +334,10 @@ impl Fleet {
             selector: selector.as_str().to_owned(),
             canary: request.canary.unwrap_or(DEFAULT_CANARY),
             wave: request.wave.unwrap_or(DEFAULT_WAVE),
-            bake_ms: request.bake_ms.unwrap_or(DEFAULT_BAKE_MS),
-            apply_timeout_ms: request.apply_timeout_ms.unwrap_or(DEFAULT_APPLY_TIMEOUT_MS),
+            bake_ms: request.bake_ms.unwrap_or(self.defaults.default_bake_ms),
+            apply_timeout_ms: request
+                .apply_timeout_ms
+                .unwrap_or(self.defaults.default_apply_timeout_ms),
             note: request.note,
         };
         let rollout = Rollout::new(id, spec, targets, now_ms);
