@@ -5,7 +5,8 @@
 //! Codemap: [`ingest`] (QUIC server, mTLS identity, chain order) -> [`wal`] (durable commit,
 //! high-water marks, one writer thread) -> [`store`] (recent Arrow rows + Parquet files) ->
 //! [`query`] (DataFusion) -> [`api`] (HTTP). [`ops`] serves health, readiness and status and
-//! talks to systemd; [`certs`] is the fleet PKI; [`cli`] the commands.
+//! talks to systemd; [`certs`] is the fleet PKI; [`cli`] the commands. [`fleet`] stores managed
+//! config documents and rolls them out to agents over the control stream (canary, gate, waves).
 
 pub mod agents_table;
 pub mod api;

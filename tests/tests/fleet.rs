@@ -562,6 +562,39 @@ async fn a_config_that_fails_on_the_canary_is_rolled_back_and_the_rest_never_get
     )
     .await;
     world.agent("a-canary").assert_running();
+
+    // Another failure only the agent can see: an MQTT listener on a port that is taken.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port to hold");
+    let port = taken.local_addr().expect("held port").port();
+    let document =
+        format!("[sources.mqtt_listener]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\n");
+    let reply = push(
+        addr,
+        json!({ "document": document, "selector": "site=berlin", "canary": "1", "bake": "1s" }),
+    )
+    .await;
+    assert_eq!(reply.status, 201, "{}", reply.error());
+    let id = reply.json()["id"].as_u64().expect("id");
+    let version = reply.json()["spec"]["version"].as_u64().expect("version");
+    let rollout = wait_phase(&world, id, "rolled_back").await;
+    assert!(
+        rollout["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("canary a-canary failed"),
+        "{rollout:#}"
+    );
+    let canary = agent_row(addr, "a-canary").await.expect("row");
+    assert_eq!(canary[0], 0, "still the last-good config: {canary:?}");
+    assert!(
+        canary[2]
+            .as_str()
+            .unwrap_or("")
+            .starts_with(&format!("failed v{version}:")),
+        "{canary:?}"
+    );
+    assert_eq!(pushes_to(&world, "b-rest"), 0);
+    drop(taken);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
