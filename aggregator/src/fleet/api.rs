@@ -249,9 +249,13 @@ async fn abort(
     if !crate::api::check_credentials(&api.credentials, &headers) {
         return unauthorized();
     }
-    match api.fleet.abort(id, crate::wal::now_unix_ms()) {
-        Ok(rollout) => Json(view(&rollout)).into_response(),
-        Err(e) => fleet_error(&e),
+    let fleet = Arc::clone(&api.fleet);
+    let aborted =
+        tokio::task::spawn_blocking(move || fleet.abort(id, crate::wal::now_unix_ms())).await;
+    match aborted {
+        Ok(Ok(rollout)) => Json(view(&rollout)).into_response(),
+        Ok(Err(e)) => fleet_error(&e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
     }
 }
 

@@ -709,7 +709,8 @@ impl Fleet {
     }
 }
 
-/// The driver task: feeds events to the fleet and ticks it until `shutdown`.
+/// The driver task: feeds events to the fleet and ticks it until `shutdown`. Each step may
+/// write `fleet.db`, so it runs on the blocking pool.
 pub async fn drive(
     fleet: Arc<Fleet>,
     mut events: mpsc::Receiver<FleetEvent>,
@@ -718,20 +719,28 @@ pub async fn drive(
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
+        let result = tokio::select! {
             event = events.recv() => match event {
-                Some(FleetEvent::ConfigResult { agent_id, result }) => {
-                    fleet.on_result(&agent_id, &result, crate::wal::now_unix_ms());
-                }
-                Some(FleetEvent::Connected { .. }) => {}
+                Some(FleetEvent::ConfigResult { agent_id, result }) => Some((agent_id, result)),
+                Some(FleetEvent::Connected { .. }) => None,
                 // Statuses are read from the registry at the next tick.
                 Some(FleetEvent::Status { .. }) => continue,
                 None => return,
             },
-            _ = ticker.tick() => {}
+            _ = ticker.tick() => None,
             _ = shutdown.wait_for(|stop| *stop) => return,
+        };
+        let fleet = Arc::clone(&fleet);
+        let stepped = tokio::task::spawn_blocking(move || {
+            if let Some((agent_id, result)) = result {
+                fleet.on_result(&agent_id, &result, crate::wal::now_unix_ms());
+            }
+            fleet.step(crate::wal::now_unix_ms());
+        })
+        .await;
+        if let Err(error) = stepped {
+            tracing::error!(%error, "fleet step failed");
         }
-        fleet.step(crate::wal::now_unix_ms());
     }
 }
 
