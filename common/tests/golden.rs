@@ -353,6 +353,17 @@ fn golden_batch() {
     );
 }
 
+/// The column-wise layout before zstd (zstd's own bytes may change between library versions):
+/// the postcard bytes of the transposed batch.
+#[test]
+fn golden_batch_columns() {
+    let events = batch_events();
+    let encoded = runnel_common::columnar::encode(299, &events).expect("events encode");
+    check_fixture("batch_columns", &events, &encoded, |bytes| {
+        runnel_common::columnar::decode(bytes, 299, 2)
+    });
+}
+
 #[test]
 fn golden_ack_stored() {
     check_frame_fixture("ack_stored", &ack(AckOutcome::Stored { n_new: 2 }));
@@ -382,6 +393,7 @@ fn every_fixture_has_a_test() {
         "ack_rejected",
         "ack_stored",
         "batch",
+        "batch_columns",
         "config_push",
         "config_result_applied",
         "config_result_failed",
