@@ -233,7 +233,7 @@ fn sample_of(connection: &AgentConnectionSnapshot) -> Option<Sample> {
         errors: connection
             .counters
             .iter()
-            .filter(|(name, _)| name.contains("error"))
+            .filter(|(name, _)| name.contains("error") || name.contains("fail"))
             .map(|(_, n)| n)
             .sum(),
     })
