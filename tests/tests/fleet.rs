@@ -761,3 +761,75 @@ async fn the_fleet_api_asks_for_the_query_credentials() {
         "{stdout}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failure_in_a_wave_stops_the_rollout_and_the_agent_keeps_its_last_good_config() {
+    let world = World::start(
+        "fleet-wave",
+        &[
+            ("a-canary", "{ site = \"berlin\" }"),
+            ("b-wave", "{ site = \"berlin\" }"),
+            ("c-wave", "{ site = \"berlin\" }"),
+        ],
+    );
+    let addr = world.query();
+    wait_reporting(&world, &["a-canary", "b-wave", "c-wave"]).await;
+
+    // All agents run on this host: the canary binds the listener port, so the first wave's
+    // agent finds it taken. The canary passes the gate; the wave fails.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("find a free port")
+        .local_addr()
+        .expect("port")
+        .port();
+    let document =
+        format!("[sources.mqtt_listener]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\n");
+    let reply = push(
+        addr,
+        json!({ "document": document, "selector": "site=berlin", "canary": "1", "wave": "1", "bake": "1s" }),
+    )
+    .await;
+    assert_eq!(reply.status, 201, "{}", reply.error());
+    let id = reply.json()["id"].as_u64().expect("id");
+    let version = reply.json()["spec"]["version"].as_u64().expect("version");
+    let rollout = wait_phase(&world, id, "failed").await;
+    let reason = rollout["reason"].as_str().unwrap_or("");
+    assert!(reason.starts_with("wave 1 failed: b-wave:"), "{rollout:#}");
+    assert!(
+        rollout["history"]
+            .to_string()
+            .contains("health gate passed"),
+        "{rollout:#}"
+    );
+
+    let canary = agent_row(addr, "a-canary").await.expect("row");
+    assert_eq!(
+        canary[0], version,
+        "the canary keeps the new config: {canary:?}"
+    );
+    let failed = agent_row(addr, "b-wave").await.expect("row");
+    assert_eq!(
+        failed[0], 0,
+        "b-wave keeps its last-good config: {failed:?}"
+    );
+    assert_eq!(
+        failed[1], 0,
+        "and is no longer told to run the new one: {failed:?}"
+    );
+    let untouched = agent_row(addr, "c-wave").await.expect("row");
+    assert!(
+        untouched[1].is_null(),
+        "the second wave never started: {untouched:?}"
+    );
+    assert_eq!(pushes_to(&world, "c-wave"), 0);
+    let rows = query_rows(
+        addr,
+        "SELECT phase, n_applied, n_failed, n_pending FROM rollouts",
+    )
+    .await
+    .expect("rollouts");
+    assert_eq!(
+        rows,
+        vec![vec![json!("failed"), json!(1), json!(1), json!(1)]]
+    );
+}
