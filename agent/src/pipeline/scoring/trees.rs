@@ -24,14 +24,16 @@ enum Mode {
     Leaf,
 }
 
-/// One node of the flat array. For a branch, `a`/`b` are the flat indices of the true/false
-/// children; for a leaf, the range of its weights in [`TreeEnsemble::weights`].
+/// One node of the flat array. `next` holds the flat indices of the false and the true child
+/// (so the comparison's outcome indexes it, without a branch); a leaf points to itself twice
+/// and reads feature 0, so a walk of fixed depth can pass it. `leaf` is a leaf's range of
+/// weights in [`TreeEnsemble::weights`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Node {
     value: f32,
     feature: u32,
-    a: u32,
-    b: u32,
+    next: [u32; 2],
+    leaf: [u32; 2],
     mode: Mode,
     missing_true: bool,
 }
@@ -76,6 +78,8 @@ pub(crate) struct TreeEnsemble {
     nodes: Vec<Node>,
     /// Flat index of each tree's root.
     roots: Vec<u32>,
+    /// Branches on each tree's longest path.
+    depths: Vec<u32>,
     /// Leaf weights: (class or target, weight).
     weights: Vec<(u32, f32)>,
     /// Classes (classifier) or targets (regressor): the width of the score output.
@@ -230,8 +234,9 @@ impl TreeEnsemble {
                 "LEAF" => Mode::Leaf,
                 other => bail!("node mode {other} is not supported"),
             };
+            let self_id = u32::try_from(i).context("too many nodes")?;
             let (a, b) = if mode == Mode::Leaf {
-                (0, 0)
+                (self_id, self_id)
             } else {
                 let child = |id: i64| {
                     flat.get(&(tree_ids[i], id)).copied().with_context(|| {
@@ -245,9 +250,13 @@ impl TreeEnsemble {
             };
             nodes.push(Node {
                 value: values[i],
-                feature: index(feature_ids[i], "feature id")?,
-                a,
-                b,
+                feature: if mode == Mode::Leaf {
+                    0
+                } else {
+                    index(feature_ids[i], "feature id")?
+                },
+                next: [b, a],
+                leaf: [0, 0],
                 mode,
                 missing_true: missing.get(i).is_some_and(|m| *m != 0),
             });
@@ -289,9 +298,9 @@ impl TreeEnsemble {
         let mut weights = Vec::with_capacity(m);
         for (i, leaf_weights) in per_leaf.into_iter().enumerate() {
             if nodes[i].mode == Mode::Leaf {
-                nodes[i].a = u32::try_from(weights.len()).context("too many weights")?;
+                nodes[i].leaf[0] = u32::try_from(weights.len()).context("too many weights")?;
                 weights.extend(leaf_weights);
-                nodes[i].b = u32::try_from(weights.len()).context("too many weights")?;
+                nodes[i].leaf[1] = u32::try_from(weights.len()).context("too many weights")?;
             }
         }
 
@@ -363,10 +372,16 @@ impl TreeEnsemble {
         } else {
             Walk::Any
         };
+        let roots: Vec<u32> = roots_by_tree.into_iter().map(|(_, root)| root).collect();
+        let depths = roots
+            .iter()
+            .map(|root| depth_of(&nodes, *root))
+            .collect::<anyhow::Result<Vec<u32>>>()?;
         Ok(TreeEnsemble {
             walk,
+            depths,
             nodes,
-            roots: roots_by_tree.into_iter().map(|(_, root)| root).collect(),
+            roots,
             weights_all_positive: weights.iter().all(|(_, w)| *w >= 0.0),
             weights,
             n_outputs,
@@ -391,7 +406,7 @@ impl TreeEnsemble {
 
     /// The leaf a row reaches in the tree rooted at `root`, for any mix of modes.
     #[inline]
-    fn leaf(&self, root: u32, row: &[f32]) -> &Node {
+    fn leaf(&self, root: u32, _depth: u32, row: &[f32]) -> &Node {
         let mut node = &self.nodes[root as usize];
         loop {
             let x = row[node.feature as usize];
@@ -405,19 +420,20 @@ impl TreeEnsemble {
                 Mode::Neq => x != node.value,
             };
             let go_true = go_true || (node.missing_true && x.is_nan());
-            node = &self.nodes[if go_true { node.a } else { node.b } as usize];
+            node = &self.nodes[node.next[usize::from(go_true)] as usize];
         }
     }
 
     /// As [`Self::leaf`] for ensembles whose branches all compare with `<=` (LEQ) or `<`
-    /// (otherwise), without missing-value tracks: what scikit-learn and XGBoost export.
+    /// (otherwise), without missing-value tracks: what scikit-learn and XGBoost export. Exactly
+    /// `depth` steps (leaves loop on themselves), no branch on the data.
     #[inline]
-    fn leaf_uniform<const LEQ: bool>(&self, root: u32, row: &[f32]) -> &Node {
+    fn leaf_uniform<const LEQ: bool>(&self, root: u32, depth: u32, row: &[f32]) -> &Node {
         let mut node = &self.nodes[root as usize];
-        while node.mode != Mode::Leaf {
+        for _ in 0..depth {
             let x = row[node.feature as usize];
             let go_true = if LEQ { x <= node.value } else { x < node.value };
-            node = &self.nodes[if go_true { node.a } else { node.b } as usize];
+            node = &self.nodes[node.next[usize::from(go_true)] as usize];
         }
         node
     }
@@ -450,7 +466,7 @@ impl TreeEnsemble {
         n_cols: usize,
         scores: &mut [f32],
         mut winners: Option<&mut [usize]>,
-        leaf_of: impl Fn(&'a Self, u32, &[f32]) -> &'a Node,
+        leaf_of: impl Fn(&'a Self, u32, u32, &[f32]) -> &'a Node,
     ) {
         let k = self.n_outputs;
         let mut acc = vec![0f64; Self::BLOCK * k];
@@ -459,10 +475,10 @@ impl TreeEnsemble {
             let n = block.len() / n_cols;
             acc.iter_mut().for_each(|a| *a = 0.0);
             touched.iter_mut().for_each(|t| *t = false);
-            for &root in &self.roots {
+            for (&root, &depth) in self.roots.iter().zip(&self.depths) {
                 for (r, row) in block.chunks_exact(n_cols).enumerate() {
-                    let leaf = leaf_of(self, root, row);
-                    for &(id, w) in &self.weights[leaf.a as usize..leaf.b as usize] {
+                    let leaf = leaf_of(self, root, depth, row);
+                    for &(id, w) in &self.weights[leaf.leaf[0] as usize..leaf.leaf[1] as usize] {
                         let i = r * k + id as usize;
                         let w = f64::from(w);
                         acc[i] = match self.aggregate {
@@ -547,6 +563,25 @@ impl TreeEnsemble {
         };
         usize::from(positive)
     }
+}
+
+/// Branches on the longest path from `root`; fails on a cycle.
+fn depth_of(nodes: &[Node], root: u32) -> anyhow::Result<u32> {
+    let mut deepest = 0;
+    let mut stack = vec![(root, 0u32)];
+    let mut visits = 0usize;
+    while let Some((id, depth)) = stack.pop() {
+        visits += 1;
+        ensure!(visits <= nodes.len(), "the trees' child links form a cycle");
+        let node = &nodes[id as usize];
+        if node.mode == Mode::Leaf {
+            deepest = deepest.max(depth);
+        } else {
+            stack.push((node.next[0], depth + 1));
+            stack.push((node.next[1], depth + 1));
+        }
+    }
+    Ok(deepest)
 }
 
 fn argmax(values: &[f64]) -> usize {
