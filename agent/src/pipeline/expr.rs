@@ -29,7 +29,7 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, LazyLock, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use cel::common::types::{
     CelBool, CelBytes, CelDouble, CelInt, CelList, CelMap, CelMapKey, CelNull, CelString,
@@ -41,8 +41,12 @@ use runnel_common::{Event, Value};
 pub use runnel_config::CelError;
 use runnel_config::TemplatePart;
 
-/// The standard CEL environment (functions and macros), built once.
-static ENV: LazyLock<Arc<Env>> = LazyLock::new(|| Arc::new(Env::stdlib()));
+thread_local! {
+    /// The standard CEL environment (functions and macros), one per thread: every evaluation
+    /// clones the `Arc` into its context, and one shared `Arc` would make every thread bounce
+    /// the same reference count between cores.
+    static ENV: Arc<Env> = Arc::new(Env::stdlib());
+}
 
 /// Why an evaluation produced no usable value.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -141,7 +145,7 @@ impl Expr {
 
     fn eval_uncounted(&self, vars: &Vars<'_>) -> Result<cel::Value, EvalError> {
         let resolver = Resolver { vars };
-        let mut context = Context::with_env(Arc::clone(&ENV));
+        let mut context = Context::with_env(ENV.with(Arc::clone));
         context.set_variable_resolver(&resolver);
         match std::panic::catch_unwind(AssertUnwindSafe(|| self.program.execute(&context))) {
             Ok(Ok(value)) => Ok(value),
