@@ -21,6 +21,8 @@ def sql_string(text: str) -> str:
 def main() -> None:
     spec = json.loads(sys.argv[1])
     con = duckdb.connect()
+    # The files hold UTC instants; the queries cast them to plain TIMESTAMP in UTC.
+    con.execute("SET TimeZone = 'UTC'")
     con.execute(
         "CREATE VIEW events AS SELECT * FROM read_parquet(%s, hive_partitioning = true)"
         % sql_string(spec["events"] + "/**/*.parquet")

@@ -57,7 +57,9 @@ const QUERIES: [Query; 5] = [
         name: "events per minute",
         runnel: "SELECT date_trunc('minute', event_time) AS minute, count(*) AS n \
                  FROM events GROUP BY 1 ORDER BY 1",
-        duckdb: "SELECT date_trunc('minute', event_time) AS minute, count(*) AS n \
+        // DuckDB reads the UTC timestamps as TIMESTAMP WITH TIME ZONE, whose date_trunc goes
+        // through ICU calendars; as plain TIMESTAMP (the same instants, UTC) it is ~1.6x faster.
+        duckdb: "SELECT date_trunc('minute', event_time::TIMESTAMP) AS minute, count(*) AS n \
                  FROM events GROUP BY 1 ORDER BY 1",
         check: &[1],
     },
@@ -73,8 +75,8 @@ const QUERIES: [Query; 5] = [
         name: "distinct users per hour",
         runnel: "SELECT date_trunc('hour', event_time) AS hour, count(DISTINCT user_id) AS users \
                  FROM events GROUP BY 1 ORDER BY 1",
-        duckdb: "SELECT date_trunc('hour', event_time) AS hour, count(DISTINCT user_id) AS users \
-                 FROM events GROUP BY 1 ORDER BY 1",
+        duckdb: "SELECT date_trunc('hour', event_time::TIMESTAMP) AS hour, \
+                 count(DISTINCT user_id) AS users FROM events GROUP BY 1 ORDER BY 1",
         check: &[1],
     },
     Query {
