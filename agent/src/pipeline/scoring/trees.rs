@@ -453,9 +453,46 @@ impl TreeEnsemble {
         winners: Option<&mut [usize]>,
     ) {
         match self.walk {
-            Walk::Leq => self.eval_with(rows, n_cols, scores, winners, Self::leaf_uniform::<true>),
-            Walk::Lt => self.eval_with(rows, n_cols, scores, winners, Self::leaf_uniform::<false>),
-            Walk::Any => self.eval_with(rows, n_cols, scores, winners, Self::leaf),
+            Walk::Leq => self.eval_with(rows, n_cols, scores, winners, Self::walk_lockstep::<true>),
+            Walk::Lt => self.eval_with(rows, n_cols, scores, winners, Self::walk_lockstep::<false>),
+            Walk::Any => self.eval_with(rows, n_cols, scores, winners, Self::walk_each),
+        }
+    }
+
+    /// The leaves a block of rows reaches in one tree, row by row, for any mix of modes.
+    fn walk_each(&self, root: u32, depth: u32, block: &[f32], n_cols: usize, leaves: &mut [u32]) {
+        for (r, row) in block.chunks_exact(n_cols).enumerate() {
+            let leaf = self.leaf(root, depth, row);
+            leaves[r] = leaf.leaf[0];
+            leaves[Self::BLOCK + r] = leaf.leaf[1];
+        }
+    }
+
+    /// The leaves a block of rows reaches in one tree, all rows one level at a time: each
+    /// level is [`Self::BLOCK`] independent loads the processor overlaps.
+    #[inline(always)]
+    fn walk_lockstep<const LEQ: bool>(
+        &self,
+        root: u32,
+        depth: u32,
+        block: &[f32],
+        n_cols: usize,
+        leaves: &mut [u32],
+    ) {
+        let n = block.len() / n_cols;
+        let mut at = [root; Self::BLOCK];
+        for _ in 0..depth {
+            for (r, id) in at.iter_mut().enumerate().take(n) {
+                let node = &self.nodes[*id as usize];
+                let x = block[r * n_cols + node.feature as usize];
+                let go_true = if LEQ { x <= node.value } else { x < node.value };
+                *id = node.next[usize::from(go_true)];
+            }
+        }
+        for (r, id) in at.iter().enumerate().take(n) {
+            let leaf = &self.nodes[*id as usize];
+            leaves[r] = leaf.leaf[0];
+            leaves[Self::BLOCK + r] = leaf.leaf[1];
         }
     }
 
@@ -466,19 +503,22 @@ impl TreeEnsemble {
         n_cols: usize,
         scores: &mut [f32],
         mut winners: Option<&mut [usize]>,
-        leaf_of: impl Fn(&'a Self, u32, u32, &[f32]) -> &'a Node,
+        walk: impl Fn(&'a Self, u32, u32, &[f32], usize, &mut [u32]),
     ) {
         let k = self.n_outputs;
         let mut acc = vec![0f64; Self::BLOCK * k];
         let mut touched = vec![false; Self::BLOCK * k];
+        // Weight ranges of the leaves reached: starts, then ends.
+        let mut leaves = [0u32; 2 * Self::BLOCK];
         for (b, block) in rows.chunks(Self::BLOCK * n_cols).enumerate() {
             let n = block.len() / n_cols;
             acc.iter_mut().for_each(|a| *a = 0.0);
             touched.iter_mut().for_each(|t| *t = false);
             for (&root, &depth) in self.roots.iter().zip(&self.depths) {
-                for (r, row) in block.chunks_exact(n_cols).enumerate() {
-                    let leaf = leaf_of(self, root, depth, row);
-                    for &(id, w) in &self.weights[leaf.leaf[0] as usize..leaf.leaf[1] as usize] {
+                walk(self, root, depth, block, n_cols, &mut leaves);
+                for r in 0..n {
+                    let range = leaves[r] as usize..leaves[Self::BLOCK + r] as usize;
+                    for &(id, w) in &self.weights[range] {
                         let i = r * k + id as usize;
                         let w = f64::from(w);
                         acc[i] = match self.aggregate {
