@@ -11,6 +11,8 @@
 //!   per batch). It computes every model output, as `session.run(None, ...)` does.
 //!
 //! It measures, never asserts; the ratios are pipeline / onnxruntime and bare / onnxruntime.
+//! The input mapping alone (rows built from the same events, `push_row`) is shown too: it is
+//! the part of the pipeline's cost that onnxruntime, fed ready arrays, does not pay.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -19,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Parser;
-use runnel_agent::pipeline::scoring::{OnnxModel, Selection};
+use runnel_agent::pipeline::scoring::{OnnxModel, Selection, push_row};
 use runnel_agent::pipeline::{BuildContext, Pipeline};
 use runnel_common::{Event, SourceKind, Value};
 
@@ -105,6 +107,7 @@ pub fn main(args: impl Iterator<Item = String>) -> ExitCode {
 
 struct Row {
     model: String,
+    mapping: f64,
     pipeline: f64,
     bare: f64,
     ort: Result<f64, String>,
@@ -174,6 +177,19 @@ fn run(args: &Args) -> anyhow::Result<String> {
         let pipeline = Pipeline::build(&config, &context)?;
         let events = events_of(&rows);
         let pipeline = measure_pipeline(&runtime, &pipeline, &events, args)?;
+        // The input mapping alone: rows built from the events, no inference.
+        let inputs = &config.models[0].inputs;
+        let mut scratch = Vec::with_capacity(args.batch_size * COLUMNS);
+        let mapping = measure(args.min_seconds, args.rows, || {
+            for batch in events.chunks(args.batch_size) {
+                scratch.clear();
+                for event in batch {
+                    push_row(inputs, event, &mut scratch);
+                }
+                std::hint::black_box(&scratch);
+            }
+            Ok(())
+        })?;
 
         // onnxruntime on the same rows.
         let rows_file = tmp.path().join(format!("{name}.f32"));
@@ -190,6 +206,7 @@ fn run(args: &Args) -> anyhow::Result<String> {
         );
         results.push(Row {
             model: name.clone(),
+            mapping,
             pipeline,
             bare,
             ort,
@@ -331,9 +348,9 @@ fn report(args: &Args, results: &[Row]) -> String {
     );
     let _ = writeln!(
         out,
-        "| Model | Agent pipeline rows/s | Bare tract rows/s | onnxruntime rows/s | Pipeline / ort | Bare / ort |"
+        "| Model | Agent pipeline rows/s | Bare tract rows/s | onnxruntime rows/s | Pipeline / ort | Bare / ort | Input mapping alone rows/s |"
     );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
     for row in results {
         let (ort, pipeline_ratio, bare_ratio) = match &row.ort {
             Ok(ort) => (
@@ -345,8 +362,8 @@ fn report(args: &Args, results: &[Row]) -> String {
         };
         let _ = writeln!(
             out,
-            "| {} | {:.0} | {:.0} | {ort} | {pipeline_ratio} | {bare_ratio} |",
-            row.model, row.pipeline, row.bare
+            "| {} | {:.0} | {:.0} | {ort} | {pipeline_ratio} | {bare_ratio} | {:.0} |",
+            row.model, row.pipeline, row.bare, row.mapping
         );
     }
     out
