@@ -424,20 +424,6 @@ impl TreeEnsemble {
         }
     }
 
-    /// As [`Self::leaf`] for ensembles whose branches all compare with `<=` (LEQ) or `<`
-    /// (otherwise), without missing-value tracks: what scikit-learn and XGBoost export. Exactly
-    /// `depth` steps (leaves loop on themselves), no branch on the data.
-    #[inline]
-    fn leaf_uniform<const LEQ: bool>(&self, root: u32, depth: u32, row: &[f32]) -> &Node {
-        let mut node = &self.nodes[root as usize];
-        for _ in 0..depth {
-            let x = row[node.feature as usize];
-            let go_true = if LEQ { x <= node.value } else { x < node.value };
-            node = &self.nodes[node.next[usize::from(go_true)] as usize];
-        }
-        node
-    }
-
     /// Rows scored together, tree by tree: the walks of different rows are independent, so
     /// the processor overlaps them, and the tree's nodes stay in cache.
     const BLOCK: usize = 16;
