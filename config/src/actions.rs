@@ -7,7 +7,7 @@
 //! A rule or window embeds the raw keys as three fields of its own raw table (serde's `flatten`
 //! would defeat `deny_unknown_fields`) and calls [`validate_local_actions`]:
 //!
-//! ```ignore
+//! ```text
 //! /// Local actions run when the rule fires. Default: none.
 //! actions: Option<Vec<RawAction>>,
 //! /// How many times a minute the actions may run (a token bucket). Default: 60.
