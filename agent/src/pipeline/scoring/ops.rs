@@ -128,6 +128,25 @@ impl Expansion for Scaler {
                 &[x],
             )?[0];
         }
+        let fact = model.outlet_fact(x)?.clone();
+        let width = fact
+            .shape
+            .last()
+            .and_then(|d| d.as_i64())
+            .map(|w| w as usize);
+        let fits = |v: &[f32]| v.len() <= 1 || Some(v.len()) == width;
+        if fact.rank() >= 1 && fits(&self.offset) && fits(&self.scale) {
+            // One pass over the data (tract's broadcasting sub and mul cost more than the
+            // model they feed).
+            return model.wire_node(
+                format!("{prefix}.scale"),
+                ScalerEval {
+                    offset: Arc::new(self.offset.clone()),
+                    scale: Arc::new(self.scale.clone()),
+                },
+                &[x],
+            );
+        }
         if !self.offset.is_empty() {
             let offset = model.add_const(format!("{prefix}.offset"), rctensor1(&self.offset))?;
             x = wire_with_rank_broadcast(
@@ -148,6 +167,64 @@ impl Expansion for Scaler {
         }
         Ok(tvec!(x))
     }
+}
+
+/// `(x - offset) * scale` over the last axis in one pass; `offset` and `scale` have one value
+/// for all columns, one per column, or none.
+#[derive(Debug, Clone)]
+pub(crate) struct ScalerEval {
+    offset: Arc<Vec<f32>>,
+    scale: Arc<Vec<f32>>,
+}
+
+impl PartialEq for ScalerEval {
+    fn eq(&self, other: &ScalerEval) -> bool {
+        self.offset == other.offset && self.scale == other.scale
+    }
+}
+
+impl Eq for ScalerEval {}
+
+impl Op for ScalerEval {
+    fn name(&self) -> StaticName {
+        "RunnelScaler".into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for ScalerEval {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let input = args_1!(inputs);
+        let shape: TVec<usize> = input.shape().into();
+        let width = shape.last().copied().unwrap_or(1).max(1);
+        let plain = input.try_as_plain_ram()?;
+        let values = plain.as_slice::<f32>()?;
+        let pick = |v: &[f32], column: usize, default: f32| match v.len() {
+            0 => default,
+            1 => v[0],
+            _ => v[column],
+        };
+        let offsets: Vec<f32> = (0..width).map(|c| pick(&self.offset, c, 0.0)).collect();
+        let scales: Vec<f32> = (0..width).map(|c| pick(&self.scale, c, 1.0)).collect();
+        let mut out = Vec::with_capacity(values.len());
+        for row in values.chunks(width) {
+            for ((x, o), s) in row.iter().zip(&offsets).zip(&scales) {
+                out.push((x - o) * s);
+            }
+        }
+        Ok(tvec!(Tensor::from_shape(&shape, &out)?.into_tvalue()))
+    }
+}
+
+impl TypedOp for ScalerEval {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec!(f32::fact(inputs[0].shape.clone())))
+    }
+
+    as_op!();
 }
 
 /// A tree ensemble node while the model is inferred; wires [`TreeEval`].
