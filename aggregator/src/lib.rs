@@ -119,7 +119,11 @@ pub async fn run(
     let fleet_driver = {
         let (events_tx, events_rx) = tokio::sync::mpsc::channel(fleet::EVENT_QUEUE);
         agents.set_fleet(events_tx);
-        tokio::spawn(fleet::drive(Arc::clone(&fleet), events_rx, shutdown.clone()))
+        tokio::spawn(fleet::drive(
+            Arc::clone(&fleet),
+            events_rx,
+            shutdown.clone(),
+        ))
     };
     let ops = Arc::new(ops::Ops::new(
         &config,

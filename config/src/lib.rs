@@ -21,22 +21,23 @@ mod rules;
 mod sources;
 mod windows;
 
+pub use actions::{
+    ActionConfig, LocalActions, LogActionConfig, LogLevel, MqttActionConfig, RateLimit,
+    WebhookActionConfig,
+};
 pub use agent::{
     AgentConfig, BufferConfig, DEFAULT_STREAM_PRIORITY, HttpSourceConfig, UplinkConfig, WhenFull,
     load_agent, parse_agent,
 };
 pub use aggregator::{
-    AggregatorConfig, FederationConfig, FederationSource, FileFormat, FleetConfig, IngestConfig, PgwireConfig,
-    PostgresSource, QueryConfig, QueryUser, S3Config, StorageConfig, load_aggregator, parse_aggregator,
+    AggregatorConfig, FederationConfig, FederationSource, FileFormat, FleetConfig, IngestConfig,
+    PgwireConfig, PostgresSource, QueryConfig, QueryUser, S3Config, StorageConfig, load_aggregator,
+    parse_aggregator,
 };
 pub use common::Synchronous;
 pub use error::ConfigError;
-pub use models::{ClassLabel, EventField, ModelConfig, ModelInput, OutputField, Transform};
-pub use actions::{
-    ActionConfig, LocalActions, LogActionConfig, LogLevel, MqttActionConfig, RateLimit,
-    WebhookActionConfig,
-};
 pub use expr::{CelError, MAX_EXPR_BYTES, TemplatePart, check_cel, parse_template};
+pub use models::{ClassLabel, EventField, ModelConfig, ModelInput, OutputField, Transform};
 pub use rules::{FieldPath, MatchMode, RuleConfig, RuleEntry, RuleSetConfig, RulesConfig};
 pub use sources::{
     MqttListenerConfig, MqttPayload, MqttSourceConfig, SegmentConfig, SnowplowConfig,
