@@ -7,10 +7,14 @@
 //! The publisher is rumqttc with QoS 1. A PUBACK to the publisher comes from the broker, so the
 //! guarantee under test is: every message the broker accepted is stored exactly once.
 
+#[path = "support/mqtt_broker.rs"]
+mod mqtt_broker;
+
+use mqtt_broker::{Broker, MQTT_URL_ENV, broker};
+
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Outgoing, Packet, QoS};
@@ -20,56 +24,6 @@ use runnel_tests::{
     stored_event_ids, stored_events, test_event, wait_count_of,
 };
 use serde_json::{Value, json};
-
-/// Environment variable naming the broker, such as `mqtt://127.0.0.1:1883`.
-const MQTT_URL_ENV: &str = "RUNNEL_TEST_MQTT_URL";
-
-/// The broker the tests use.
-#[derive(Debug, Clone)]
-struct Broker {
-    host: String,
-    port: u16,
-    /// What it is, for messages.
-    what: String,
-}
-
-impl Broker {
-    fn url(&self) -> String {
-        format!("mqtt://{}:{}", self.host, self.port)
-    }
-}
-
-fn broker() -> Broker {
-    match std::env::var(MQTT_URL_ENV) {
-        Ok(url) => {
-            let rest = url
-                .strip_prefix("mqtt://")
-                .unwrap_or_else(|| panic!("{MQTT_URL_ENV}={url:?}: expected mqtt://host:port"));
-            let rest = rest.trim_end_matches('/');
-            let (host, port) = match rest.rsplit_once(':') {
-                Some((host, port)) => (
-                    host.to_owned(),
-                    port.parse()
-                        .unwrap_or_else(|_| panic!("{MQTT_URL_ENV}={url:?}: bad port")),
-                ),
-                None => (rest.to_owned(), 1883),
-            };
-            Broker {
-                host,
-                port,
-                what: format!("{url} (from {MQTT_URL_ENV})"),
-            }
-        }
-        Err(_) => {
-            let port = in_process_broker_port();
-            Broker {
-                host: "127.0.0.1".to_owned(),
-                port,
-                what: format!("in-process rumqttd on 127.0.0.1:{port} ({MQTT_URL_ENV} unset)"),
-            }
-        }
-    }
-}
 
 /// Panics unless `RUNNEL_TEST_MQTT_URL` names a broker: for tests the in-process rumqttd cannot
 /// serve. rumqttd 0.20 resends the unacknowledged QoS 1 messages of a persistent session as new
@@ -84,63 +38,6 @@ fn require_real_broker(test: &str) {
              publishes (new packet id, DUP=0), so redeliveries cannot be told from new messages."
         );
     }
-}
-
-/// Starts rumqttd once per test process on a free loopback port; returns the port once it
-/// accepts connections.
-fn in_process_broker_port() -> u16 {
-    static PORT: OnceLock<u16> = OnceLock::new();
-    *PORT.get_or_init(|| {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .expect("find a free port")
-            .port();
-        let listen: SocketAddr = ([127, 0, 0, 1], port).into();
-        let server = rumqttd::ServerSettings {
-            name: "v4-test".to_owned(),
-            listen,
-            tls: None,
-            next_connection_delay_ms: 1,
-            connections: rumqttd::ConnectionSettings {
-                connection_timeout_ms: 60_000,
-                max_payload_size: 1 << 20,
-                max_inflight_count: 500,
-                auth: None,
-                external_auth: None,
-                dynamic_filters: true,
-            },
-        };
-        let config = rumqttd::Config {
-            id: 0,
-            router: rumqttd::RouterConfig {
-                max_connections: 1000,
-                max_outgoing_packet_count: 200,
-                max_segment_size: 100 << 20,
-                max_segment_count: 10,
-                ..rumqttd::RouterConfig::default()
-            },
-            v4: Some(HashMap::from([("1".to_owned(), server)])),
-            ..rumqttd::Config::default()
-        };
-        std::thread::Builder::new()
-            .name("rumqttd".to_owned())
-            .spawn(move || {
-                let mut broker = rumqttd::Broker::new(config);
-                if let Err(error) = broker.start() {
-                    eprintln!("in-process rumqttd stopped: {error}");
-                }
-            })
-            .expect("spawn the broker thread");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(listen).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the in-process rumqttd did not listen on {listen} within 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        port
-    })
 }
 
 /// A short random name part: topic roots and client ids of one test.

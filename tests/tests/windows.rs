@@ -8,10 +8,13 @@
 //! then never close them during the test, whatever the wall clock and however slowly the agent
 //! restarts, and the test closes them on demand with an event past the window's end.
 
-use std::collections::HashMap;
+#[path = "support/mqtt_broker.rs"]
+mod mqtt_broker;
+
+use mqtt_broker::broker;
+
 use std::net::SocketAddr;
-use std::sync::OnceLock;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
 use runnel_tests::{
@@ -22,9 +25,6 @@ use runnel_tests::{
 use serde_json::{Value, json};
 
 const WINDOW_MS: i64 = 60_000;
-
-/// Environment variable naming the broker, such as `mqtt://127.0.0.1:1883`.
-const MQTT_URL_ENV: &str = "RUNNEL_TEST_MQTT_URL";
 
 const WINDOWS_TOML: &str = r#"
 [[windows]]
@@ -315,108 +315,4 @@ async fn wait_for_metrics(http: SocketAddr, lines: &[&str]) {
     if let Err(error) = found {
         panic!("/metrics: {error:#}");
     }
-}
-
-/// The broker the tests use (the same choice as `tests/rules.rs`).
-#[derive(Debug, Clone)]
-struct Broker {
-    host: String,
-    port: u16,
-    /// What it is, for messages.
-    what: String,
-}
-
-impl Broker {
-    fn url(&self) -> String {
-        format!("mqtt://{}:{}", self.host, self.port)
-    }
-}
-
-fn broker() -> Broker {
-    match std::env::var(MQTT_URL_ENV) {
-        Ok(url) => {
-            let rest = url
-                .strip_prefix("mqtt://")
-                .unwrap_or_else(|| panic!("{MQTT_URL_ENV}={url:?}: expected mqtt://host:port"));
-            let rest = rest.trim_end_matches('/');
-            let (host, port) = match rest.rsplit_once(':') {
-                Some((host, port)) => (
-                    host.to_owned(),
-                    port.parse()
-                        .unwrap_or_else(|_| panic!("{MQTT_URL_ENV}={url:?}: bad port")),
-                ),
-                None => (rest.to_owned(), 1883),
-            };
-            Broker {
-                host,
-                port,
-                what: format!("{url} (from {MQTT_URL_ENV})"),
-            }
-        }
-        Err(_) => {
-            let port = in_process_broker_port();
-            Broker {
-                host: "127.0.0.1".to_owned(),
-                port,
-                what: format!("in-process rumqttd on 127.0.0.1:{port} ({MQTT_URL_ENV} unset)"),
-            }
-        }
-    }
-}
-
-/// Starts rumqttd once per test process on a free loopback port; returns the port once it
-/// accepts connections.
-fn in_process_broker_port() -> u16 {
-    static PORT: OnceLock<u16> = OnceLock::new();
-    *PORT.get_or_init(|| {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .expect("find a free port")
-            .port();
-        let listen: SocketAddr = ([127, 0, 0, 1], port).into();
-        let server = rumqttd::ServerSettings {
-            name: "v4-test".to_owned(),
-            listen,
-            tls: None,
-            next_connection_delay_ms: 1,
-            connections: rumqttd::ConnectionSettings {
-                connection_timeout_ms: 60_000,
-                max_payload_size: 1 << 20,
-                max_inflight_count: 500,
-                auth: None,
-                external_auth: None,
-                dynamic_filters: true,
-            },
-        };
-        let config = rumqttd::Config {
-            id: 0,
-            router: rumqttd::RouterConfig {
-                max_connections: 1000,
-                max_outgoing_packet_count: 200,
-                max_segment_size: 100 << 20,
-                max_segment_count: 10,
-                ..rumqttd::RouterConfig::default()
-            },
-            v4: Some(HashMap::from([("1".to_owned(), server)])),
-            ..rumqttd::Config::default()
-        };
-        std::thread::Builder::new()
-            .name("rumqttd".to_owned())
-            .spawn(move || {
-                let mut broker = rumqttd::Broker::new(config);
-                if let Err(error) = broker.start() {
-                    eprintln!("in-process rumqttd stopped: {error}");
-                }
-            })
-            .expect("spawn the broker thread");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(listen).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "the in-process rumqttd did not listen on {listen} within 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        port
-    })
 }
