@@ -219,21 +219,7 @@ fn options(config: &MqttSourceConfig, client_id: &str) -> anyhow::Result<MqttOpt
     }
     if config.tls {
         let ca = config.ca_cert.as_ref().context("mqtts:// needs ca_cert")?;
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in crate::tls::load_certs(ca)? {
-            roots
-                .add(cert)
-                .with_context(|| format!("add broker CA from {}", ca.display()))?;
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .context("TLS with the ring provider")?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        options.set_transport(rumqttc::Transport::tls_with_config(
-            rumqttc::TlsConfiguration::Rustls(Arc::new(tls)),
-        ));
+        options.set_transport(crate::tls::mqtt_tls_transport(ca)?);
     }
     Ok(options)
 }

@@ -29,6 +29,26 @@ pub fn load_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     Ok(certs)
 }
 
+/// TLS (rustls on ring) to an MQTT broker whose certificate chains to the CA in `ca` (PEM):
+/// what `mqtts://` means for the MQTT sources and for MQTT actions.
+pub fn mqtt_tls_transport(ca: &Path) -> anyhow::Result<rumqttc::Transport> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in load_certs(ca)? {
+        roots
+            .add(cert)
+            .with_context(|| format!("add broker CA from {}", ca.display()))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS with the ring provider")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(Arc::new(tls)),
+    ))
+}
+
 pub fn load_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
     PrivateKeyDer::from_pem_file(path)
         .with_context(|| format!("read private key from {}", path.display()))
