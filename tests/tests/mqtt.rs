@@ -8,6 +8,8 @@
 //! guarantee under test is: every message the broker accepted is stored exactly once.
 
 #[path = "support/mqtt_broker.rs"]
+// Shared by several test crates; this one does not subscribe through it.
+#[allow(dead_code)]
 mod mqtt_broker;
 
 use mqtt_broker::{Broker, MQTT_URL_ENV, broker};

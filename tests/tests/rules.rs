@@ -13,7 +13,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
 use runnel_tests::{
     ARRIVAL_TIMEOUT, AgentExtra, AgentOptions, AggregatorOptions, binaries, http_client,
     poll_until, post_events, query_rows, start_fleet_with, wait_count_of,
@@ -145,43 +144,9 @@ async fn a_threshold_rule_publishes_to_a_real_mqtt_topic() {
     let broker = broker();
     let root = format!("runnel-rules-{:016x}", fastrand::u64(..));
 
-    // Subscribe first: the broker drops a QoS 1 message to a topic nobody subscribed yet.
-    let mut options = MqttOptions::new(format!("{root}-sub"), broker.host.clone(), broker.port);
-    options.set_keep_alive(Duration::from_secs(30));
-    let (subscriber, mut eventloop) = AsyncClient::new(options, 64);
-    subscriber
-        .subscribe(format!("{root}/alerts/#"), QoS::AtLeastOnce)
-        .await
-        .expect("queue subscribe");
-    let (messages_tx, mut messages) = tokio::sync::mpsc::channel::<(String, Vec<u8>)>(64);
-    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel::<()>();
-    let what = broker.what.clone();
-    let subscriber_task = tokio::spawn(async move {
-        let mut subscribed_tx = Some(subscribed_tx);
-        loop {
-            match eventloop.poll().await {
-                Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
-                    if let Some(tx) = subscribed_tx.take() {
-                        let _ = tx.send(());
-                    }
-                }
-                Ok(MqttEvent::Incoming(Packet::Publish(publish))) => {
-                    let _ = messages_tx
-                        .send((publish.topic.clone(), publish.payload.to_vec()))
-                        .await;
-                }
-                Ok(_) => {}
-                Err(error) => {
-                    eprintln!("subscriber on {what}: {error}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
-    });
-    tokio::time::timeout(Duration::from_secs(30), subscribed)
-        .await
-        .expect("SUBACK within 30 s")
-        .expect("subscriber running");
+    let mut subscription = broker
+        .subscribe(&format!("{root}-sub"), &format!("{root}/alerts/#"))
+        .await;
 
     let extra = AgentExtra {
         toml: format!(
@@ -218,7 +183,7 @@ actions = [
         assert_eq!(outcome.status, 200, "{outcome:?}");
     }
 
-    let (topic, payload) = tokio::time::timeout(ARRIVAL_TIMEOUT, messages.recv())
+    let (topic, payload) = tokio::time::timeout(ARRIVAL_TIMEOUT, subscription.messages.recv())
         .await
         .unwrap_or_else(|_| {
             panic!(
@@ -253,8 +218,10 @@ actions = [
         "the log action's line:\n{}",
         fleet.agent.stderr()
     );
-    assert!(messages.try_recv().is_err(), "exactly one message");
-    subscriber_task.abort();
+    assert!(
+        subscription.messages.try_recv().is_err(),
+        "exactly one message"
+    );
 }
 
 /// Polls the agent's `/metrics` until it has every one of `lines` (30 s at most).

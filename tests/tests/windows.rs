@@ -16,7 +16,6 @@ use mqtt_broker::broker;
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, QoS};
 use runnel_tests::{
     ARRIVAL_TIMEOUT, AgentExtra, AgentOptions, AgentProcess, AggregatorOptions, AggregatorProcess,
     Certs, TestDir, Uplink, attrs_of, binaries, http_client, poll_until, post_body, query_rows,
@@ -206,43 +205,9 @@ async fn a_window_alert_publishes_to_a_real_mqtt_topic() {
     let broker = broker();
     let root = format!("runnel-windows-{:016x}", fastrand::u64(..));
 
-    // Subscribe first: the broker drops a QoS 1 message to a topic nobody subscribed yet.
-    let mut options = MqttOptions::new(format!("{root}-sub"), broker.host.clone(), broker.port);
-    options.set_keep_alive(Duration::from_secs(30));
-    let (subscriber, mut eventloop) = AsyncClient::new(options, 64);
-    subscriber
-        .subscribe(format!("{root}/#"), QoS::AtLeastOnce)
-        .await
-        .expect("queue subscribe");
-    let (messages_tx, mut messages) = tokio::sync::mpsc::channel::<(String, Vec<u8>)>(64);
-    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel::<()>();
-    let what = broker.what.clone();
-    let subscriber_task = tokio::spawn(async move {
-        let mut subscribed_tx = Some(subscribed_tx);
-        loop {
-            match eventloop.poll().await {
-                Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
-                    if let Some(tx) = subscribed_tx.take() {
-                        let _ = tx.send(());
-                    }
-                }
-                Ok(MqttEvent::Incoming(Packet::Publish(publish))) => {
-                    let _ = messages_tx
-                        .send((publish.topic.clone(), publish.payload.to_vec()))
-                        .await;
-                }
-                Ok(_) => {}
-                Err(error) => {
-                    eprintln!("subscriber on {what}: {error}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
-    });
-    tokio::time::timeout(Duration::from_secs(30), subscribed)
-        .await
-        .expect("SUBACK within 30 s")
-        .expect("subscriber running");
+    let mut subscription = broker
+        .subscribe(&format!("{root}-sub"), &format!("{root}/#"))
+        .await;
 
     let windows_toml = WINDOWS_TOML.replace(
         "having = \"n >= 3\"\n",
@@ -268,7 +233,7 @@ async fn a_window_alert_publishes_to_a_real_mqtt_topic() {
     .await;
     post(&fleet, &[door("d9", "u9", start + WINDOW_MS)]).await;
 
-    let (topic, payload) = tokio::time::timeout(ARRIVAL_TIMEOUT, messages.recv())
+    let (topic, payload) = tokio::time::timeout(ARRIVAL_TIMEOUT, subscription.messages.recv())
         .await
         .unwrap_or_else(|_| {
             panic!(
@@ -292,8 +257,10 @@ async fn a_window_alert_publishes_to_a_real_mqtt_topic() {
         &[r#"runnel_agent_actions_total{rule="door_bursts",kind="mqtt",outcome="ok"} 1"#],
     )
     .await;
-    assert!(messages.try_recv().is_err(), "exactly one message");
-    subscriber_task.abort();
+    assert!(
+        subscription.messages.try_recv().is_err(),
+        "exactly one message"
+    );
 }
 
 /// Polls the agent's `/metrics` until it has every one of `lines` (30 s at most).

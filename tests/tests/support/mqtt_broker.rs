@@ -114,3 +114,66 @@ pub fn in_process_broker_port() -> u16 {
         port
     })
 }
+
+/// A QoS 1 subscriber whose SUBACK has arrived: messages published from now on reach
+/// `messages` as (topic, payload). Its connection task ends when it is dropped.
+pub struct Subscription {
+    pub messages: tokio::sync::mpsc::Receiver<(String, Vec<u8>)>,
+    _client: rumqttc::AsyncClient,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Broker {
+    /// Subscribes `client_id` to `filter` and waits (30 s at most) for the SUBACK: the broker
+    /// drops a QoS 1 message to a topic nobody has subscribed to yet.
+    pub async fn subscribe(&self, client_id: &str, filter: &str) -> Subscription {
+        use rumqttc::{Event, Packet};
+        let mut options = rumqttc::MqttOptions::new(client_id, self.host.clone(), self.port);
+        options.set_keep_alive(Duration::from_secs(30));
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 64);
+        client
+            .subscribe(filter, rumqttc::QoS::AtLeastOnce)
+            .await
+            .expect("queue subscribe");
+        let (messages_tx, messages) = tokio::sync::mpsc::channel(64);
+        let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel::<()>();
+        let what = self.what.clone();
+        let task = tokio::spawn(async move {
+            let mut subscribed_tx = Some(subscribed_tx);
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        if let Some(tx) = subscribed_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(publish))) => {
+                        let _ = messages_tx
+                            .send((publish.topic.clone(), publish.payload.to_vec()))
+                            .await;
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        eprintln!("subscriber on {what}: {error}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(30), subscribed)
+            .await
+            .expect("SUBACK within 30 s")
+            .expect("subscriber running");
+        Subscription {
+            messages,
+            _client: client,
+            task,
+        }
+    }
+}
