@@ -5,8 +5,8 @@
 //! - PostgreSQL and SQLite sources become schemas (`crm.customers`): one [`RemoteTable`] per
 //!   remote table or view, found when the aggregator starts (or, when the source was unreachable
 //!   then, at the first query that names it). A scan sends one `SELECT` of the columns the query
-//!   needs, with the simple filters it can translate (`column <op> literal`, `IS [NOT] NULL`,
-//!   `AND`) as a parameterized `WHERE` and the query's `LIMIT`, and streams the rows back as Arrow
+//!   needs, with the filters it can translate (`column <op> literal`, `IS [NOT] NULL`,
+//!   `[NOT] IN (literals)`, `[NOT] LIKE 'pattern'`, `AND`, `OR`) as a parameterized `WHERE` and the query's `LIMIT`, and streams the rows back as Arrow
 //!   record batches ([`RemoteScanExec`]). Filters are reported `Inexact`: DataFusion checks them
 //!   again, so a remote that returns more rows than asked never changes an answer; the
 //!   translation only ever makes the remote return a superset.
@@ -43,6 +43,7 @@ use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::datasource::file_format::file_compression_type::FileCompressionType;
 use datafusion::error::{DataFusionError, Result as DfResult};
 use datafusion::execution::TaskContext;
+use datafusion::logical_expr::expr::{InList, Like};
 use datafusion::logical_expr::{
     BinaryExpr, Expr, Operator, TableProviderFilterPushDown, TableType,
 };
@@ -1106,12 +1107,34 @@ impl RemoteTable {
     /// A remote condition that keeps at least every row `expr` keeps, or `None`.
     fn translate(&self, expr: &Expr, params: &mut Vec<ParamValue>) -> Option<String> {
         match expr {
-            Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
-                if *op == Operator::And {
-                    let left = self.translate(left, params)?;
-                    let right = self.translate(right, params)?;
-                    return Some(format!("({left} AND {right})"));
+            Expr::BinaryExpr(BinaryExpr { left, op, right }) if *op == Operator::And => {
+                // A superset of `a AND b` is a superset of either side: keep what translates.
+                let mark = params.len();
+                let left = self.translate(left, params);
+                match (left, self.translate(right, params)) {
+                    (Some(left), Some(right)) => Some(format!("({left} AND {right})")),
+                    (Some(side), None) | (None, Some(side)) => Some(side),
+                    (None, None) => {
+                        params.truncate(mark);
+                        None
+                    }
                 }
+            }
+            Expr::BinaryExpr(BinaryExpr { left, op, right }) if *op == Operator::Or => {
+                // A superset of `a OR b` needs a superset of both sides.
+                let mark = params.len();
+                let both = self
+                    .translate(left, params)
+                    .and_then(|left| Some((left, self.translate(right, params)?)));
+                match both {
+                    Some((left, right)) => Some(format!("({left} OR {right})")),
+                    None => {
+                        params.truncate(mark);
+                        None
+                    }
+                }
+            }
+            Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
                 let (column, op, value) = match (left.as_ref(), right.as_ref()) {
                     (Expr::Column(column), Expr::Literal(value, _)) => (column, *op, value),
                     (Expr::Literal(value, _), Expr::Column(column)) => (column, op.swap()?, value),
@@ -1127,27 +1150,46 @@ impl RemoteTable {
                     _ => return None,
                 };
                 let column = self.column(&column.name)?;
-                let param = literal_param(column, value, self.is_postgres())?;
-                params.push(param);
-                let n = params.len();
-                Some(match column.compare {
-                    Compare::No => {
-                        params.pop();
-                        return None;
-                    }
-                    Compare::PgCast(ty) => format!("{} {sql_op} CAST(${n} AS {ty})", column.select),
-                    Compare::PgText => {
-                        format!(
-                            "({}) COLLATE \"C\" {sql_op} CAST(${n} AS text)",
-                            column.select
-                        )
-                    }
-                    Compare::Sqlite => format!("{} {sql_op} ?{n}", column.select),
-                    Compare::SqliteText => {
-                        format!("{} COLLATE BINARY {sql_op} ?{n}", column.select)
-                    }
-                })
+                let param = self.compared(column, value, params)?;
+                Some(format!("{} {sql_op} {param}", comparable(column)))
             }
+            // `IN` and `NOT IN` with non-null literals are exact on both sides; a NULL in the
+            // list changes the three-valued result, so such lists stay with DataFusion.
+            Expr::InList(InList {
+                expr,
+                list,
+                negated,
+            }) => {
+                let Expr::Column(column) = expr.as_ref() else {
+                    return None;
+                };
+                let column = self.column(&column.name)?;
+                if list.is_empty() {
+                    return None;
+                }
+                let mark = params.len();
+                let mut items = Vec::with_capacity(list.len());
+                for item in list {
+                    let param = match item {
+                        Expr::Literal(value, _) if !value.is_null() => {
+                            self.compared(column, value, params)
+                        }
+                        _ => None,
+                    };
+                    let Some(param) = param else {
+                        params.truncate(mark);
+                        return None;
+                    };
+                    items.push(param);
+                }
+                let not = if *negated { "NOT " } else { "" };
+                Some(format!(
+                    "{} {not}IN ({})",
+                    comparable(column),
+                    items.join(", ")
+                ))
+            }
+            Expr::Like(like) => self.translate_like(like, params),
             Expr::IsNull(inner) => match inner.as_ref() {
                 Expr::Column(column) => {
                     let column = self.column(&column.name)?;
@@ -1167,8 +1209,89 @@ impl RemoteTable {
         }
     }
 
+    /// Pushes `value` as the parameter a comparison with `column` uses and returns its SQL
+    /// (`CAST($n AS type)` or `?n`), when the comparison means the same on both sides.
+    fn compared(
+        &self,
+        column: &RemoteColumn,
+        value: &ScalarValue,
+        params: &mut Vec<ParamValue>,
+    ) -> Option<String> {
+        if column.compare == Compare::No {
+            return None;
+        }
+        params.push(literal_param(column, value, self.is_postgres())?);
+        let n = params.len();
+        Some(match column.compare {
+            Compare::PgCast(ty) => format!("CAST(${n} AS {ty})"),
+            Compare::PgText => format!("CAST(${n} AS text)"),
+            Compare::Sqlite | Compare::SqliteText => format!("?{n}"),
+            Compare::No => unreachable!("checked above"),
+        })
+    }
+
+    /// `LIKE` on a text column with a literal pattern. PostgreSQL's `LIKE` under the "C"
+    /// collation matches exactly as DataFusion's does (`%`, `_`, backslash as the escape), so
+    /// both `LIKE` and `NOT LIKE` go. SQLite's `LIKE` ignores ASCII case, which
+    /// only widens the match: `LIKE` goes (with the escape spelled out), `NOT LIKE` does not.
+    /// `ILIKE` stays with DataFusion: its case folding differs between the engines.
+    fn translate_like(&self, like: &Like, params: &mut Vec<ParamValue>) -> Option<String> {
+        if like.case_insensitive {
+            return None;
+        }
+        let (Expr::Column(column), Expr::Literal(pattern, _)) =
+            (like.expr.as_ref(), like.pattern.as_ref())
+        else {
+            return None;
+        };
+        let column = self.column(&column.name)?;
+        if column.data_type != DataType::Utf8 {
+            return None;
+        }
+        // DataFusion only runs LIKE with the backslash escape. A pattern ending in a lone
+        // escape is a literal backslash to DataFusion and an error to PostgreSQL.
+        if like.escape_char.unwrap_or('\\') != '\\' {
+            return None;
+        }
+        let text = match pattern {
+            ScalarValue::Utf8(Some(text))
+            | ScalarValue::LargeUtf8(Some(text))
+            | ScalarValue::Utf8View(Some(text)) => text,
+            _ => return None,
+        };
+        if text.chars().rev().take_while(|&c| c == '\\').count() % 2 == 1 {
+            return None;
+        }
+        let escape = '\\';
+        let not = if like.negated { "NOT " } else { "" };
+        match column.compare {
+            Compare::PgText => {
+                let param = self.compared(column, pattern, params)?;
+                Some(format!(
+                    "{} {not}LIKE {param} ESCAPE '{escape}'",
+                    comparable(column)
+                ))
+            }
+            Compare::SqliteText if !like.negated => {
+                let param = self.compared(column, pattern, params)?;
+                Some(format!("{} LIKE {param} ESCAPE '{escape}'", column.select))
+            }
+            _ => None,
+        }
+    }
+
     fn column(&self, name: &str) -> Option<&RemoteColumn> {
         self.columns.iter().find(|column| column.name == name)
+    }
+}
+
+/// The column as the left side of a comparison: text compares byte-wise on both remotes, as
+/// DataFusion compares strings.
+fn comparable(column: &RemoteColumn) -> String {
+    match column.compare {
+        Compare::PgText => format!("({}) COLLATE \"C\"", column.select),
+        Compare::SqliteText => format!("{} COLLATE BINARY", column.select),
+        Compare::PgCast(_) | Compare::Sqlite | Compare::No => column.select.clone(),
     }
 }
 
@@ -1702,22 +1825,45 @@ mod tests {
             col("tags").is_null(),
             // Not translated: stays with DataFusion only.
             col("code").eq(lit("abc")),
-            col("id").eq(lit(1i32)).or(col("id").eq(lit(2i32))),
             col("score").lt(lit(0.5f64)).and(col("seen").is_not_null()),
+            col("id").eq(lit(1i32)).or(col("id").eq(lit(2i32))),
+            col("id").in_list(vec![lit(3i32), lit(4i64)], false),
+            col("name").like(lit("a\\%%")),
+            col("name").not_like(lit("x_")),
+            // Partly translated: a superset of the AND, none of the OR.
+            col("id").lt(lit(100i32)).and(col("code").eq(lit("abc"))),
+            col("id").eq(lit(1i32)).or(col("code").eq(lit("abc"))),
+            // Not translated: a NULL in the list, ILIKE, a pattern that is not a literal.
+            col("id").in_list(vec![lit(3i32), lit(ScalarValue::Int32(None))], true),
+            col("name").ilike(lit("a%")),
+            col("name").like(col("code")),
+            col("name").like(lit("ends in a lone escape \\")),
         ];
         let query = table.remote_query(&[1, 0], &filters, Some(5));
         assert_eq!(
             query.sql,
             "SELECT \"name\", \"id\" FROM \"public\".\"customers\" WHERE \"id\" >= CAST($1 AS int8) \
              AND (\"name\") COLLATE \"C\" > CAST($2 AS text) AND \"tags\"::text IS NULL \
-             AND (\"score\"::float8 < CAST($3 AS float8) AND \"seen\" IS NOT NULL) LIMIT 5"
+             AND (\"score\"::float8 < CAST($3 AS float8) AND \"seen\" IS NOT NULL) \
+             AND (\"id\" = CAST($4 AS int8) OR \"id\" = CAST($5 AS int8)) \
+             AND \"id\" IN (CAST($6 AS int8), CAST($7 AS int8)) \
+             AND (\"name\") COLLATE \"C\" LIKE CAST($8 AS text) ESCAPE '\\' \
+             AND (\"name\") COLLATE \"C\" NOT LIKE CAST($9 AS text) ESCAPE '\\' \
+             AND \"id\" < CAST($10 AS int8) LIMIT 5"
         );
         assert_eq!(
             query.params,
             [
                 ParamValue::Integer(10),
                 ParamValue::Text("b".into()),
-                ParamValue::Real(0.5)
+                ParamValue::Real(0.5),
+                ParamValue::Integer(1),
+                ParamValue::Integer(2),
+                ParamValue::Integer(3),
+                ParamValue::Integer(4),
+                ParamValue::Text("a\\%%".into()),
+                ParamValue::Text("x_".into()),
+                ParamValue::Integer(100),
             ]
         );
         let verdicts = table
@@ -1726,7 +1872,23 @@ mod tests {
         use TableProviderFilterPushDown::{Inexact, Unsupported};
         assert_eq!(
             verdicts,
-            [Inexact, Inexact, Inexact, Unsupported, Unsupported, Inexact]
+            [
+                Inexact,
+                Inexact,
+                Inexact,
+                Unsupported,
+                Inexact,
+                Inexact,
+                Inexact,
+                Inexact,
+                Inexact,
+                Inexact,
+                Unsupported,
+                Unsupported,
+                Unsupported,
+                Unsupported,
+                Unsupported
+            ]
         );
         let count = table.remote_query(&[], &[], None);
         assert_eq!(count.sql, "SELECT 1 FROM \"public\".\"customers\"");

@@ -330,6 +330,33 @@ async fn check_postgres(fleet: &Fleet, pg: &PostgresFixture) {
     }
     assert!(!scan.contains("mrr"), "only the needed columns: {scan}");
     assert_rows(fleet, &format!("{sql} ORDER BY plan"), json!([["free"]])).await;
+    // OR, IN and LIKE reach PostgreSQL too, with the same answers as DataFusion's (which
+    // turns lists of up to three items into `=` and `<>` itself).
+    let sql = format!(
+        "SELECT id FROM crm.{table} WHERE (plan LIKE 'p%' OR plan IN ('team', 'x', 'y', 'z')) \
+         AND user_id NOT LIKE 'u\\_%' AND plan NOT IN ('free', 'a', 'b', 'c')"
+    );
+    let plan = explain(fleet, &sql).await;
+    let scan = plan
+        .lines()
+        .find(|line| line.contains("RemoteScanExec: federation=crm, sql=SELECT "))
+        .unwrap_or_else(|| panic!("no PostgreSQL scan in {plan}"));
+    for part in [
+        "COLLATE \"C\" LIKE CAST($",
+        " OR ",
+        "COLLATE \"C\" IN (CAST($",
+        "COLLATE \"C\" NOT LIKE CAST($",
+        "COLLATE \"C\" NOT IN (CAST($",
+    ] {
+        assert!(scan.contains(part), "{part:?} not in {scan}");
+    }
+    assert_rows(fleet, &format!("{sql} ORDER BY id"), json!([[1], [3]])).await;
+    assert_rows(
+        fleet,
+        &format!("SELECT id FROM crm.{table} WHERE plan LIKE 'fr_e' OR id IN (3) ORDER BY id"),
+        json!([[2], [3]]),
+    )
+    .await;
     let plan = explain(fleet, &format!("SELECT user_id FROM crm.{table} LIMIT 1")).await;
     assert!(
         plan.contains(&format!(
