@@ -91,9 +91,13 @@ impl Pipeline {
         if self.is_passthrough() {
             return events;
         }
-        let (mut events, agent_made): (Vec<Event>, Vec<Event>) = events
-            .into_iter()
-            .partition(|event| !AGENT_STREAMS.contains(&event.stream.as_str()));
+        let agent_made = |event: &Event| AGENT_STREAMS.contains(&event.stream.as_str());
+        // Events are large: move them only when the batch holds agent-made ones.
+        let (mut events, agent_made): (Vec<Event>, Vec<Event>) = if events.iter().any(agent_made) {
+            events.into_iter().partition(|event| !agent_made(event))
+        } else {
+            (events, Vec::new())
+        };
         if !self.scoring.is_empty() {
             events = self.scoring.score(events).await;
         }

@@ -11,7 +11,7 @@
 //!   per batch). It computes every model output, as `session.run(None, ...)` does.
 //!
 //! It measures, never asserts; the ratios are pipeline / onnxruntime and bare / onnxruntime.
-//! The input mapping alone (rows built from the same events, `push_row`) is shown too: it is
+//! The input mapping alone (rows built from the same events, `RowBuilder::push`) is shown too: it is
 //! the part of the pipeline's cost that onnxruntime, fed ready arrays, does not pay.
 
 use std::fmt::Write as _;
@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Parser;
-use runnel_agent::pipeline::scoring::{OnnxModel, Selection, push_row};
+use runnel_agent::pipeline::scoring::{OnnxModel, RowBuilder, Selection};
 use runnel_agent::pipeline::{BuildContext, Pipeline};
 use runnel_common::{Event, SourceKind, Value};
 
@@ -178,13 +178,13 @@ fn run(args: &Args) -> anyhow::Result<String> {
         let events = events_of(&rows);
         let pipeline = measure_pipeline(&runtime, &pipeline, &events, args)?;
         // The input mapping alone: rows built from the events, no inference.
-        let inputs = &config.models[0].inputs;
+        let row_builder = RowBuilder::new(&config.models[0].inputs);
         let mut scratch = Vec::with_capacity(args.batch_size * COLUMNS);
         let mapping = measure(args.min_seconds, args.rows, || {
             for batch in events.chunks(args.batch_size) {
                 scratch.clear();
                 for event in batch {
-                    push_row(inputs, event, &mut scratch);
+                    row_builder.push(event, &mut scratch);
                 }
                 std::hint::black_box(&scratch);
             }

@@ -39,6 +39,7 @@ pub struct Scoring {
 pub struct LoadedModel {
     config: ModelConfig,
     model: OnnxModel,
+    rows: RowBuilder,
 }
 
 impl Scoring {
@@ -114,6 +115,7 @@ impl LoadedModel {
         Ok(LoadedModel {
             config: config.clone(),
             model,
+            rows: RowBuilder::new(&config.inputs),
         })
     }
 
@@ -125,12 +127,12 @@ impl LoadedModel {
     /// Scores `events` in chunks of `batch_size`.
     pub fn score(&self, events: &mut [Event]) {
         let name = self.config.name.clone();
-        let columns = self.model.columns();
-        let mut rows = Vec::with_capacity(self.config.batch_size.min(events.len()) * columns);
+        let mut rows =
+            Vec::with_capacity(self.config.batch_size.min(events.len()) * self.rows.width());
         for chunk in events.chunks_mut(self.config.batch_size) {
             rows.clear();
             for event in chunk.iter() {
-                push_row(&self.config.inputs, event, &mut rows);
+                self.rows.push(event, &mut rows);
             }
             let started = Instant::now();
             let result = std::panic::catch_unwind(AssertUnwindSafe(|| self.model.infer(&rows)));
@@ -192,41 +194,134 @@ impl LoadedModel {
     }
 }
 
-/// Appends one row of model input built from `event`.
-pub fn push_row(inputs: &[ModelInput], event: &Event, row: &mut Vec<f32>) {
-    for input in inputs {
-        match &input.transform {
-            Transform::OneHot(values) => {
-                let text = field_text(&input.field, event);
-                for value in values {
-                    row.push(if text.as_deref() == Some(value.as_str()) {
-                        1.0
-                    } else {
-                        0.0
-                    });
+/// Builds rows of model input from events, for one model's `inputs`.
+///
+/// Inputs read from `attrs` are found in one merge pass over the event's sorted attributes
+/// (the inputs are sorted by key once, here) instead of one map lookup per input: this is the
+/// per-event part of scoring that onnxruntime, fed ready arrays, does not do.
+#[derive(Debug, Clone)]
+pub struct RowBuilder {
+    inputs: Vec<ModelInput>,
+    /// Where each input's first column is in a row.
+    offsets: Vec<usize>,
+    width: usize,
+    /// The inputs read from `attrs`, sorted by key: (key, input index).
+    attrs: Vec<(String, usize)>,
+}
+
+impl RowBuilder {
+    pub fn new(inputs: &[ModelInput]) -> RowBuilder {
+        let mut offsets = Vec::with_capacity(inputs.len());
+        let mut width = 0;
+        for input in inputs {
+            offsets.push(width);
+            width += input.columns();
+        }
+        let mut attrs: Vec<(String, usize)> = inputs
+            .iter()
+            .enumerate()
+            .filter_map(|(idx, input)| match &input.field {
+                EventField::Attr(key) => Some((key.clone(), idx)),
+                _ => None,
+            })
+            .collect();
+        attrs.sort();
+        RowBuilder {
+            inputs: inputs.to_vec(),
+            offsets,
+            width,
+            attrs,
+        }
+    }
+
+    /// Columns per row.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    /// Appends one row built from `event`: missing or non-numeric fields take the input's
+    /// default, one-hot inputs a column per value.
+    pub fn push(&self, event: &Event, row: &mut Vec<f32>) {
+        let start = row.len();
+        row.resize(start + self.width, 0.0);
+        let out = &mut row[start..];
+        for (input, &offset) in self.inputs.iter().zip(&self.offsets) {
+            match &input.field {
+                // Defaults now; the values present are written by the merge pass below.
+                EventField::Attr(_) => {
+                    if !matches!(input.transform, Transform::OneHot(_)) {
+                        out[offset] = input.default as f32;
+                    }
+                }
+                field => match &input.transform {
+                    Transform::OneHot(values) => {
+                        let text = field_text(field, event);
+                        one_hot(values, text.as_deref(), &mut out[offset..]);
+                    }
+                    transform => {
+                        let boolean = transform == &Transform::Bool;
+                        out[offset] = number_input(input, field_number(field, event, boolean));
+                    }
+                },
+            }
+        }
+        let mut wanted = self.attrs.iter().peekable();
+        for (key, value) in &event.attrs {
+            while wanted
+                .next_if(|(want, _)| want.as_str() < key.as_str())
+                .is_some()
+            {}
+            while let Some((_, idx)) = wanted.next_if(|(want, _)| want == key) {
+                let input = &self.inputs[*idx];
+                let offset = self.offsets[*idx];
+                match &input.transform {
+                    Transform::OneHot(values) => {
+                        one_hot(values, value_text(value).as_deref(), &mut out[offset..])
+                    }
+                    transform => {
+                        let number = value_number(value, transform == &Transform::Bool);
+                        out[offset] = number_input(input, number);
+                    }
                 }
             }
-            transform => {
-                let value = field_number(&input.field, event, transform == &Transform::Bool)
-                    .and_then(|x| match transform {
-                        Transform::Log1p => (x > -1.0).then(|| x.ln_1p()),
-                        _ => Some(x),
-                    })
-                    .map_or(input.default, |x| x * input.scale + input.offset);
-                row.push(value as f32);
+            if wanted.peek().is_none() {
+                break;
             }
         }
     }
 }
 
+/// Appends one row of model input built from `event` (one-off callers; scoring uses a
+/// [`RowBuilder`] made once per model).
+pub fn push_row(inputs: &[ModelInput], event: &Event, row: &mut Vec<f32>) {
+    RowBuilder::new(inputs).push(event, row);
+}
+
+fn one_hot(values: &[String], text: Option<&str>, out: &mut [f32]) {
+    for (slot, value) in out.iter_mut().zip(values) {
+        *slot = if text == Some(value.as_str()) {
+            1.0
+        } else {
+            0.0
+        };
+    }
+}
+
+/// A numeric input's value: the transform, then scale and offset; the default when missing.
+fn number_input(input: &ModelInput, number: Option<f64>) -> f32 {
+    number
+        .filter(|x| x.is_finite())
+        .and_then(|x| match input.transform {
+            Transform::Log1p => (x > -1.0).then(|| x.ln_1p()),
+            _ => Some(x),
+        })
+        .map_or(input.default, |x| x * input.scale + input.offset) as f32
+}
+
 /// A field as a number: numbers, booleans (1/0), and strings that parse as one. With
 /// `boolean`, the strings `"true"`/`"false"` count too.
 fn field_number(field: &EventField, event: &Event, boolean: bool) -> Option<f64> {
-    let from_text = |s: &str| match s {
-        "true" if boolean => Some(1.0),
-        "false" if boolean => Some(0.0),
-        _ => s.trim().parse::<f64>().ok(),
-    };
+    let from_text = |s: &str| text_number(s, boolean);
     let number = match field {
         EventField::Score => event.score,
         EventField::EventTimeMs => Some(event.event_time_ms as f64),
@@ -237,15 +332,28 @@ fn field_number(field: &EventField, event: &Event, boolean: bool) -> Option<f64>
         EventField::UserId => event.user_id.as_deref().and_then(from_text),
         EventField::SessionId => event.session_id.as_deref().and_then(from_text),
         EventField::EventId => event.event_id.as_deref().and_then(from_text),
-        EventField::Attr(key) => match event.attrs.get(key)? {
-            Value::Int(i) => Some(*i as f64),
-            Value::Float(f) => Some(*f),
-            Value::Bool(b) => Some(f64::from(u8::from(*b))),
-            Value::String(s) => from_text(s),
-            Value::Null | Value::Bytes(_) | Value::Json(_) => None,
-        },
+        EventField::Attr(key) => value_number(event.attrs.get(key)?, boolean),
     };
     number.filter(|x| x.is_finite())
+}
+
+/// An attribute as a number (see [`field_number`]).
+fn value_number(value: &Value, boolean: bool) -> Option<f64> {
+    match value {
+        Value::Int(i) => Some(*i as f64),
+        Value::Float(f) => Some(*f),
+        Value::Bool(b) => Some(f64::from(u8::from(*b))),
+        Value::String(s) => text_number(s, boolean),
+        Value::Null | Value::Bytes(_) | Value::Json(_) => None,
+    }
+}
+
+fn text_number(text: &str, boolean: bool) -> Option<f64> {
+    match text {
+        "true" if boolean => Some(1.0),
+        "false" if boolean => Some(0.0),
+        _ => text.trim().parse::<f64>().ok(),
+    }
 }
 
 /// A field as text, for one-hot inputs.
@@ -260,12 +368,17 @@ fn field_text(field: &EventField, event: &Event) -> Option<String> {
         EventField::UserId => event.user_id.clone(),
         EventField::SessionId => event.session_id.clone(),
         EventField::EventId => event.event_id.clone(),
-        EventField::Attr(key) => match event.attrs.get(key)? {
-            Value::String(s) => Some(s.clone()),
-            Value::Int(i) => Some(i.to_string()),
-            Value::Bool(b) => Some(b.to_string()),
-            Value::Float(f) => Some(f.to_string()),
-            Value::Null | Value::Bytes(_) | Value::Json(_) => None,
-        },
+        EventField::Attr(key) => value_text(event.attrs.get(key)?),
+    }
+}
+
+/// An attribute as text (see [`field_text`]).
+fn value_text(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) => Some(s.clone()),
+        Value::Int(i) => Some(i.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        Value::Float(f) => Some(f.to_string()),
+        Value::Null | Value::Bytes(_) | Value::Json(_) => None,
     }
 }

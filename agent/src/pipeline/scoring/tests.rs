@@ -229,8 +229,14 @@ fn inputs_map_fields_defaults_and_transforms() {
             Transform::OneHot(vec!["view".into(), "buy".into()]),
         ),
         input(EventField::Score, Transform::None),
+        // The same attribute twice, and keys out of order: the merge pass finds both.
+        input(EventField::Attr("amount".into()), Transform::None),
+        input(EventField::Attr("aaa".into()), Transform::None),
     ];
     let mut event = event_with(&[
+        ("aaa", Value::Int(1)),
+        ("not_an_input", Value::Int(5)),
+        ("zzz", Value::Int(6)),
         ("amount", Value::Float(99.0)),
         ("count", Value::Int(3)),
         ("text_number", Value::String("2.5".into())),
@@ -240,8 +246,10 @@ fn inputs_map_fields_defaults_and_transforms() {
         ("channel", Value::String("pos".into())),
     ]);
     event.score = Some(0.25);
-    let mut row = Vec::new();
+    // A row appended after another: offsets are relative to the row's start.
+    let mut row = vec![42.0];
     push_row(&inputs, &event, &mut row);
+    assert_eq!(row.remove(0), 42.0);
     let expected = [
         100f64.ln() as f32,
         6.5,
@@ -256,6 +264,8 @@ fn inputs_map_fields_defaults_and_transforms() {
         0.0,
         1.0,
         0.25,
+        99.0,
+        1.0,
     ];
     assert_eq!(row.len(), expected.len());
     for (i, (g, e)) in row.iter().zip(expected).enumerate() {

@@ -99,6 +99,9 @@ pub(crate) struct TreeEnsemble {
     class_has_votes: Vec<bool>,
     /// How rows walk the trees.
     walk: Walk,
+    /// Sums (or averages) with at most one weight per leaf, as gradient boosting and most
+    /// regressors export: leaves are added without the general aggregate loop.
+    one_weight_sum: bool,
 }
 
 /// The walk used: one comparison for every branch, or the general one.
@@ -372,6 +375,11 @@ impl TreeEnsemble {
         } else {
             Walk::Any
         };
+        let one_weight_sum = matches!(aggregate, Aggregate::Sum | Aggregate::Average)
+            && nodes
+                .iter()
+                .filter(|node| node.mode == Mode::Leaf)
+                .all(|node| node.leaf[1] - node.leaf[0] <= 1);
         let roots: Vec<u32> = roots_by_tree.into_iter().map(|(_, root)| root).collect();
         let depths = roots
             .iter()
@@ -392,6 +400,7 @@ impl TreeEnsemble {
             labels,
             binary_one_column,
             class_has_votes,
+            one_weight_sum,
         })
     }
 
@@ -502,6 +511,16 @@ impl TreeEnsemble {
             touched.iter_mut().for_each(|t| *t = false);
             for (&root, &depth) in self.roots.iter().zip(&self.depths) {
                 walk(self, root, depth, block, n_cols, &mut leaves);
+                if self.one_weight_sum {
+                    for r in 0..n {
+                        let (start, end) = (leaves[r] as usize, leaves[Self::BLOCK + r] as usize);
+                        if end > start {
+                            let (id, w) = self.weights[start];
+                            acc[r * k + id as usize] += f64::from(w);
+                        }
+                    }
+                    continue;
+                }
                 for r in 0..n {
                     let range = leaves[r] as usize..leaves[Self::BLOCK + r] as usize;
                     for &(id, w) in &self.weights[range] {
