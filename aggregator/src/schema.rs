@@ -1,24 +1,17 @@
 //! The `events` table schema and the conversion from wire events to Arrow record batches.
 //!
 //! Core fields are typed columns; `attrs` is one JSON object per row (text), so the schema does
-//! not change when sources send new fields. [`EVENTS_SCHEMA`] is also the Parquet layout other
-//! engines read (docs/STORAGE.md): change it only by appending nullable columns.
-//!
-//! The query engine sees the same columns with strings as `Utf8View` ([`EVENTS_TABLE_SCHEMA`]):
-//! DataFusion reads Parquet strings into views without copying them and groups and hashes views
-//! faster (a `count(DISTINCT user_id)` by hour is 1.5× faster). Recent rows are held in that
-//! schema; [`to_storage`] turns them back into plain `Utf8` when they are written to Parquet, so
-//! the files stay readable by every engine.
+//! not change when sources send new fields. This schema is also the Parquet layout other engines
+//! read (docs/STORAGE.md): change it only by appending nullable columns.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, LazyLock};
 
 use datafusion::arrow::array::{
-    ArrayRef, Float64Builder, ListBuilder, RecordBatch, StringBuilder, StringViewBuilder,
-    TimestampMillisecondBuilder, UInt64Builder,
+    ArrayRef, Float64Builder, ListBuilder, RecordBatch, StringBuilder, TimestampMillisecondBuilder,
+    UInt64Builder,
 };
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
-use datafusion::arrow::error::ArrowError;
 use runnel_common::{Event, Value};
 
 /// Milliseconds in an hour: the Parquet partition unit.
@@ -48,44 +41,12 @@ pub static EVENTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     ]))
 });
 
-/// [`EVENTS_SCHEMA`] as the query engine declares it: top-level strings as `Utf8View`.
-pub static EVENTS_TABLE_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
-    let fields = EVENTS_SCHEMA
-        .fields()
-        .iter()
-        .map(|field| match field.data_type() {
-            DataType::Utf8 => field.as_ref().clone().with_data_type(DataType::Utf8View),
-            _ => field.as_ref().clone(),
-        })
-        .collect::<Vec<_>>();
-    Arc::new(Schema::new(fields))
-});
-
-/// Casts a batch in [`EVENTS_TABLE_SCHEMA`] (or already in [`EVENTS_SCHEMA`]) to the storage
-/// schema [`EVENTS_SCHEMA`].
-pub fn to_storage(batch: &RecordBatch) -> Result<RecordBatch, ArrowError> {
-    let columns = batch
-        .columns()
-        .iter()
-        .zip(EVENTS_SCHEMA.fields())
-        .map(|(column, field)| {
-            if column.data_type() == field.data_type() {
-                Ok(column.clone())
-            } else {
-                datafusion::arrow::compute::cast(column, field.data_type())
-            }
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    RecordBatch::try_new(EVENTS_SCHEMA.clone(), columns)
-}
-
 /// The hour (Unix ms, floored) an event belongs to, by event time.
 pub fn hour_of(event_time_ms: i64) -> i64 {
     event_time_ms.div_euclid(HOUR_MS) * HOUR_MS
 }
 
-/// Converts events of one agent into record batches in [`EVENTS_TABLE_SCHEMA`], one per
-/// event-time hour.
+/// Converts events of one agent into record batches, one per event-time hour.
 pub fn to_record_batches(
     agent_id: &str,
     ingest_time_ms: i64,
@@ -106,19 +67,19 @@ pub fn to_record_batches(
 
 fn to_record_batch(agent_id: &str, ingest_time_ms: i64, events: &[&Event]) -> RecordBatch {
     let n = events.len();
-    let mut agent = StringViewBuilder::with_capacity(n).with_deduplicate_strings();
+    let mut agent = StringBuilder::with_capacity(n, n * agent_id.len());
     let mut seq = UInt64Builder::with_capacity(n);
     let ts = || TimestampMillisecondBuilder::with_capacity(n).with_timezone("UTC");
     let (mut event_time, mut receive_time, mut ingest_time) = (ts(), ts(), ts());
-    let mut source = StringViewBuilder::with_capacity(n);
-    let mut stream = StringViewBuilder::with_capacity(n);
-    let mut name = StringViewBuilder::with_capacity(n);
-    let mut event_id = StringViewBuilder::with_capacity(n);
-    let mut user_id = StringViewBuilder::with_capacity(n);
-    let mut session_id = StringViewBuilder::with_capacity(n);
+    let mut source = StringBuilder::with_capacity(n, n * 8);
+    let mut stream = StringBuilder::with_capacity(n, n * 8);
+    let mut name = StringBuilder::with_capacity(n, n * 16);
+    let mut event_id = StringBuilder::with_capacity(n, n * 16);
+    let mut user_id = StringBuilder::with_capacity(n, n * 16);
+    let mut session_id = StringBuilder::with_capacity(n, n * 16);
     let mut score = Float64Builder::with_capacity(n);
     let mut tags = ListBuilder::new(StringBuilder::new());
-    let mut attrs = StringViewBuilder::with_capacity(n);
+    let mut attrs = StringBuilder::with_capacity(n, n * 128);
     let mut json = String::with_capacity(256);
     for event in events {
         agent.append_value(agent_id);
@@ -157,8 +118,8 @@ fn to_record_batch(agent_id: &str, ingest_time_ms: i64, events: &[&Event]) -> Re
         Arc::new(tags.finish()),
         Arc::new(attrs.finish()),
     ];
-    RecordBatch::try_new(EVENTS_TABLE_SCHEMA.clone(), columns)
-        .expect("columns are built to match EVENTS_TABLE_SCHEMA")
+    RecordBatch::try_new(EVENTS_SCHEMA.clone(), columns)
+        .expect("columns are built to match EVENTS_SCHEMA")
 }
 
 /// Writes `attrs` as one JSON object. `Value::Json` text is embedded as JSON when it parses and

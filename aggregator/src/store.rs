@@ -33,7 +33,7 @@ use datafusion::parquet::file::properties::WriterProperties;
 use futures::TryStreamExt;
 use tokio::sync::Notify;
 
-use crate::schema::{self, EVENTS_SCHEMA};
+use crate::schema::EVENTS_SCHEMA;
 use crate::wal::Wal;
 
 /// Where the Parquet files live: a local directory (`storage.events_dir`) or an S3 bucket
@@ -498,15 +498,8 @@ fn file_path(hour_ms: i64, first_batch_id: i64, last_batch_id: i64) -> String {
     )
 }
 
-/// Writes batches (recent rows in the table schema, or rows read back from Parquet) as one file
-/// in the storage schema.
 fn encode_parquet(batches: &[RecordBatch]) -> anyhow::Result<(Vec<u8>, u64)> {
-    let batches = batches
-        .iter()
-        .map(schema::to_storage)
-        .collect::<Result<Vec<_>, _>>()
-        .context("convert to the storage schema")?;
-    let batch = concat_batches(&EVENTS_SCHEMA, &batches).context("concatenate batches")?;
+    let batch = concat_batches(&EVENTS_SCHEMA, batches).context("concatenate batches")?;
     let properties = WriterProperties::builder()
         .set_compression(Compression::ZSTD(
             ZstdLevel::try_new(3).context("zstd level")?,
