@@ -14,6 +14,7 @@ pub mod certs;
 pub mod cli;
 pub mod federation;
 pub mod fleet;
+pub mod functions;
 pub mod ingest;
 pub mod metrics;
 pub mod ops;

@@ -30,7 +30,7 @@ use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
 use futures::StreamExt;
 use runnel_config::QueryConfig;
 
-use crate::schema::EVENTS_TABLE_SCHEMA;
+use crate::schema::EVENTS_SCHEMA;
 use crate::store::EventStore;
 
 /// The `events` table over the store.
@@ -50,7 +50,7 @@ impl std::fmt::Debug for EventStore {
 #[async_trait]
 impl TableProvider for EventsTable {
     fn schema(&self) -> SchemaRef {
-        EVENTS_TABLE_SCHEMA.clone()
+        EVENTS_SCHEMA.clone()
     }
 
     fn table_type(&self) -> TableType {
@@ -65,7 +65,7 @@ impl TableProvider for EventsTable {
         limit: Option<usize>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
         let snapshot = self.store.snapshot();
-        let memory = MemTable::try_new(EVENTS_TABLE_SCHEMA.clone(), vec![snapshot.recent])?;
+        let memory = MemTable::try_new(EVENTS_SCHEMA.clone(), vec![snapshot.recent])?;
         let mut plans = vec![memory.scan(state, projection, filters, limit).await?];
         if !snapshot.files.is_empty() {
             let urls = snapshot
@@ -77,7 +77,7 @@ impl TableProvider for EventsTable {
                 .with_file_extension(".parquet");
             let config = ListingTableConfig::new_with_multi_paths(urls)
                 .with_listing_options(options)
-                .with_schema(EVENTS_TABLE_SCHEMA.clone());
+                .with_schema(EVENTS_SCHEMA.clone());
             let files = ListingTable::try_new(config)?;
             plans.push(files.scan(state, projection, filters, limit).await?);
         }
@@ -134,6 +134,7 @@ impl QueryEngine {
         let mut ctx = SessionContext::new_with_config_rt(session, runtime);
         crate::pgwire::prepare_context(&ctx)?;
         datafusion_functions_json::register_all(&mut ctx)?;
+        crate::functions::register(&ctx);
         if let Some((url, store)) = &files.register {
             let url = datafusion::execution::object_store::ObjectStoreUrl::parse(url)?;
             ctx.register_object_store(url.as_ref(), Arc::clone(store));
