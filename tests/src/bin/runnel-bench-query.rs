@@ -42,6 +42,9 @@ struct Args {
     /// Python interpreter with the `duckdb` package.
     #[arg(long, default_value = "python3")]
     python: String,
+    /// Print Runnel's `EXPLAIN ANALYZE` of each query (before the timed runs).
+    #[arg(long)]
+    explain: bool,
 }
 
 /// One benchmark query in both dialects. `check` names the columns both engines must agree on.
@@ -182,6 +185,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     engine.register_federation(&config.federation).await;
     let mut runnel = Vec::new();
     for q in &QUERIES {
+        if args.explain {
+            let sql = format!("EXPLAIN ANALYZE {}", q.runnel);
+            let plan = engine.run(&sql).await.with_context(|| sql.clone())?;
+            let json = query::to_json(&plan);
+            println!("\n{}:", q.name);
+            for row in json["rows"].as_array().into_iter().flatten() {
+                println!("{}", row[1].as_str().unwrap_or_default());
+            }
+        }
         let (median, rows) = time_runnel(&engine, q.runnel, args.runs).await?;
         runnel.push((median, rows));
     }
