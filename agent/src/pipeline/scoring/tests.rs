@@ -396,8 +396,22 @@ fn trees_follow_every_mode_missing_tracks_and_aggregate() {
 #[test]
 fn attribute_keys_compare_like_strings() {
     let keys = [
-        "", "\0", "a", "a\0", "aa", "ab", "b", "f0", "f10", "f7", "abcdefgh", "abcdefghi",
-        "abcdefgi", "zzzzzzzzzz", "é", "\u{7f}",
+        "",
+        "\0",
+        "a",
+        "a\0",
+        "aa",
+        "ab",
+        "b",
+        "f0",
+        "f10",
+        "f7",
+        "abcdefgh",
+        "abcdefghi",
+        "abcdefgi",
+        "zzzzzzzzzz",
+        "é",
+        "\u{7f}",
     ];
     for a in keys {
         let key = super::Key::new(a.to_owned());

@@ -435,7 +435,7 @@ impl TreeEnsemble {
 
     /// Rows scored together, tree by tree: the walks of different rows are independent, so
     /// the processor overlaps them, and the tree's nodes stay in cache.
-    const BLOCK: usize = 16;
+    const BLOCK: usize = 32;
 
     /// Scores `rows` (row-major, `n_cols` columns each, at least [`Self::n_features`]) into
     /// `scores` (`n_outputs` per row) and, for classifiers, the winning class index per row
