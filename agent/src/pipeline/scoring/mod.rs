@@ -1,5 +1,5 @@
-//! Model scoring with tract-onnx: inputs mapped from event fields, batched inference on a
-//! blocking thread, the output written to the event before rules run.
+//! Model scoring with tract-onnx: inputs mapped from event fields, batched inference off the
+//! async workers, the output written to the event before rules run.
 //!
 //! Loading ([`model`]) uses tract's ONNX loader with our operators ([`ops`]) for what
 //! scikit-learn and XGBoost exports need and tract 0.23 lacks or runs slowly: `ZipMap`,
