@@ -133,26 +133,21 @@ async fn run_checks(
     )
     .await;
     // Pushed down to SQLite: the projection and the comparison (EXPLAIN shows the statement).
-    let plan = explain(
+    let scan = remote_scan(
         &fleet,
+        "inventory",
         "SELECT title FROM inventory.products WHERE price < 10 AND sku IS NOT NULL",
+        &[
+            "\"title\"",
+            "\"price\"",
+            "\"sku\"",
+            " FROM \"products\" WHERE ",
+            "\"price\" < ?1",
+            "\"sku\" IS NOT NULL",
+            "params=[10]",
+        ],
     )
     .await;
-    let scan = plan
-        .lines()
-        .find(|line| line.contains("RemoteScanExec: federation=inventory, sql=SELECT "))
-        .unwrap_or_else(|| panic!("no SQLite scan in {plan}"));
-    for part in [
-        "\"title\"",
-        "\"price\"",
-        "\"sku\"",
-        " FROM \"products\" WHERE ",
-        "\"price\" < ?1",
-        "\"sku\" IS NOT NULL",
-        "params=[10]",
-    ] {
-        assert!(scan.contains(part), "{part:?} not in {scan}");
-    }
     assert!(!scan.contains("stock"), "only the needed columns: {scan}");
     assert_rows(
         &fleet,
@@ -310,24 +305,23 @@ async fn check_postgres(fleet: &Fleet, pg: &PostgresFixture) {
     // Pushed down: the projection, the filters (as parameters), and a LIMIT without filters.
     let sql =
         format!("SELECT plan FROM crm.{table} WHERE id >= 2 AND plan > 'f' AND signed_up IS NULL");
-    let plan = explain(fleet, &sql).await;
-    let scan = plan
-        .lines()
-        .find(|line| line.contains("RemoteScanExec: federation=crm, sql=SELECT "))
-        .unwrap_or_else(|| panic!("no PostgreSQL scan in {plan}"));
-    for part in [
-        "\"plan\"".to_owned(),
-        "\"id\"".to_owned(),
-        "\"signed_up\"".to_owned(),
-        format!(" FROM \"public\".\"{table}\" WHERE "),
-        "\"id\" >= CAST($".to_owned(),
-        " AS int8)".to_owned(),
-        "(\"plan\") COLLATE \"C\" > CAST($".to_owned(),
-        " AS text)".to_owned(),
-        "\"signed_up\" IS NULL".to_owned(),
-    ] {
-        assert!(scan.contains(&part), "{part:?} not in {scan}");
-    }
+    let scan = remote_scan(
+        fleet,
+        "crm",
+        &sql,
+        &[
+            "\"plan\"",
+            "\"id\"",
+            "\"signed_up\"",
+            &format!(" FROM \"public\".\"{table}\" WHERE "),
+            "\"id\" >= CAST($",
+            " AS int8)",
+            "(\"plan\") COLLATE \"C\" > CAST($",
+            " AS text)",
+            "\"signed_up\" IS NULL",
+        ],
+    )
+    .await;
     assert!(!scan.contains("mrr"), "only the needed columns: {scan}");
     assert_rows(fleet, &format!("{sql} ORDER BY plan"), json!([["free"]])).await;
     // OR, IN and LIKE reach PostgreSQL too, with the same answers as DataFusion's (which
@@ -336,20 +330,19 @@ async fn check_postgres(fleet: &Fleet, pg: &PostgresFixture) {
         "SELECT id FROM crm.{table} WHERE (plan LIKE 'p%' OR plan IN ('team', 'x', 'y', 'z')) \
          AND user_id NOT LIKE 'u\\_%' AND plan NOT IN ('free', 'a', 'b', 'c')"
     );
-    let plan = explain(fleet, &sql).await;
-    let scan = plan
-        .lines()
-        .find(|line| line.contains("RemoteScanExec: federation=crm, sql=SELECT "))
-        .unwrap_or_else(|| panic!("no PostgreSQL scan in {plan}"));
-    for part in [
-        "COLLATE \"C\" LIKE CAST($",
-        " OR ",
-        "COLLATE \"C\" IN (CAST($",
-        "COLLATE \"C\" NOT LIKE CAST($",
-        "COLLATE \"C\" NOT IN (CAST($",
-    ] {
-        assert!(scan.contains(part), "{part:?} not in {scan}");
-    }
+    remote_scan(
+        fleet,
+        "crm",
+        &sql,
+        &[
+            "COLLATE \"C\" LIKE CAST($",
+            " OR ",
+            "COLLATE \"C\" IN (CAST($",
+            "COLLATE \"C\" NOT LIKE CAST($",
+            "COLLATE \"C\" NOT IN (CAST($",
+        ],
+    )
+    .await;
     assert_rows(fleet, &format!("{sql} ORDER BY id"), json!([[1], [3]])).await;
     assert_rows(
         fleet,
@@ -446,6 +439,22 @@ async fn assert_rows(fleet: &Fleet, sql: &str, expected: Value) {
 }
 
 /// The physical plan of `sql`, as one string.
+/// The `RemoteScanExec` line of `sql`'s plan for `federation`, checked to contain each of
+/// `parts`.
+async fn remote_scan(fleet: &Fleet, federation: &str, sql: &str, parts: &[&str]) -> String {
+    let plan = explain(fleet, sql).await;
+    let prefix = format!("RemoteScanExec: federation={federation}, sql=SELECT ");
+    let scan = plan
+        .lines()
+        .find(|line| line.contains(&prefix))
+        .unwrap_or_else(|| panic!("no scan of {federation} in {plan}"))
+        .to_owned();
+    for part in parts {
+        assert!(scan.contains(part), "{part:?} not in {scan}");
+    }
+    scan
+}
+
 async fn explain(fleet: &Fleet, sql: &str) -> String {
     let rows = query_rows(fleet.aggregator.query_addr(), &format!("EXPLAIN {sql}"))
         .await
