@@ -27,6 +27,8 @@ mod scoring;
 mod snowplow;
 #[path = "../bench/stack.rs"]
 mod stack;
+#[path = "../bench/wire.rs"]
+mod wire;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -141,6 +143,10 @@ fn main() -> ExitCode {
     // `runnel-bench scoring ...`: fixture models against onnxruntime (bench/scoring.rs).
     if std::env::args().nth(1).as_deref() == Some("scoring") {
         return scoring::main(std::env::args().skip(1));
+    }
+    // `runnel-bench wire ...`: where a column-wise batch's bytes go (bench/wire.rs).
+    if std::env::args().nth(1).as_deref() == Some("wire") {
+        return wire::main(std::env::args().skip(1));
     }
     let args = Args::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
