@@ -192,6 +192,8 @@ pub struct SourceDeps {
     pub pipeline: PipelineHandle,
     /// The agent's shutdown: every source generation stops on it too.
     pub shutdown: watch::Receiver<bool>,
+    /// Connection state of the MQTT subscribers, for the status.
+    pub health: crate::mqtt::SourceHealth,
 }
 
 /// One generation of a source kind (the MQTT subscribers, or the MQTT listener), stoppable on
@@ -280,6 +282,7 @@ fn start_mqtt(config: &AgentConfig, deps: &SourceDeps) -> Generation {
                 buffer: deps.buffer.clone(),
                 max_event_bytes: config.http.max_event_bytes,
                 pipeline: deps.pipeline.clone(),
+                health: deps.health.clone(),
             },
             shutdown,
         )));
@@ -404,6 +407,11 @@ impl Control {
     }
 
     /// What runs now.
+    /// Connection state of the MQTT subscribers.
+    pub fn source_health(&self) -> &crate::mqtt::SourceHealth {
+        &self.deps.health
+    }
+
     pub fn current(&self) -> Arc<Current> {
         Arc::clone(&self.current.borrow())
     }
@@ -851,6 +859,7 @@ key = "agent.key"
             buffer: buffer.clone(),
             pipeline: pipeline.clone(),
             shutdown,
+            health: Default::default(),
         };
         let sources = Sources::start(&current.config, &deps).await.unwrap();
         let control = Control::new(ControlParts {

@@ -117,6 +117,7 @@ async fn run_agent(
         buffer: buffer.clone(),
         pipeline: pipeline.clone(),
         shutdown: shutdown.clone(),
+        health: mqtt::SourceHealth::default(),
     };
     let sources = match control::Sources::start(&config, &source_deps).await {
         Ok(sources) => sources,

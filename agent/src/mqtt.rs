@@ -65,6 +65,75 @@ pub struct MqttSource {
     pub max_event_bytes: usize,
     /// Rules, windows and models every decoded message runs through before its commit.
     pub pipeline: PipelineHandle,
+    /// Where this subscriber reports whether it reaches its broker.
+    pub health: SourceHealth,
+}
+
+/// The connection state of every MQTT subscriber, by source name, for the agent's status (and
+/// through it the fleet's health gate: a canary whose new broker cannot be reached fails).
+///
+/// A subscriber counts as healthy until its first attempt ends and while connected; it is
+/// unhealthy from a failed attempt until the next `CONNACK`. When a config change restarts a
+/// source, the newer run's reports win over what the stopping one still says.
+#[derive(Debug, Clone, Default)]
+pub struct SourceHealth(Arc<std::sync::Mutex<SourceHealthInner>>);
+
+#[derive(Debug, Default)]
+struct SourceHealthInner {
+    next_run: u64,
+    /// Source name -> (the run that reported, its state).
+    sources: BTreeMap<String, (u64, SourceState)>,
+}
+
+/// One subscriber's connection state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceState {
+    pub healthy: bool,
+    /// Why it is unhealthy, or what it is doing.
+    pub detail: String,
+}
+
+impl SourceHealth {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SourceHealthInner> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Registers a new run of source `name` (state: connecting) and returns its run id.
+    pub fn start(&self, name: &str, broker: &str) -> u64 {
+        let mut inner = self.lock();
+        inner.next_run += 1;
+        let run = inner.next_run;
+        let state = SourceState {
+            healthy: true,
+            detail: format!("connecting to {broker}"),
+        };
+        inner.sources.insert(name.to_owned(), (run, state));
+        run
+    }
+
+    /// Records the state of run `run` of source `name`, unless a newer run has started.
+    pub fn report(&self, name: &str, run: u64, healthy: bool, detail: String) {
+        let mut inner = self.lock();
+        let newer = inner
+            .sources
+            .get(name)
+            .is_some_and(|(latest, _)| *latest > run);
+        if !newer {
+            inner
+                .sources
+                .insert(name.to_owned(), (run, SourceState { healthy, detail }));
+        }
+    }
+
+    /// The state of source `name`, if it has run.
+    pub fn get(&self, name: &str) -> Option<SourceState> {
+        self.lock()
+            .sources
+            .get(name)
+            .map(|(_, state)| state.clone())
+    }
 }
 
 /// Runs the subscriber until `shutdown`. Connection failures are logged and retried.
@@ -78,6 +147,10 @@ pub async fn run(source: MqttSource, mut shutdown: watch::Receiver<bool>) {
         Ok(options) => options,
         Err(error) => {
             tracing::error!(source = %config.name, error = format!("{error:#}"), "MQTT source not started");
+            let run = source.health.start(&config.name, &config.host);
+            source
+                .health
+                .report(&config.name, run, false, format!("not started: {error:#}"));
             return;
         }
     };
@@ -106,6 +179,8 @@ pub async fn run(source: MqttSource, mut shutdown: watch::Receiver<bool>) {
         .iter()
         .map(|topic| SubscribeFilter::new(topic.clone(), qos(config.qos)))
         .collect();
+    let broker = format!("{}:{}", config.host, config.port);
+    let run = source.health.start(&config.name, &broker);
     let mut delay_ms = config.reconnect_min_ms;
     let mut n_failures = 0u64;
     loop {
@@ -117,13 +192,16 @@ pub async fn run(source: MqttSource, mut shutdown: watch::Receiver<bool>) {
             Ok(MqttEvent::Incoming(Packet::ConnAck(connack))) => {
                 tracing::info!(
                     source = %config.name,
-                    broker = %format!("{}:{}", config.host, config.port),
+                    broker = %broker,
                     client_id,
                     session_present = connack.session_present,
                     "MQTT connected"
                 );
                 delay_ms = config.reconnect_min_ms;
                 n_failures = 0;
+                source
+                    .health
+                    .report(&config.name, run, true, format!("connected to {broker}"));
                 // Subscribing again on a persistent session is harmless and covers a broker that
                 // lost the session.
                 if let Err(error) = client.try_subscribe_many(filters.clone()) {
@@ -167,10 +245,16 @@ pub async fn run(source: MqttSource, mut shutdown: watch::Receiver<bool>) {
             Err(error) => {
                 n_failures += 1;
                 let jittered = delay_ms / 2 + fastrand::u64(0..=(delay_ms / 2).max(1));
+                source.health.report(
+                    &config.name,
+                    run,
+                    false,
+                    format!("cannot reach {broker}: {error} ({n_failures} failed attempts)"),
+                );
                 if n_failures == 1 || n_failures.is_multiple_of(10) {
                     tracing::warn!(
                         source = %config.name,
-                        broker = %format!("{}:{}", config.host, config.port),
+                        broker = %broker,
                         %error,
                         n_failures,
                         retry_in_ms = jittered,
@@ -575,5 +659,35 @@ mod tests {
         assert_eq!(digest("a", b"x"), digest("a", b"x"));
         assert_ne!(digest("a", b"x"), digest("b", b"x"));
         assert_ne!(digest("ab", b""), digest("a", b"b"));
+    }
+
+    #[test]
+    fn source_health_follows_the_newest_run() {
+        let health = SourceHealth::default();
+        assert_eq!(health.get("plant"), None);
+        let old = health.start("plant", "10.0.0.1:1883");
+        assert!(
+            health.get("plant").expect("state").healthy,
+            "connecting counts as healthy"
+        );
+        health.report("plant", old, false, "cannot reach 10.0.0.1:1883".into());
+        assert!(!health.get("plant").expect("state").healthy);
+        // A config change restarts the source: the new run reports; the old one, stopping,
+        // cannot overwrite it.
+        let new = health.start("plant", "10.0.0.2:1883");
+        health.report("plant", old, false, "stale".into());
+        let state = health.get("plant").expect("state");
+        assert!(state.healthy);
+        assert_eq!(state.detail, "connecting to 10.0.0.2:1883");
+        health.report("plant", new, true, "connected to 10.0.0.2:1883".into());
+        assert_eq!(
+            health.get("plant").expect("state").detail,
+            "connected to 10.0.0.2:1883"
+        );
+        // Another source is independent.
+        let other = health.start("yard", "10.0.0.3:1883");
+        health.report("yard", other, false, "down".into());
+        assert!(health.get("plant").expect("state").healthy);
+        assert!(!health.get("yard").expect("state").healthy);
     }
 }

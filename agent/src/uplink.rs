@@ -418,7 +418,16 @@ async fn status(uplink: &Uplink) -> Status {
     let buffer_alive = head_rx.has_changed().is_ok();
     let config = &current.config;
     let mut sources = vec!["http".to_owned()];
-    sources.extend(config.mqtt.iter().map(|mqtt| format!("mqtt:{}", mqtt.name)));
+    let mut sources_healthy = true;
+    for mqtt in &config.mqtt {
+        match uplink.control.source_health().get(&mqtt.name) {
+            Some(state) if !state.healthy => {
+                sources_healthy = false;
+                sources.push(format!("mqtt:{} ({})", mqtt.name, state.detail));
+            }
+            _ => sources.push(format!("mqtt:{}", mqtt.name)),
+        }
+    }
     if config.mqtt_listener.enabled {
         sources.push("mqtt_listener".to_owned());
     }
@@ -444,7 +453,7 @@ async fn status(uplink: &Uplink) -> Status {
         },
         ComponentHealth {
             name: "sources".into(),
-            healthy: true,
+            healthy: sources_healthy,
             detail: sources.join(", "),
         },
         ComponentHealth {

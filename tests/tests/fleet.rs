@@ -595,6 +595,32 @@ async fn a_config_that_fails_on_the_canary_is_rolled_back_and_the_rest_never_get
     );
     assert_eq!(pushes_to(&world, "b-rest"), 0);
     drop(taken);
+
+    // A failure the apply cannot see: the config applies, but its MQTT broker is unreachable.
+    // The canary reports its sources unhealthy during the bake, which fails the gate.
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port");
+        listener.local_addr().expect("port").port()
+    };
+    let document = format!(
+        "[[sources.mqtt]]\nname = \"plant\"\nurl = \"mqtt://127.0.0.1:{closed}\"\n\
+         topics = [\"plant/#\"]\nreconnect_min_ms = 100\nreconnect_max_ms = 500\n"
+    );
+    let reply = push(
+        addr,
+        json!({ "document": document, "selector": "site=berlin", "canary": "1", "bake": "10s" }),
+    )
+    .await;
+    assert_eq!(reply.status, 201, "{}", reply.error());
+    let id = reply.json()["id"].as_u64().expect("id");
+    let rollout = wait_phase(&world, id, "rolled_back").await;
+    let reason = rollout["reason"].as_str().unwrap_or("");
+    assert!(
+        reason.contains("canary a-canary reports an unhealthy component"),
+        "{rollout:#}"
+    );
+    assert_eq!(pushes_to(&world, "b-rest"), 0);
+    world.agent("a-canary").assert_running();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
