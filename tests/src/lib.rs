@@ -191,6 +191,28 @@ where
     }
 }
 
+/// Polls an agent's `/metrics` at `http` until it has every one of `lines` (30 s at most);
+/// panics naming the missing lines otherwise.
+pub async fn wait_for_metrics(http: SocketAddr, lines: &[&str]) {
+    let client = http_client();
+    let client = &client;
+    let found = poll_until(Duration::from_secs(30), || async move {
+        let text = client
+            .get(format!("http://{http}/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?;
+        let missing: Vec<&&str> = lines.iter().filter(|line| !text.contains(**line)).collect();
+        anyhow::ensure!(missing.is_empty(), "missing {missing:?} in:\n{text}");
+        Ok(())
+    })
+    .await;
+    if let Err(error) = found {
+        panic!("/metrics: {error:#}");
+    }
+}
+
 /// The last `max_bytes` of a file, lossily decoded.
 pub fn tail(path: &Path, max_bytes: usize) -> String {
     match std::fs::read(path) {

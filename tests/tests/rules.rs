@@ -10,12 +10,10 @@ mod mqtt_broker;
 use mqtt_broker::broker;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::time::Duration;
 
 use runnel_tests::{
     ARRIVAL_TIMEOUT, AgentExtra, AgentOptions, AggregatorOptions, binaries, http_client,
-    poll_until, post_events, query_rows, start_fleet_with, wait_count_of,
+    post_events, query_rows, start_fleet_with, wait_count_of, wait_for_metrics,
 };
 use serde_json::{Value, json};
 
@@ -125,7 +123,6 @@ when = 'name == "page_view"'
 
     // The counters say the same.
     wait_for_metrics(
-        &client,
         fleet.agent.http_addr(),
         &[
             r#"runnel_agent_rule_matches_total{rule="drop-health-checks"} 2"#,
@@ -204,7 +201,6 @@ actions = [
     let query = fleet.aggregator.query_addr();
     wait_count_of(&fleet.dir, query, "SELECT count(*) FROM events", 2).await;
     wait_for_metrics(
-        &client,
         fleet.agent.http_addr(),
         &[
             r#"runnel_agent_rule_matches_total{rule="overheat"} 1"#,
@@ -222,23 +218,4 @@ actions = [
         subscription.messages.try_recv().is_err(),
         "exactly one message"
     );
-}
-
-/// Polls the agent's `/metrics` until it has every one of `lines` (30 s at most).
-async fn wait_for_metrics(client: &reqwest::Client, http: SocketAddr, lines: &[&str]) {
-    let found = poll_until(Duration::from_secs(30), || async move {
-        let text = client
-            .get(format!("http://{http}/metrics"))
-            .send()
-            .await?
-            .text()
-            .await?;
-        let missing: Vec<&&str> = lines.iter().filter(|line| !text.contains(**line)).collect();
-        anyhow::ensure!(missing.is_empty(), "missing {missing:?} in:\n{text}");
-        Ok(())
-    })
-    .await;
-    if let Err(error) = found {
-        panic!("/metrics: {error:#}");
-    }
 }

@@ -13,13 +13,12 @@ mod mqtt_broker;
 
 use mqtt_broker::broker;
 
-use std::net::SocketAddr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use runnel_tests::{
     ARRIVAL_TIMEOUT, AgentExtra, AgentOptions, AgentProcess, AggregatorOptions, AggregatorProcess,
-    Certs, TestDir, Uplink, attrs_of, binaries, http_client, poll_until, post_body, query_rows,
-    wait_count_of,
+    Certs, TestDir, Uplink, attrs_of, binaries, http_client, post_body, query_rows, wait_count_of,
+    wait_for_metrics,
 };
 use serde_json::{Value, json};
 
@@ -261,25 +260,4 @@ async fn a_window_alert_publishes_to_a_real_mqtt_topic() {
         subscription.messages.try_recv().is_err(),
         "exactly one message"
     );
-}
-
-/// Polls the agent's `/metrics` until it has every one of `lines` (30 s at most).
-async fn wait_for_metrics(http: SocketAddr, lines: &[&str]) {
-    let client = http_client();
-    let client = &client;
-    let found = poll_until(Duration::from_secs(30), || async move {
-        let text = client
-            .get(format!("http://{http}/metrics"))
-            .send()
-            .await?
-            .text()
-            .await?;
-        let missing: Vec<&&str> = lines.iter().filter(|line| !text.contains(**line)).collect();
-        anyhow::ensure!(missing.is_empty(), "missing {missing:?} in:\n{text}");
-        Ok(())
-    })
-    .await;
-    if let Err(error) = found {
-        panic!("/metrics: {error:#}");
-    }
 }
