@@ -1111,15 +1111,20 @@ key = "agent.key"
         assert!(restarted.config.models[0].path.exists());
     }
 
+    /// A loopback port nothing listens on (bound once, then released).
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
     #[tokio::test]
     async fn listener_on_the_same_port_restarts_with_new_settings() {
         let agent = start(tempfile::tempdir().unwrap()).await;
         // A fixed port, so the second config names the same address as the first.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let listener = |max_connections: u32| {
             format!(
                 "[sources.mqtt_listener]\nenabled = true\nlisten = \"127.0.0.1:{port}\"\n\
@@ -1149,11 +1154,7 @@ key = "agent.key"
     async fn mqtt_subscribers_are_replaced_and_the_old_ones_stop() {
         let agent = start(tempfile::tempdir().unwrap()).await;
         // A broker that is not there: the subscriber keeps retrying until it is stopped.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let subscriber = format!(
             "[[sources.mqtt]]\nname = \"plant\"\nurl = \"mqtt://127.0.0.1:{port}\"\n\
              topics = [\"plant/#\"]\n"
