@@ -1217,16 +1217,18 @@ impl RemoteTable {
         value: &ScalarValue,
         params: &mut Vec<ParamValue>,
     ) -> Option<String> {
-        if column.compare == Compare::No {
-            return None;
-        }
+        // PostgreSQL casts the text parameter to the column's type; SQLite binds it as is.
+        let cast = match column.compare {
+            Compare::No => return None,
+            Compare::PgCast(ty) => Some(ty),
+            Compare::PgText => Some("text"),
+            Compare::Sqlite | Compare::SqliteText => None,
+        };
         params.push(literal_param(column, value, self.is_postgres())?);
         let n = params.len();
-        Some(match column.compare {
-            Compare::PgCast(ty) => format!("CAST(${n} AS {ty})"),
-            Compare::PgText => format!("CAST(${n} AS text)"),
-            Compare::Sqlite | Compare::SqliteText => format!("?{n}"),
-            Compare::No => unreachable!("checked above"),
+        Some(match cast {
+            Some(ty) => format!("CAST(${n} AS {ty})"),
+            None => format!("?{n}"),
         })
     }
 

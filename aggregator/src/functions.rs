@@ -10,11 +10,8 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, ArrayRef, AsArray};
-use datafusion::arrow::datatypes::{
-    DataType, FieldRef, TimeUnit, TimestampMicrosecondType, TimestampMillisecondType,
-    TimestampNanosecondType, TimestampSecondType,
-};
+use datafusion::arrow::array::{Array, ArrayRef, make_array};
+use datafusion::arrow::datatypes::{DataType, FieldRef};
 use datafusion::common::ScalarValue;
 use datafusion::error::Result as DfResult;
 use datafusion::logical_expr::sort_properties::{ExprProperties, SortProperties};
@@ -56,35 +53,19 @@ fn granularity_is_hour_or_day(value: &ColumnarValue) -> bool {
     }
 }
 
-/// The same timestamps with the zone `zone` (values are instants, so nothing is converted).
+/// The same timestamps with the zone `zone` (values are instants, so nothing is converted:
+/// only the type changes, the buffers are shared).
 fn with_zone(array: &ArrayRef, zone: Option<Arc<str>>) -> Option<ArrayRef> {
-    Some(match array.data_type() {
-        DataType::Timestamp(TimeUnit::Second, _) => Arc::new(
-            array
-                .as_primitive::<TimestampSecondType>()
-                .clone()
-                .with_timezone_opt(zone),
-        ),
-        DataType::Timestamp(TimeUnit::Millisecond, _) => Arc::new(
-            array
-                .as_primitive::<TimestampMillisecondType>()
-                .clone()
-                .with_timezone_opt(zone),
-        ),
-        DataType::Timestamp(TimeUnit::Microsecond, _) => Arc::new(
-            array
-                .as_primitive::<TimestampMicrosecondType>()
-                .clone()
-                .with_timezone_opt(zone),
-        ),
-        DataType::Timestamp(TimeUnit::Nanosecond, _) => Arc::new(
-            array
-                .as_primitive::<TimestampNanosecondType>()
-                .clone()
-                .with_timezone_opt(zone),
-        ),
-        _ => return None,
-    })
+    let DataType::Timestamp(unit, _) = array.data_type() else {
+        return None;
+    };
+    let data = array
+        .to_data()
+        .into_builder()
+        .data_type(DataType::Timestamp(*unit, zone))
+        .build()
+        .ok()?;
+    Some(make_array(data))
 }
 
 impl ScalarUDFImpl for UtcDateTrunc {
@@ -161,6 +142,7 @@ impl ScalarUDFImpl for UtcDateTrunc {
 #[cfg(test)]
 mod tests {
     use datafusion::arrow::array::TimestampMillisecondArray;
+    use datafusion::arrow::datatypes::TimeUnit;
     use datafusion::execution::FunctionRegistry;
 
     use super::*;
