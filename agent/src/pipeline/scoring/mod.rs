@@ -235,10 +235,10 @@ impl Key {
         Key { text, short }
     }
 
-    /// Orders like `str::cmp`.
+    /// Orders like `str::cmp` against `other`, whose [`short_key`] is `other_short`.
     #[inline]
-    pub(crate) fn cmp_str(&self, other: &str) -> std::cmp::Ordering {
-        match (self.short, short_key(other)) {
+    pub(crate) fn cmp_str(&self, other: &str, other_short: Option<u64>) -> std::cmp::Ordering {
+        match (self.short, other_short) {
             // Zero-padded big-endian prefixes order like the bytes; equal ones leave the
             // shorter key first, as byte order does.
             (Some(a), Some(b)) => a.cmp(&b).then(self.text.len().cmp(&other.len())),
@@ -249,7 +249,7 @@ impl Key {
 
 /// A key of at most 8 bytes as a big-endian integer, zero-padded.
 #[inline]
-fn short_key(key: &str) -> Option<u64> {
+pub(crate) fn short_key(key: &str) -> Option<u64> {
     let bytes = key.as_bytes();
     if bytes.len() > 8 {
         return None;
@@ -319,12 +319,13 @@ impl RowBuilder {
         }
         let mut wanted = self.attrs.iter().peekable();
         for (key, value) in &event.attrs {
+            let short = short_key(key);
             while wanted
-                .next_if(|(want, _)| want.cmp_str(key) == std::cmp::Ordering::Less)
+                .next_if(|(want, _)| want.cmp_str(key, short) == std::cmp::Ordering::Less)
                 .is_some()
             {}
             while let Some((_, idx)) =
-                wanted.next_if(|(want, _)| want.cmp_str(key) == std::cmp::Ordering::Equal)
+                wanted.next_if(|(want, _)| want.cmp_str(key, short) == std::cmp::Ordering::Equal)
             {
                 let input = &self.inputs[*idx];
                 let offset = self.offsets[*idx];
