@@ -25,8 +25,8 @@ use runnel_common::session::{
     BatchDue, BufferHead, Control as ControlMessage, UplinkLimits, UplinkSession,
 };
 use runnel_common::wire::{
-    AckMessage, AgentMessage, AggregatorMessage, BATCH_COLUMNS_PROTOCOL_VERSION, BatchMessage,
-    ComponentHealth, Hello, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Status,
+    AckMessage, AgentMessage, AggregatorMessage, BatchMessage, ComponentHealth, Compression, Hello,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Status,
 };
 use runnel_common::{batch, frame};
 use runnel_config::UplinkConfig;
@@ -309,17 +309,17 @@ async fn connection(
                     break;
                 };
                 let (last_seq, n_events) = (read.last_seq, read.n_events);
-                // Aggregators on protocol 2 take the column-wise layout (a third smaller on
-                // clickstream events); older ones get rows as stored.
-                let columns = session
+                // Aggregators on protocol 2 and later take a column-wise layout (half the bytes
+                // of rows on clickstream events); older ones get rows as stored.
+                let layout = session
                     .protocol_version()
-                    .is_some_and(|v| v >= BATCH_COLUMNS_PROTOCOL_VERSION);
+                    .and_then(|v| Compression::for_protocol(v).columns_layout());
                 // zstd is CPU work: off the async workers.
                 let bytes = tokio::task::spawn_blocking(move || {
-                    let batch = if columns {
+                    let batch = if let Some(layout) = layout {
                         let events: Vec<runnel_common::Event> =
                             postcard::from_bytes(&read.raw).context("decode buffered events")?;
-                        batch::encode_columns(after_seq, &events)?
+                        batch::encode_columns(layout, after_seq, &events)?
                     } else {
                         batch::compress(after_seq, last_seq, n_events, &read.raw)?
                     };

@@ -340,6 +340,7 @@ fn replay(conn: &Connection, store: &EventStore) -> anyhow::Result<(usize, usize
                 0 => Compression::None,
                 1 => Compression::Zstd,
                 2 => Compression::ZstdColumns,
+                3 => Compression::ZstdColumns2,
                 other => anyhow::bail!("WAL batch {id} has unknown compression code {other}"),
             },
             payload: row.get(8)?,
@@ -470,6 +471,7 @@ impl Writer {
                         Compression::None => 0,
                         Compression::Zstd => 1,
                         Compression::ZstdColumns => 2,
+                        Compression::ZstdColumns2 => 3,
                     };
                     insert.execute(params![
                         &*accepted.agent_id,

@@ -2,6 +2,7 @@
 //! peer needs: sizes before allocation, decompression bounded, sequence numbers in order and
 //! inside the range the header claims.
 
+use crate::columnar::Layout;
 use crate::event::Event;
 use crate::limits::{MAX_BATCH_BYTES, MAX_BATCH_EVENTS};
 use crate::wire::{Batch, Compression};
@@ -53,10 +54,15 @@ pub fn encode(after_seq: u64, events: &[Event]) -> Result<Batch, BatchError> {
     compress(after_seq, last.seq, events.len(), &raw)
 }
 
-/// Builds a column-wise batch ([`Compression::ZstdColumns`], see [`crate::columnar`]) from
-/// events that already carry their sequence numbers. Several times smaller than [`encode`] on
-/// clickstream-like events; only for peers on protocol 2 or later.
-pub fn encode_columns(after_seq: u64, events: &[Event]) -> Result<Batch, BatchError> {
+/// Builds a column-wise batch in `layout` ([`Compression::ZstdColumns`] or
+/// [`Compression::ZstdColumns2`], see [`crate::columnar`]) from events that already carry their
+/// sequence numbers. Several times smaller than [`encode`] on clickstream-like events; only for
+/// peers on protocol 2 ([`Layout::V1`]) or 3 ([`Layout::V2`]) and later.
+pub fn encode_columns(
+    layout: Layout,
+    after_seq: u64,
+    events: &[Event],
+) -> Result<Batch, BatchError> {
     let last = events.last().ok_or(BatchError::Empty)?;
     if events.len() > MAX_BATCH_EVENTS {
         return Err(BatchError::TooManyEvents {
@@ -65,10 +71,26 @@ pub fn encode_columns(after_seq: u64, events: &[Event]) -> Result<Batch, BatchEr
         });
     }
     check_order(after_seq, events)?;
-    let raw = crate::columnar::encode(after_seq, events)
+    let encoded = crate::columnar::encode(layout, after_seq, events)
         .map_err(|error| BatchError::Encode(error.to_string()))?;
-    let mut batch = compress(after_seq, last.seq, events.len(), &raw)?;
-    batch.compression = Compression::ZstdColumns;
+    // Two zstd frames when there is a side section (they decompress as one): its random bytes
+    // would otherwise share, and widen, the literal codes of the columns.
+    let (columns, side) = encoded.bytes.split_at(encoded.side_at);
+    let mut batch = compress(after_seq, last.seq, events.len(), columns)?;
+    if !side.is_empty() {
+        batch.payload.extend(zstd_compress(side)?);
+        batch.uncompressed_bytes = u32::try_from(encoded.bytes.len())
+            .ok()
+            .filter(|&n| n as usize <= MAX_BATCH_BYTES)
+            .ok_or(BatchError::TooLarge {
+                n_bytes: encoded.bytes.len(),
+                max_bytes: MAX_BATCH_BYTES,
+            })?;
+    }
+    batch.compression = match layout {
+        Layout::V1 => Compression::ZstdColumns,
+        Layout::V2 => Compression::ZstdColumns2,
+    };
     Ok(batch)
 }
 
@@ -104,8 +126,7 @@ pub fn compress(
             seq: last_seq,
         });
     }
-    let payload = zstd::bulk::compress(raw, ZSTD_LEVEL)
-        .map_err(|error| BatchError::Compress(error.to_string()))?;
+    let payload = zstd_compress(raw)?;
     Ok(Batch {
         after_seq,
         last_seq,
@@ -114,6 +135,10 @@ pub fn compress(
         compression: Compression::Zstd,
         payload,
     })
+}
+
+fn zstd_compress(raw: &[u8]) -> Result<Vec<u8>, BatchError> {
+    zstd::bulk::compress(raw, ZSTD_LEVEL).map_err(|error| BatchError::Compress(error.to_string()))
 }
 
 /// Decodes and checks a batch received from a peer. Never panics, never allocates more than
@@ -139,10 +164,12 @@ pub fn decode(batch: &Batch) -> Result<Vec<Event>, BatchError> {
     let raw = match batch.compression {
         Compression::None => std::borrow::Cow::Borrowed(batch.payload.as_slice()),
         // `bulk::decompress` refuses to produce more than `n_bytes`, so a bomb fails here.
-        Compression::Zstd | Compression::ZstdColumns => std::borrow::Cow::Owned(
-            zstd::bulk::decompress(&batch.payload, n_bytes)
-                .map_err(|error| BatchError::Decompress(error.to_string()))?,
-        ),
+        Compression::Zstd | Compression::ZstdColumns | Compression::ZstdColumns2 => {
+            std::borrow::Cow::Owned(
+                zstd::bulk::decompress(&batch.payload, n_bytes)
+                    .map_err(|error| BatchError::Decompress(error.to_string()))?,
+            )
+        }
     };
     if raw.len() != n_bytes {
         return Err(BatchError::HeaderMismatch {
@@ -150,8 +177,8 @@ pub fn decode(batch: &Batch) -> Result<Vec<Event>, BatchError> {
             actual: format!("{} bytes", raw.len()),
         });
     }
-    if batch.compression == Compression::ZstdColumns {
-        let events = crate::columnar::decode(&raw, batch.after_seq, n_events)
+    if let Some(layout) = batch.compression.columns_layout() {
+        let events = crate::columnar::decode(layout, &raw, batch.after_seq, n_events)
             .map_err(|error| BatchError::Decode(error.to_string()))?;
         return check_decoded(batch, events);
     }

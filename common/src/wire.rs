@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 pub const ALPN: &[u8] = b"runnel/1";
 
 /// Highest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Lowest protocol version this build still accepts.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 
@@ -222,10 +222,37 @@ pub enum Compression {
     /// Column-wise ([`crate::columnar`]), zstd-compressed. Sent only to aggregators that speak
     /// protocol 2 ([`BATCH_COLUMNS_PROTOCOL_VERSION`]).
     ZstdColumns,
+    /// Column-wise, second layout ([`crate::columnar::Layout::V2`]), zstd-compressed. Sent only
+    /// to aggregators that speak protocol 3 ([`BATCH_COLUMNS_2_PROTOCOL_VERSION`]).
+    ZstdColumns2,
 }
 
 /// The first protocol version whose aggregators accept [`Compression::ZstdColumns`] batches.
 pub const BATCH_COLUMNS_PROTOCOL_VERSION: u16 = 2;
+/// The first protocol version whose aggregators accept [`Compression::ZstdColumns2`] batches.
+pub const BATCH_COLUMNS_2_PROTOCOL_VERSION: u16 = 3;
+
+impl Compression {
+    /// The column-wise layout of this compression, if it is one.
+    pub fn columns_layout(self) -> Option<crate::columnar::Layout> {
+        match self {
+            Compression::None | Compression::Zstd => None,
+            Compression::ZstdColumns => Some(crate::columnar::Layout::V1),
+            Compression::ZstdColumns2 => Some(crate::columnar::Layout::V2),
+        }
+    }
+
+    /// The best batch compression a peer on protocol `version` accepts.
+    pub fn for_protocol(version: u16) -> Compression {
+        if version >= BATCH_COLUMNS_2_PROTOCOL_VERSION {
+            Compression::ZstdColumns2
+        } else if version >= BATCH_COLUMNS_PROTOCOL_VERSION {
+            Compression::ZstdColumns
+        } else {
+            Compression::Zstd
+        }
+    }
+}
 
 /// Aggregator -> agent, the only frame back on a batch stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -254,5 +281,29 @@ impl AckOutcome {
     /// True when the events of the batch are durable at the aggregator.
     pub fn is_durable(&self) -> bool {
         matches!(self, AckOutcome::Stored { .. } | AckOutcome::Duplicate)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::columnar::Layout;
+
+    /// Each peer gets the best layout its protocol version accepts, and never a newer one.
+    #[test]
+    fn batch_compression_follows_the_negotiated_version() {
+        let expected = [
+            (1, Compression::Zstd, None),
+            (2, Compression::ZstdColumns, Some(Layout::V1)),
+            (3, Compression::ZstdColumns2, Some(Layout::V2)),
+        ];
+        for (version, compression, layout) in expected {
+            assert_eq!(Compression::for_protocol(version), compression, "{version}");
+            assert_eq!(compression.columns_layout(), layout, "{version}");
+        }
+        assert_eq!(
+            Compression::for_protocol(PROTOCOL_VERSION),
+            Compression::ZstdColumns2
+        );
     }
 }

@@ -83,6 +83,10 @@ fn batch_message_name(message: &BatchMessage) -> &'static str {
             compression: Compression::ZstdColumns,
             ..
         }) => "batch (zstd columns)",
+        BatchMessage::Batch(Batch {
+            compression: Compression::ZstdColumns2,
+            ..
+        }) => "batch (zstd columns 2)",
     }
 }
 
@@ -644,7 +648,9 @@ proptest! {
             Compression::None => uncompressed_batch(after_seq, last_seq, n_events, &events),
             Compression::Zstd => zstd_batch(after_seq, last_seq, n_events, &events),
             // The column layout has its own tests (tests/columnar.rs).
-            Compression::ZstdColumns => unreachable!("compression() yields row layouts"),
+            Compression::ZstdColumns | Compression::ZstdColumns2 => {
+                unreachable!("compression() yields row layouts")
+            }
         };
         let raw_bytes = batch.uncompressed_bytes;
         batch.after_seq = header_after_seq.unwrap_or(after_seq);
@@ -730,7 +736,7 @@ proptest! {
     ) {
         let payload = match compression {
             Compression::None => raw.clone(),
-            Compression::Zstd | Compression::ZstdColumns => {
+            Compression::Zstd | Compression::ZstdColumns | Compression::ZstdColumns2 => {
                 zstd::bulk::compress(&raw, 1).map_err(|error| fail("zstd", error))?
             }
         };

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 use runnel_common::batch::{self, BatchError};
+use runnel_common::columnar::Layout;
 use runnel_common::wire::{Batch, Compression};
 use runnel_common::{Event, SourceKind, Value};
 
@@ -18,6 +19,14 @@ fn text() -> impl Strategy<Value = String> {
         // Hex ids (travel as bytes) and near misses (odd length, upper case, short).
         "[0-9a-f]{8,40}",
         "[0-9a-fA-F]{1,12}",
+        // Version-4 UUIDs (15.25 bytes in the second layout).
+        "[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}",
+        // A few stems and trailing numbers, zero-padded and longer than a u64.
+        (
+            prop::sample::select(vec!["u-", "p-0", "", "x9é"]),
+            "[0-9]{0,24}"
+        )
+            .prop_map(|(stem, digits)| format!("{stem}{digits}")),
         // A few repeated values, so dictionaries hold repeats.
         prop::sample::select(vec!["page_view", "clickstream", "u-000001", ""])
             .prop_map(str::to_owned),
@@ -108,11 +117,22 @@ fn events() -> impl Strategy<Value = (u64, Vec<Event>)> {
         })
 }
 
+fn layout() -> impl Strategy<Value = Layout> {
+    prop::sample::select(vec![Layout::V1, Layout::V2])
+}
+
+fn compression_of(layout: Layout) -> Compression {
+    match layout {
+        Layout::V1 => Compression::ZstdColumns,
+        Layout::V2 => Compression::ZstdColumns2,
+    }
+}
+
 proptest! {
     #[test]
-    fn column_batches_round_trip_exactly((after_seq, events) in events()) {
-        let batch = batch::encode_columns(after_seq, &events).unwrap();
-        prop_assert_eq!(batch.compression, Compression::ZstdColumns);
+    fn column_batches_round_trip_exactly(layout in layout(), (after_seq, events) in events()) {
+        let batch = batch::encode_columns(layout, after_seq, &events).unwrap();
+        prop_assert_eq!(batch.compression, compression_of(layout));
         prop_assert_eq!(batch.after_seq, after_seq);
         prop_assert_eq!(batch.last_seq, events.last().unwrap().seq);
         prop_assert_eq!(batch::decode(&batch).unwrap(), events);
@@ -120,6 +140,7 @@ proptest! {
 
     #[test]
     fn arbitrary_column_payloads_never_panic(
+        layout in layout(),
         payload in prop::collection::vec(any::<u8>(), 0..512),
         n_events in 1u32..20,
     ) {
@@ -129,7 +150,7 @@ proptest! {
             last_seq: u64::from(n_events),
             n_events,
             uncompressed_bytes: payload.len() as u32,
-            compression: Compression::ZstdColumns,
+            compression: compression_of(layout),
             payload: raw,
         };
         let _ = batch::decode(&batch);
@@ -137,10 +158,11 @@ proptest! {
 
     #[test]
     fn corrupted_column_batches_never_panic(
+        layout in layout(),
         (after_seq, events) in events(),
         flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
     ) {
-        let batch = batch::encode_columns(after_seq, &events).unwrap();
+        let batch = batch::encode_columns(layout, after_seq, &events).unwrap();
         let mut raw = zstd::bulk::decompress(&batch.payload, batch.uncompressed_bytes as usize).unwrap();
         for (at, byte) in flips {
             let idx = at.index(raw.len());
@@ -172,18 +194,20 @@ fn a_dictionary_bomb_is_refused() {
         })
         .collect();
     // 1000 × 60 kB = 60 MB of events, well over the 16 MiB batch limit, in a payload of a few
-    // kilobytes: the row layout could never carry it, the column layout must refuse it.
-    let batch = batch::encode_columns(0, &events).unwrap();
-    assert!(
-        batch.uncompressed_bytes < 100_000,
-        "{}",
-        batch.uncompressed_bytes
-    );
-    match batch::decode(&batch) {
-        Err(BatchError::Decode(message)) => {
-            assert!(message.contains("more than"), "{message}");
+    // kilobytes: the row layout could never carry it, the column layouts must refuse it.
+    for layout in [Layout::V1, Layout::V2] {
+        let batch = batch::encode_columns(layout, 0, &events).unwrap();
+        assert!(
+            batch.uncompressed_bytes < 100_000,
+            "{layout:?}: {}",
+            batch.uncompressed_bytes
+        );
+        match batch::decode(&batch) {
+            Err(BatchError::Decode(message)) => {
+                assert!(message.contains("more than"), "{layout:?}: {message}");
+            }
+            other => panic!("{layout:?}: expected a refusal, got {other:?}"),
         }
-        other => panic!("expected a refusal, got {other:?}"),
     }
 }
 
@@ -238,10 +262,14 @@ fn clickstream_batches_are_smaller_than_row_batches() {
         })
         .collect();
     let rows = batch::encode(0, &events).unwrap();
-    let columns = batch::encode_columns(0, &events).unwrap();
+    let columns = batch::encode_columns(Layout::V1, 0, &events).unwrap();
+    let columns2 = batch::encode_columns(Layout::V2, 0, &events).unwrap();
     assert_eq!(batch::decode(&columns).unwrap(), events);
+    assert_eq!(batch::decode(&columns2).unwrap(), events);
     eprintln!(
-        "1000 clickstream events: {} bytes column-wise, {} bytes row-wise",
+        "1000 clickstream events: {} bytes in the second column layout, {} in the first, {} \
+         row-wise",
+        columns2.payload.len(),
         columns.payload.len(),
         rows.payload.len()
     );
@@ -250,5 +278,12 @@ fn clickstream_batches_are_smaller_than_row_batches() {
         "columns {} bytes, rows {} bytes",
         columns.payload.len(),
         rows.payload.len()
+    );
+    // Ids that are all new in the batch cost their bytes alone in the second layout.
+    assert!(
+        columns2.payload.len() * 100 < columns.payload.len() * 95,
+        "second layout {} bytes, first {} bytes",
+        columns2.payload.len(),
+        columns.payload.len()
     );
 }

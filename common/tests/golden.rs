@@ -18,6 +18,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use runnel_common::batch;
+use runnel_common::columnar::{self, Layout};
 use runnel_common::frame;
 use runnel_common::limits::MAX_FRAME_BYTES;
 use runnel_common::wire::{
@@ -358,9 +359,56 @@ fn golden_batch() {
 #[test]
 fn golden_batch_columns() {
     let events = batch_events();
-    let encoded = runnel_common::columnar::encode(299, &events).expect("events encode");
-    check_fixture("batch_columns", &events, &encoded, |bytes| {
-        runnel_common::columnar::decode(bytes, 299, 2)
+    let encoded = columnar::encode(Layout::V1, 299, &events).expect("events encode");
+    check_fixture("batch_columns", &events, &encoded.bytes, |bytes| {
+        columnar::decode(Layout::V1, bytes, 299, 2)
+    });
+}
+
+/// The second column-wise layout (protocol 3) before zstd, with events that take each of its
+/// compact forms: version-4 UUIDs and hex ids in the side section, numbered text; every
+/// `Value` variant rides along as attributes.
+#[test]
+fn golden_batch_columns2() {
+    let mut events = vec![sparse_event()];
+    for (seq, uuid, session, user, url) in [
+        (
+            302,
+            "0f8e6a7c-1d2b-4c3d-9e8f-a1b2c3d4e5f6",
+            "00112233aabbccdd",
+            "u-000001",
+            "https://shop.example.com/shoes/p-00042",
+        ),
+        (
+            303,
+            "6ba7b810-9dad-41d1-80b4-00c04fd430c8",
+            "ffeeddcc44332211",
+            "u-000002",
+            "https://shop.example.com/shoes/p-00043",
+        ),
+    ] {
+        let mut event = Event::new(
+            SourceKind::Http,
+            "clickstream",
+            "page_view",
+            1_700_000_000_000,
+        );
+        event.seq = seq;
+        event.receive_time_ms += 7;
+        event.event_id = Some(uuid.into());
+        event.session_id = Some(session.into());
+        event.user_id = Some(user.into());
+        event.attrs = full_event().attrs;
+        event.attrs.insert("url".into(), Value::String(url.into()));
+        events.push(event);
+    }
+    let encoded = columnar::encode(Layout::V2, 299, &events).expect("events encode");
+    assert!(
+        encoded.side_at < encoded.bytes.len(),
+        "ids in the side section"
+    );
+    check_fixture("batch_columns2", &events, &encoded.bytes, |bytes| {
+        columnar::decode(Layout::V2, bytes, 299, 3)
     });
 }
 
@@ -394,6 +442,7 @@ fn every_fixture_has_a_test() {
         "ack_stored",
         "batch",
         "batch_columns",
+        "batch_columns2",
         "config_push",
         "config_result_applied",
         "config_result_failed",

@@ -304,9 +304,9 @@ async fn agent_sigkill_loses_no_acknowledged_event() {
     assert_no_duplicates(query_addr).await;
 }
 
-/// Agent and aggregator both speak protocol 2, so batches travel column-wise
-/// (`Compression::ZstdColumns`, stored as code 2 in the WAL), and a SIGKILL of the aggregator
-/// replays them from the WAL exactly.
+/// Agent and aggregator both speak protocol 3, so batches travel in the second column-wise
+/// layout (`Compression::ZstdColumns2`, stored as code 3 in the WAL), and a SIGKILL of the
+/// aggregator replays them from the WAL exactly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn column_batches_are_stored_and_replayed_after_sigkill() {
     const N: usize = 400;
@@ -341,7 +341,7 @@ async fn column_batches_are_stored_and_replayed_after_sigkill() {
     drop(wal);
     assert_eq!(
         codes,
-        vec![(2, N as i64)],
+        vec![(3, N as i64)],
         "(compression code, events) in the WAL"
     );
 

@@ -141,7 +141,11 @@ async fn wait_reporting(world: &World, ids: &[&str]) {
                 || async move {
                     let agent = api_agent(addr, id).await?;
                     anyhow::ensure!(agent["connected"] == true, "not connected: {agent}");
-                    anyhow::ensure!(agent["protocol_version"] == 2, "protocol: {agent}");
+                    anyhow::ensure!(
+                        agent["protocol_version"]
+                            == u64::from(runnel_common::wire::PROTOCOL_VERSION),
+                        "protocol: {agent}"
+                    );
                     anyhow::ensure!(agent["config_version"].is_u64(), "no status yet: {agent}");
                     Ok(())
                 },

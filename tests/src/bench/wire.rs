@@ -1,8 +1,9 @@
 //! `runnel-bench wire`: where the bytes of a column-wise batch go, without a network. The
 //! benchmark's clickstream events (`events.rs`), decoded by the agent's JSON decoder, are encoded
 //! as the agent ships them (`runnel_common::batch::encode_columns`, postcard then zstd) in
-//! batches of the given sizes; then again with one field removed from every event, so each
-//! field's share of the payload shows as the bytes its removal saves. The full HTTP benchmark
+//! batches of the given sizes, in both column layouts; then again in the current layout with one
+//! field removed from every event, so each field's share of the payload shows as the bytes its
+//! removal saves. The full HTTP benchmark
 //! measures the same payload on the wire, plus QUIC framing and acks.
 //!
 //! It measures, never asserts.
@@ -13,6 +14,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser;
 use runnel_common::Event;
+use runnel_common::columnar::Layout;
 
 use crate::events;
 
@@ -139,24 +141,34 @@ fn run(args: &Args) -> anyhow::Result<String> {
     }
     writeln!(report)?;
     writeln!(report, "|---|{}", "---:|".repeat(args.batch_sizes.len()))?;
+    let first: Vec<f64> = args
+        .batch_sizes
+        .iter()
+        .map(|&size| payload_per_event(&decoded, Layout::V1, size, None))
+        .collect::<anyhow::Result<_>>()?;
     let all: Vec<f64> = args
         .batch_sizes
         .iter()
-        .map(|&size| payload_per_event(&decoded, size, None))
+        .map(|&size| payload_per_event(&decoded, Layout::V2, size, None))
         .collect::<anyhow::Result<_>>()?;
-    write!(report, "| **payload, all fields** |")?;
-    for bytes in &all {
-        write!(
-            report,
-            " **{bytes:.2}** ({:.1}% of JSON) |",
-            100.0 * bytes / json_bytes
-        )?;
+    for (label, payloads) in [
+        ("payload, first column layout (protocol 2)", &first),
+        ("**payload, second column layout (protocol 3)**", &all),
+    ] {
+        write!(report, "| {label} |")?;
+        for bytes in payloads {
+            write!(
+                report,
+                " {bytes:.2} ({:.1}% of JSON) |",
+                100.0 * bytes / json_bytes
+            )?;
+        }
+        writeln!(report)?;
     }
-    writeln!(report)?;
     for removal in &REMOVALS {
         write!(report, "| share of {} |", removal.name)?;
         for (&size, bytes) in args.batch_sizes.iter().zip(&all) {
-            let without = payload_per_event(&decoded, size, Some(removal.apply))?;
+            let without = payload_per_event(&decoded, Layout::V2, size, Some(removal.apply))?;
             write!(report, " {:.2} |", bytes - without)?;
         }
         writeln!(report)?;
@@ -167,6 +179,7 @@ fn run(args: &Args) -> anyhow::Result<String> {
 /// Compressed payload bytes per event, in batches of `size`.
 fn payload_per_event(
     events: &[Event],
+    layout: Layout,
     size: usize,
     removal: Option<fn(&mut Event)>,
 ) -> anyhow::Result<f64> {
@@ -177,7 +190,7 @@ fn payload_per_event(
             chunk.iter_mut().for_each(remove);
         }
         let after_seq = chunk[0].seq - 1;
-        let batch = runnel_common::batch::encode_columns(after_seq, &chunk)
+        let batch = runnel_common::batch::encode_columns(layout, after_seq, &chunk)
             .context("encode a column-wise batch")?;
         total += batch.payload.len();
     }
