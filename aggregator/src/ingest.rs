@@ -122,11 +122,47 @@ pub fn endpoint(config: &IngestConfig) -> anyhow::Result<quinn::Endpoint> {
     endpoint_config.cid_generator(move || {
         Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
     });
-    let socket = std::net::UdpSocket::bind(config.listen)
+    let socket = bind_udp(config.listen)
         .with_context(|| format!("bind ingest.listen = {} (UDP)", config.listen))?;
     let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
     quinn::Endpoint::new(endpoint_config, Some(server_config), socket, runtime)
         .with_context(|| format!("start QUIC on {}", config.listen))
+}
+
+/// Receive buffer asked for on the ingest socket. Linux's default (208 KiB) overflows when
+/// many agents' batches arrive at once: every datagram dropped there is a QUIC loss, which
+/// halves a sender's congestion window. quic-go asks for about as much, for the same reason.
+pub const UDP_RECEIVE_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+
+/// Binds the ingest UDP socket with a [`UDP_RECEIVE_BUFFER_BYTES`] receive buffer, or as much
+/// as the kernel allows (`net.core.rmem_max`), and says so when it got less.
+fn bind_udp(listen: std::net::SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(
+        Domain::for_address(listen),
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )?;
+    // Best effort: the kernel caps the size silently and the socket works either way.
+    let _ = socket.set_recv_buffer_size(UDP_RECEIVE_BUFFER_BYTES);
+    let reported = socket.recv_buffer_size().unwrap_or(0);
+    // Linux reports twice the size it grants (the doubling covers its bookkeeping).
+    let granted = if cfg!(target_os = "linux") {
+        reported / 2
+    } else {
+        reported
+    };
+    if granted < UDP_RECEIVE_BUFFER_BYTES {
+        tracing::info!(
+            granted_bytes = granted,
+            wanted_bytes = UDP_RECEIVE_BUFFER_BYTES,
+            "the ingest UDP receive buffer is smaller than wanted; bursts from many agents may be \
+             dropped (QUIC resends them, slower). Raise it with `sysctl -w net.core.rmem_max={}`",
+            UDP_RECEIVE_BUFFER_BYTES
+        );
+    }
+    socket.bind(&listen.into())?;
+    Ok(socket.into())
 }
 
 /// Logs at most one line per `interval_ms` for each key (remote IP and reason), counting what it
@@ -924,5 +960,22 @@ mod tests {
             "another key is not held back"
         );
         assert_eq!(limiter.allow("a", 6_000), Some(2));
+    }
+
+    /// The ingest socket gets the receive buffer asked for, or the kernel's cap.
+    #[test]
+    fn the_ingest_socket_asks_for_a_large_receive_buffer() {
+        let socket = bind_udp("127.0.0.1:0".parse().expect("an address")).expect("bind");
+        let reported = socket2::SockRef::from(&socket)
+            .recv_buffer_size()
+            .expect("SO_RCVBUF");
+        match std::fs::read_to_string("/proc/sys/net/core/rmem_max") {
+            // Linux: the requested size capped at rmem_max, reported doubled.
+            Ok(max) => {
+                let max: usize = max.trim().parse().expect("rmem_max is a number");
+                assert_eq!(reported, 2 * max.min(UDP_RECEIVE_BUFFER_BYTES));
+            }
+            Err(_) => assert!(reported > 0),
+        }
     }
 }

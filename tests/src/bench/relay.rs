@@ -15,6 +15,17 @@ use anyhow::Context;
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
+/// A loopback UDP socket with the receive buffer the aggregator asks for on its own socket: the
+/// relay stands for a network path, and a path that drops bursts at its first hop is not what
+/// the bench measures.
+fn bind_loopback() -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    let _ = socket.set_recv_buffer_size(runnel_aggregator::ingest::UDP_RECEIVE_BUFFER_BYTES);
+    socket.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+    Ok(socket.into())
+}
+
 /// Largest UDP payload; QUIC datagrams on loopback are far smaller.
 const MAX_DATAGRAM_BYTES: usize = 65_535;
 
@@ -58,8 +69,8 @@ pub struct Relay {
 impl Relay {
     /// Binds `127.0.0.1:0` and forwards to `target`.
     pub fn start(target: SocketAddr) -> anyhow::Result<Relay> {
-        let front = std::net::UdpSocket::bind(("127.0.0.1", 0)).context("bind relay socket")?;
-        let back = std::net::UdpSocket::bind(("127.0.0.1", 0)).context("bind relay socket")?;
+        let front = bind_loopback().context("bind relay socket")?;
+        let back = bind_loopback().context("bind relay socket")?;
         back.connect(target)
             .context("connect relay to the aggregator")?;
         front.set_nonblocking(true)?;
