@@ -1144,12 +1144,13 @@ mod tests {
     #[test]
     fn hostile_strings_are_refused() {
         let two = || Texts::Plain(vec!["a".into(), "b".into()]);
-        let numbered = |stem_indexes: Vec<u32>, widths: Vec<u8>, numbers: Vec<u64>| {
+        // One value: stem index, width, number.
+        let numbered = |stem: u32, width: u8, number: u64| {
             Texts::Numbered(Numbered {
                 stems: vec!["u-".into()],
-                stem_indexes,
-                widths,
-                numbers,
+                stem_indexes: vec![stem],
+                widths: vec![width],
+                numbers: vec![number],
             })
         };
         let cases: Vec<(Vec<u32>, Texts, &[u8], &str)> = vec![
@@ -1181,33 +1182,18 @@ mod tests {
             ),
             (vec![1], Texts::Uuids(1), &[0; 15], "15 bytes left"),
             (vec![1], Texts::UuidsV4(1), &[0; 15], "1 values of 2 bytes"),
+            (vec![1], numbered(1, 1, 0), &[], "stem 1 of 1"),
+            (vec![1], numbered(0, 2, 100), &[], "does not fit 2"),
+            (vec![1], numbered(0, 0, 1), &[], "does not fit 0"),
+            (vec![1], numbered(0, 20, 1), &[], "does not fit 20"),
             (
                 vec![1],
-                numbered(vec![1], vec![1], vec![0]),
-                &[],
-                "stem 1 of 1",
-            ),
-            (
-                vec![1],
-                numbered(vec![0], vec![2], vec![100]),
-                &[],
-                "does not fit 2",
-            ),
-            (
-                vec![1],
-                numbered(vec![0], vec![0], vec![1]),
-                &[],
-                "does not fit 0",
-            ),
-            (
-                vec![1],
-                numbered(vec![0], vec![20], vec![1]),
-                &[],
-                "does not fit 20",
-            ),
-            (
-                vec![1],
-                numbered(vec![0, 0], vec![1], vec![1]),
+                Texts::Numbered(Numbered {
+                    stems: vec!["u-".into()],
+                    stem_indexes: vec![0, 0],
+                    widths: vec![1],
+                    numbers: vec![1],
+                }),
                 &[],
                 "2 stems, 1 widths",
             ),
