@@ -1,4 +1,4 @@
-//! The reliability suite: the guarantees of `../shared/DESIGN.md` under faults. Every scenario
+//! The reliability suite: the guarantees of ARCHITECTURE.md under faults. Every scenario
 //! runs the real agent and aggregator binaries under load, injects a fault (SIGKILL of either
 //! process, a cut or lossy link through [`FaultProxy`], a full disk, overload), lets everything
 //! recover by itself, and has the [`Referee`] compare by event id what the sources had

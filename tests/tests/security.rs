@@ -1,4 +1,4 @@
-//! Security checks of the ingest endpoint (DESIGN.md guarantee 5: only enrolled agents get in).
+//! Security checks of the ingest endpoint (ARCHITECTURE.md guarantee 5: only enrolled agents get in).
 //!
 //! An agent's identity is the common name of its client certificate, verified against the fleet
 //! CA during the QUIC/TLS handshake; no message carries an agent id the aggregator believes
