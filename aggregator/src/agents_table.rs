@@ -18,7 +18,7 @@ use datafusion::logical_expr::{Expr, TableType};
 use datafusion::physical_plan::ExecutionPlan;
 
 use crate::fleet::{AgentInfo, Fleet};
-use crate::ingest::ConnectedAgents;
+use crate::registry::ConnectedAgents;
 use crate::wal::WeakWal;
 
 static AGENTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {

@@ -9,13 +9,12 @@
 //! heartbeats). Every further bidirectional stream carries one batch and gets one ack. Streams
 //! are read concurrently; a per-connection [`IngestSequencer`] hands batches to the WAL writer in
 //! chain order; the ack is written after the WAL commit. A malformed frame or batch closes that
-//! connection only. [`ConnectedAgents`] records who is connected and what they report, for
-//! status; nothing reads it to make a decision.
+//! connection only. Each connection registers in [`crate::registry`] after its Welcome (who,
+//! from where, what it stored and reports) and wakes the fleet driver, which decides on what the
+//! registry holds; this module only writes it.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -24,8 +23,8 @@ use runnel_common::frame;
 use runnel_common::limits::{MAX_CONTROL_FRAME_BYTES, MAX_FRAME_BYTES};
 use runnel_common::session::{IngestSequencer, negotiate_version};
 use runnel_common::wire::{
-    Ack, AckMessage, AckOutcome, AgentMessage, AggregatorMessage, BatchMessage, ConfigPush,
-    FLEET_PROTOCOL_VERSION, PROTOCOL_VERSION, Status, Welcome,
+    Ack, AckMessage, AckOutcome, AgentMessage, AggregatorMessage, BatchMessage,
+    FLEET_PROTOCOL_VERSION, PROTOCOL_VERSION, Welcome,
 };
 use runnel_config::IngestConfig;
 use rustls_pki_types::CertificateDer;
@@ -34,14 +33,14 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
-use crate::fleet::FleetEvent;
+use crate::registry::{AgentConnection, FleetEvent, NewConnection};
+// Temporary: `query` and `run` still name the registry through this module. Remove once they
+// import `crate::registry::ConnectedAgents` themselves.
+pub use crate::registry::ConnectedAgents;
 use crate::wal::{CommitError, CommitOutcome, CommitRequest, Wal};
 
 /// How long an agent has to send its Hello after the handshake.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Heartbeat interval announced to agents unless `fleet.heartbeat_interval_ms` says otherwise.
-const HEARTBEAT_INTERVAL_MS: u32 = 5_000;
 
 /// Messages waiting for the control stream's writer (config pushes): a push is large and rare.
 const CONTROL_QUEUE: usize = 4;
@@ -226,279 +225,6 @@ fn load_certs(path: &std::path::Path) -> anyhow::Result<Vec<CertificateDer<'stat
     Ok(certs)
 }
 
-/// The agents connected right now, by connection (an agent that reconnects may briefly hold
-/// two), and counters since start.
-#[derive(Debug, Default)]
-pub struct ConnectedAgents {
-    connections: std::sync::Mutex<BTreeMap<usize, Arc<AgentConnection>>>,
-    n_connections_total: AtomicU64,
-    n_batches_stored: AtomicU64,
-    n_events_stored: AtomicU64,
-    /// Where connections, statuses and config results go (the fleet driver), once it runs.
-    fleet: std::sync::OnceLock<mpsc::Sender<FleetEvent>>,
-    /// Heartbeat interval announced in the Welcome (0: [`HEARTBEAT_INTERVAL_MS`]).
-    heartbeat_interval_ms: std::sync::atomic::AtomicU32,
-}
-
-/// One agent connection: who, from where, and what it stored and reported.
-#[derive(Debug)]
-pub struct AgentConnection {
-    agent_id: Arc<str>,
-    remote: SocketAddr,
-    agent_version: String,
-    connected_unix_ms: i64,
-    n_batches_stored: AtomicU64,
-    n_events_stored: AtomicU64,
-    /// From the last heartbeat (0 before the first).
-    last_heartbeat_unix_ms: AtomicI64,
-    n_buffered_events: AtomicU64,
-    buffered_bytes: AtomicU64,
-    oldest_unshipped_age_ms: AtomicU64,
-    n_dropped_events: AtomicU64,
-    /// From the Hello.
-    labels: BTreeMap<String, String>,
-    protocol_version: u16,
-    hello_config_hash: String,
-    /// The last protocol 2 [`Status`], if any.
-    status: std::sync::Mutex<Option<Status>>,
-    /// The control stream's single writer (protocol 2 config pushes).
-    control: mpsc::Sender<AggregatorMessage>,
-}
-
-/// One component's health, as the agent last reported it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(default)]
-pub struct ComponentSnapshot {
-    pub name: String,
-    pub healthy: bool,
-    pub detail: String,
-}
-
-/// A copy of one [`AgentConnection`] at one moment.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(default)]
-pub struct AgentConnectionSnapshot {
-    pub agent_id: String,
-    pub remote: String,
-    pub agent_version: String,
-    pub connected_since_unix_ms: i64,
-    /// Batches and new (not replayed) events committed on this connection.
-    pub n_batches_stored: u64,
-    pub n_events_stored: u64,
-    pub last_heartbeat_unix_ms: Option<i64>,
-    /// The agent's buffer as of its last heartbeat.
-    pub n_buffered_events: Option<u64>,
-    pub buffered_bytes: Option<u64>,
-    pub oldest_unshipped_age_ms: Option<u64>,
-    /// Events dropped since the agent started (all reasons).
-    pub n_dropped_events: Option<u64>,
-    pub labels: BTreeMap<String, String>,
-    pub protocol_version: u16,
-    /// Hash of the effective config: from the last status, else from the Hello.
-    pub config_hash: String,
-    /// Managed config version from the last status (protocol 2; 0: bootstrap only).
-    pub config_version: Option<u64>,
-    /// Drops by reason and other counters since the agent started (protocol 2).
-    pub drops: BTreeMap<String, u64>,
-    pub counters: BTreeMap<String, u64>,
-    pub components: Vec<ComponentSnapshot>,
-    /// All components healthy (protocol 2 status received), else unknown.
-    pub healthy: Option<bool>,
-}
-
-/// Counters of all connections since start, and the connections open now.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(default)]
-pub struct IngestSnapshot {
-    pub n_connections_total: u64,
-    pub n_batches_stored: u64,
-    pub n_events_stored: u64,
-    pub agents: Vec<AgentConnectionSnapshot>,
-}
-
-impl ConnectedAgents {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<usize, Arc<AgentConnection>>> {
-        // Plain data: a panic while holding the lock leaves nothing half-done.
-        self.connections
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    pub fn snapshot(&self) -> IngestSnapshot {
-        let mut agents: Vec<AgentConnectionSnapshot> = self
-            .lock()
-            .values()
-            .map(|connection| {
-                let heartbeat_ms = connection.last_heartbeat_unix_ms.load(Ordering::Relaxed);
-                let heard = heartbeat_ms != 0;
-                let status = connection
-                    .status
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .clone();
-                AgentConnectionSnapshot {
-                    agent_id: connection.agent_id.to_string(),
-                    remote: connection.remote.to_string(),
-                    agent_version: connection.agent_version.clone(),
-                    connected_since_unix_ms: connection.connected_unix_ms,
-                    n_batches_stored: connection.n_batches_stored.load(Ordering::Relaxed),
-                    n_events_stored: connection.n_events_stored.load(Ordering::Relaxed),
-                    last_heartbeat_unix_ms: heard.then_some(heartbeat_ms),
-                    n_buffered_events: heard
-                        .then(|| connection.n_buffered_events.load(Ordering::Relaxed)),
-                    buffered_bytes: heard
-                        .then(|| connection.buffered_bytes.load(Ordering::Relaxed)),
-                    oldest_unshipped_age_ms: heard
-                        .then(|| connection.oldest_unshipped_age_ms.load(Ordering::Relaxed)),
-                    n_dropped_events: heard
-                        .then(|| connection.n_dropped_events.load(Ordering::Relaxed)),
-                    labels: connection.labels.clone(),
-                    protocol_version: connection.protocol_version,
-                    config_hash: status.as_ref().map_or_else(
-                        || connection.hello_config_hash.clone(),
-                        |status| status.config_hash.clone(),
-                    ),
-                    config_version: status.as_ref().map(|status| status.config_version),
-                    drops: status
-                        .as_ref()
-                        .map(|status| status.drops.clone())
-                        .unwrap_or_default(),
-                    counters: status
-                        .as_ref()
-                        .map(|status| status.counters.clone())
-                        .unwrap_or_default(),
-                    components: status
-                        .as_ref()
-                        .map(|status| {
-                            status
-                                .components
-                                .iter()
-                                .map(|c| ComponentSnapshot {
-                                    name: c.name.clone(),
-                                    healthy: c.healthy,
-                                    detail: c.detail.clone(),
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default(),
-                    healthy: status
-                        .as_ref()
-                        .map(|status| status.components.iter().all(|c| c.healthy)),
-                }
-            })
-            .collect();
-        agents.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
-        IngestSnapshot {
-            n_connections_total: self.n_connections_total.load(Ordering::Relaxed),
-            n_batches_stored: self.n_batches_stored.load(Ordering::Relaxed),
-            n_events_stored: self.n_events_stored.load(Ordering::Relaxed),
-            agents,
-        }
-    }
-
-    /// Announces `interval_ms` as the heartbeat interval to agents that connect from now on.
-    pub fn set_heartbeat_interval_ms(&self, interval_ms: u32) {
-        self.heartbeat_interval_ms
-            .store(interval_ms, Ordering::Relaxed);
-    }
-
-    fn heartbeat_interval_ms(&self) -> u32 {
-        match self.heartbeat_interval_ms.load(Ordering::Relaxed) {
-            0 => HEARTBEAT_INTERVAL_MS,
-            ms => ms,
-        }
-    }
-
-    /// Sends fleet events to `sink` from now on (once; later calls are ignored).
-    pub fn set_fleet(&self, sink: mpsc::Sender<FleetEvent>) {
-        let _ = self.fleet.set(sink);
-    }
-
-    /// A wake-up for the fleet driver; lost when its queue is full (it also polls).
-    fn notify_fleet(&self, event: FleetEvent) {
-        if let Some(fleet) = self.fleet.get() {
-            let _ = fleet.try_send(event);
-        }
-    }
-
-    /// Queues a config push on the newest protocol 2 connection of `agent_id`. False when the
-    /// agent is not connected on protocol 2 or its control queue is full (retry later).
-    pub fn push_config(&self, agent_id: &str, push: ConfigPush) -> bool {
-        let connection = self
-            .lock()
-            .values()
-            .filter(|c| &*c.agent_id == agent_id && c.protocol_version >= FLEET_PROTOCOL_VERSION)
-            .max_by_key(|c| c.connected_unix_ms)
-            .cloned();
-        match connection {
-            Some(connection) => connection
-                .control
-                .try_send(AggregatorMessage::ConfigPush(push))
-                .is_ok(),
-            None => false,
-        }
-    }
-
-    /// Records a connection until the returned guard drops.
-    fn register(self: &Arc<Self>, connection: AgentConnection, key: usize) -> Registered {
-        let connection = Arc::new(connection);
-        self.n_connections_total.fetch_add(1, Ordering::Relaxed);
-        self.lock().insert(key, Arc::clone(&connection));
-        Registered {
-            agents: Arc::clone(self),
-            key,
-            connection,
-        }
-    }
-}
-
-/// Removes its connection from [`ConnectedAgents`] when dropped, however the connection ends.
-struct Registered {
-    agents: Arc<ConnectedAgents>,
-    key: usize,
-    connection: Arc<AgentConnection>,
-}
-
-impl Drop for Registered {
-    fn drop(&mut self) {
-        self.agents.lock().remove(&self.key);
-    }
-}
-
-impl AgentConnection {
-    fn on_buffer(
-        &self,
-        n_buffered_events: u64,
-        buffered_bytes: u64,
-        oldest_unshipped_age_ms: u64,
-        n_dropped_events: u64,
-    ) {
-        self.n_buffered_events
-            .store(n_buffered_events, Ordering::Relaxed);
-        self.buffered_bytes.store(buffered_bytes, Ordering::Relaxed);
-        self.oldest_unshipped_age_ms
-            .store(oldest_unshipped_age_ms, Ordering::Relaxed);
-        self.n_dropped_events
-            .store(n_dropped_events, Ordering::Relaxed);
-        self.last_heartbeat_unix_ms
-            .store(crate::wal::now_unix_ms(), Ordering::Relaxed);
-    }
-
-    fn on_stored(&self, agents: &ConnectedAgents, n_new: u32) {
-        self.n_batches_stored.fetch_add(1, Ordering::Relaxed);
-        self.n_events_stored
-            .fetch_add(u64::from(n_new), Ordering::Relaxed);
-        agents.n_batches_stored.fetch_add(1, Ordering::Relaxed);
-        agents
-            .n_events_stored
-            .fetch_add(u64::from(n_new), Ordering::Relaxed);
-        metrics::counter!("runnel_aggregator_stored_events_total", "agent_id" => self.agent_id.to_string())
-            .increment(u64::from(n_new));
-        metrics::counter!("runnel_aggregator_stored_batches_total", "agent_id" => self.agent_id.to_string())
-            .increment(1);
-    }
-}
-
 /// Runs the accept loop until `shutdown`.
 pub async fn serve(
     endpoint: quinn::Endpoint,
@@ -648,22 +374,13 @@ async fn handle_connection(
     let (control_tx, control_rx) = mpsc::channel::<AggregatorMessage>(CONTROL_QUEUE);
     let mut control_writer = tokio::spawn(write_control(control_send, control_rx));
     let registered = agents.register(
-        AgentConnection {
+        NewConnection {
             agent_id: Arc::clone(&agent_id),
             remote,
             agent_version: hello.agent_version.clone(),
-            connected_unix_ms: crate::wal::now_unix_ms(),
-            n_batches_stored: AtomicU64::new(0),
-            n_events_stored: AtomicU64::new(0),
-            last_heartbeat_unix_ms: AtomicI64::new(0),
-            n_buffered_events: AtomicU64::new(0),
-            buffered_bytes: AtomicU64::new(0),
-            oldest_unshipped_age_ms: AtomicU64::new(0),
-            n_dropped_events: AtomicU64::new(0),
             labels: hello.labels.clone(),
-            protocol_version: version,
             hello_config_hash: hello.config_hash.clone(),
-            status: std::sync::Mutex::new(None),
+            protocol_version: version,
             control: control_tx,
         },
         connection.stable_id(),
@@ -686,7 +403,7 @@ async fn handle_connection(
     let mut control = tokio::spawn(read_control(
         control_recv,
         Arc::clone(&agent_id),
-        Arc::clone(&registered.connection),
+        Arc::clone(registered.connection()),
         Arc::clone(&agents),
     ));
     let result = loop {
@@ -696,7 +413,7 @@ async fn handle_connection(
                     Ok(stream) => stream,
                     Err(error) => break Err(anyhow::Error::new(error).context("connection closed")),
                 };
-                tokio::spawn(handle_batch_stream(connection.clone(), Arc::clone(&agent_id), send, recv, to_sequencer.clone(), Stored { agents: Arc::clone(&agents), connection: Arc::clone(&registered.connection) }));
+                tokio::spawn(handle_batch_stream(connection.clone(), Arc::clone(&agent_id), send, recv, to_sequencer.clone(), Stored { agents: Arc::clone(&agents), connection: Arc::clone(registered.connection()) }));
             }
             ended = &mut control => {
                 let error = match ended {
@@ -763,36 +480,24 @@ async fn read_control(
                 );
             }
             Ok(AgentMessage::Status(status))
-                if connection.protocol_version >= FLEET_PROTOCOL_VERSION =>
+                if connection.protocol_version() >= FLEET_PROTOCOL_VERSION =>
             {
                 tracing::debug!(agent_id = %agent_id, config_hash = %status.config_hash, config_version = status.config_version, n_buffered = status.n_buffered_events, "status");
-                connection.on_buffer(
-                    status.n_buffered_events,
-                    status.buffered_bytes,
-                    status.oldest_unshipped_age_ms,
-                    status.drops.values().sum(),
-                );
-                *connection
-                    .status
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(status);
+                connection.on_status(status);
                 agents.notify_fleet(FleetEvent::Status {
                     agent_id: Arc::clone(&agent_id),
                 });
             }
             Ok(AgentMessage::ConfigResult(result))
-                if connection.protocol_version >= FLEET_PROTOCOL_VERSION =>
+                if connection.protocol_version() >= FLEET_PROTOCOL_VERSION =>
             {
                 tracing::info!(agent_id = %agent_id, version = result.version, hash = %result.hash, outcome = ?result.outcome, "config result");
                 // Not a wake-up: a result must reach the fleet driver, so this waits for room.
-                if let Some(fleet) = agents.fleet.get() {
-                    let event = FleetEvent::ConfigResult {
-                        agent_id: Arc::clone(&agent_id),
-                        result,
-                    };
-                    if fleet.send(event).await.is_err() {
-                        tracing::debug!(agent_id = %agent_id, "fleet driver stopped; config result dropped");
-                    }
+                if !agents
+                    .send_config_result(Arc::clone(&agent_id), result)
+                    .await
+                {
+                    tracing::debug!(agent_id = %agent_id, "fleet driver stopped or not running; config result dropped");
                 }
             }
             Ok(AgentMessage::Hello(_)) => {

@@ -23,7 +23,7 @@ use runnel_config::AggregatorConfig;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::ingest::{ConnectedAgents, IngestSnapshot};
+use crate::registry::{ConnectedAgents, IngestSnapshot};
 use crate::store::EventStore;
 use crate::wal::Wal;
 

@@ -2,10 +2,13 @@
 //! a health gate and rollback, and the desired config version of every agent.
 //!
 //! [`rollout`] decides (sans IO, time passed in); [`Fleet`] holds the state, persists it in
-//! [`store`] (`fleet.db`), and [`drive`] is the thin task that feeds it what ingest reports and
-//! pushes what it decides: each tick it compares every connected protocol 2 agent's reported
-//! config version with its desired one and pushes the desired document when they differ. An
-//! agent offline during a rollout therefore converges when it reconnects.
+//! [`store`] (`fleet.db`), and [`drive`] is the thin task that feeds it what ingest reports
+//! (connections and statuses in [`crate::registry`], wake-ups and config results as
+//! [`FleetEvent`]s) and pushes what it decides: each tick it compares every connected protocol 2
+//! agent's reported config version with its desired one and pushes the desired document when
+//! they differ. An agent offline during a rollout therefore converges when it reconnects.
+//!
+//! It depends on the registry, never on the QUIC server in `ingest`.
 
 pub mod api;
 pub mod cli;
@@ -26,26 +29,12 @@ use runnel_config::managed::{self, Bootstrap, ManagedDocument};
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 
-use crate::ingest::{AgentConnectionSnapshot, ComponentSnapshot, ConnectedAgents};
+use crate::registry::{AgentConnectionSnapshot, ComponentSnapshot, ConnectedAgents, FleetEvent};
 use rollout::{AgentView, Phase, Rollout, RolloutSpec, Sample, SetDesired, Step};
 use selector::Selector;
 use store::{Desired, FleetStore, KnownAgent, StoredFile};
 
-/// What ingest tells the fleet driver.
-#[derive(Debug, Clone)]
-pub enum FleetEvent {
-    /// An agent connected (a wake-up: its state is in [`crate::ingest::ConnectedAgents`]).
-    Connected { agent_id: Arc<str> },
-    /// An agent sent a protocol 2 status (a wake-up, as above).
-    Status { agent_id: Arc<str> },
-    /// An agent answered a config push.
-    ConfigResult {
-        agent_id: Arc<str>,
-        result: ConfigResult,
-    },
-}
-
-/// Queue between ingest and the driver.
+/// Queue between ingest and the driver (of [`FleetEvent`]s, through the registry).
 pub const EVENT_QUEUE: usize = 1024;
 /// How often the driver advances rollouts and reconciles agents.
 const TICK: Duration = Duration::from_millis(500);
