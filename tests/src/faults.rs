@@ -3,8 +3,9 @@
 //! [`FaultProxy`] is a UDP proxy that sits between agent and aggregator and, on the test's
 //! command, drops a percentage of datagrams, delays them, reorders them, sends some twice, limits
 //! the link's bandwidth, or cuts the link completely until it is healed. It sees opaque QUIC
-//! datagrams and knows nothing of the protocol. [`HttpLoad`] and [`MqttPublisher`] are sources
-//! that remember exactly which events the agent (or the broker) acknowledged. The [`Referee`]
+//! datagrams and knows nothing of the protocol. The HTTP load ([`http_load`] on the shared
+//! [`crate::load::Load`]) and [`MqttPublisher`] are sources that remember exactly which events
+//! the agent (or the broker) acknowledged. The [`Referee`]
 //! compares, by event id, what was acknowledged with what the aggregator stored (through SQL
 //! only): lost = acknowledged but not stored, duplicated = stored more than once, and it prints
 //! one summary line per scenario.
@@ -24,6 +25,8 @@ use serde_json::{Value, json};
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 
+pub use crate::load::AckedEvent;
+use crate::load::{GeneratedEvents, LoadConfig, OnTransportError, OtherAnswers, Requests};
 use crate::{TestDir, http_client, poll_until, post_events, query_count, query_rows, test_event};
 
 // ---------------------------------------------------------------------------------------------
@@ -420,225 +423,25 @@ async fn dispatch(shared: &Arc<Shared>, direction: Direction, datagram: &[u8], t
 // ---------------------------------------------------------------------------------------------
 // HTTP load with streams, tolerant of every refusal
 
-/// Configuration of an [`HttpLoad`].
-#[derive(Debug, Clone)]
-pub struct HttpLoadConfig {
-    pub n_clients: usize,
-    /// Event ids are `<prefix>-<client>-<n>`.
-    pub prefix: String,
-    /// Each event's `stream`, taken in turn (several streams per request).
-    pub streams: Vec<String>,
-    /// Events per request, drawn uniformly from this range.
-    pub min_events_per_request: usize,
-    pub max_events_per_request: usize,
-    /// Pause of a client after a refusal (503, 5xx) or a transport error.
-    pub pause_after_refusal_ms: u64,
-    /// Pause of a client after every request (0: none): paces the load.
-    pub pause_between_requests_ms: u64,
-}
-
-impl HttpLoadConfig {
-    pub fn new(n_clients: usize, prefix: &str, streams: &[&str]) -> HttpLoadConfig {
-        HttpLoadConfig {
-            n_clients,
+/// The suite's HTTP load ([`crate::load`]): `n_clients` clients posting 1 to 20 events per request
+/// with ids `<prefix>-<client>-<n>`, each event on the next of `streams`. Unlike
+/// [`LoadConfig::events`] it takes any refusal (503, 500 from a failed commit, a dead agent) as
+/// "not acknowledged", pauses 100 ms and carries on; only an answer that is neither 2xx nor 5xx
+/// fails the test.
+pub fn http_load(n_clients: usize, prefix: &str, streams: &[&str]) -> LoadConfig {
+    assert!(!streams.is_empty(), "an HTTP load needs a stream");
+    let pause_after_refusal = Duration::from_millis(100);
+    LoadConfig {
+        requests: Requests::Events(GeneratedEvents {
             prefix: prefix.to_owned(),
             streams: streams.iter().map(|s| (*s).to_owned()).collect(),
-            min_events_per_request: 1,
-            max_events_per_request: 20,
-            pause_after_refusal_ms: 100,
-            pause_between_requests_ms: 0,
-        }
-    }
-}
-
-/// An event the agent acknowledged: its id, stream, and whether the agent said (in its 200
-/// answer) that a drop policy discarded it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AckedEvent {
-    pub id: String,
-    pub stream: String,
-    pub dropped_in_answer: bool,
-}
-
-#[derive(Default)]
-struct HttpLoadShared {
-    acked: Mutex<Vec<AckedEvent>>,
-    /// Events in every request sent, whatever the answer.
-    n_offered: AtomicU64,
-    n_requests_ok: AtomicU64,
-    /// 503 answers (full buffer, `block`).
-    n_busy: AtomicU64,
-    /// Other 5xx answers (storage failed).
-    n_failed: AtomicU64,
-    /// Requests without an answer (connection refused or reset).
-    n_transport_errors: AtomicU64,
-    last_failure: Mutex<Option<String>>,
-}
-
-/// What an [`HttpLoad`] saw, live or at the end.
-#[derive(Debug, Clone, Default)]
-pub struct HttpLoadCounts {
-    pub n_offered: u64,
-    pub n_acked: u64,
-    pub n_requests_ok: u64,
-    pub n_busy: u64,
-    pub n_failed: u64,
-    pub n_transport_errors: u64,
-    pub last_failure: Option<String>,
-}
-
-/// Concurrent clients posting events with a `stream` to the agent's `/v1/events`, remembering
-/// every event the agent acknowledged. Unlike [`crate::Load`] it takes any refusal (503, 500 from
-/// a failed commit, a dead agent) as "not acknowledged" and carries on, and counts what it
-/// offered while running. Stops when [`HttpLoad::stop`] is called.
-pub struct HttpLoad {
-    stop: Arc<AtomicBool>,
-    shared: Arc<HttpLoadShared>,
-    tasks: Vec<JoinHandle<()>>,
-}
-
-impl HttpLoad {
-    pub fn start(http: SocketAddr, config: HttpLoadConfig) -> HttpLoad {
-        assert!(!config.streams.is_empty(), "an HTTP load needs a stream");
-        let stop = Arc::new(AtomicBool::new(false));
-        let shared = Arc::new(HttpLoadShared::default());
-        let client = http_client();
-        let tasks = (0..config.n_clients)
-            .map(|client_idx| {
-                let stop = stop.clone();
-                let shared = shared.clone();
-                let client = client.clone();
-                let config = config.clone();
-                tokio::spawn(async move {
-                    http_load_client(client, http, client_idx, config, stop, shared).await;
-                })
-            })
-            .collect();
-        HttpLoad {
-            stop,
-            shared,
-            tasks,
-        }
-    }
-
-    pub fn counts(&self) -> HttpLoadCounts {
-        counts_of(&self.shared)
-    }
-
-    /// Stops the clients (each finishes its current request) and returns every acknowledged
-    /// event and the final counts.
-    pub async fn stop(self) -> (Vec<AckedEvent>, HttpLoadCounts) {
-        self.stop.store(true, Ordering::SeqCst);
-        for task in self.tasks {
-            task.await.expect("HTTP load client panicked");
-        }
-        let counts = counts_of(&self.shared);
-        let acked = std::mem::take(&mut *self.shared.acked.lock().expect("acked lock"));
-        (acked, counts)
-    }
-}
-
-fn counts_of(s: &HttpLoadShared) -> HttpLoadCounts {
-    {
-        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-        HttpLoadCounts {
-            n_offered: get(&s.n_offered),
-            n_acked: s.acked.lock().expect("acked lock").len() as u64,
-            n_requests_ok: get(&s.n_requests_ok),
-            n_busy: get(&s.n_busy),
-            n_failed: get(&s.n_failed),
-            n_transport_errors: get(&s.n_transport_errors),
-            last_failure: s.last_failure.lock().expect("failure lock").clone(),
-        }
-    }
-}
-
-async fn http_load_client(
-    client: reqwest::Client,
-    http: SocketAddr,
-    client_idx: usize,
-    config: HttpLoadConfig,
-    stop: Arc<AtomicBool>,
-    shared: Arc<HttpLoadShared>,
-) {
-    let pause = Duration::from_millis(config.pause_after_refusal_ms);
-    let mut event_idx = 0u64;
-    let mut stream_idx = client_idx;
-    while !stop.load(Ordering::SeqCst) {
-        let n_events =
-            fastrand::usize(config.min_events_per_request..=config.max_events_per_request);
-        let mut batch = Vec::with_capacity(n_events);
-        let mut events = Vec::with_capacity(n_events);
-        for _ in 0..n_events {
-            let id = format!("{}-{client_idx}-{event_idx}", config.prefix);
-            event_idx += 1;
-            let stream = config.streams[stream_idx % config.streams.len()].clone();
-            stream_idx += 1;
-            let mut event = test_event(&id);
-            event["stream"] = Value::String(stream.clone());
-            events.push(event);
-            batch.push((id, stream));
-        }
-        shared
-            .n_offered
-            .fetch_add(n_events as u64, Ordering::Relaxed);
-        let failure = match post_events(&client, http, &events).await {
-            Ok(outcome) if outcome.status == 200 => {
-                let n_accepted = outcome.body["accepted"].as_u64();
-                let n_dropped = outcome.body["dropped"].as_u64().unwrap_or(0);
-                assert_eq!(
-                    n_accepted,
-                    Some(n_events as u64),
-                    "200 answer does not count the events: {}",
-                    outcome.body
-                );
-                // A drop policy drops a request's events all together or not at all.
-                assert!(
-                    n_dropped == 0 || n_dropped == n_events as u64,
-                    "200 answer drops part of a request: {}",
-                    outcome.body
-                );
-                shared.n_requests_ok.fetch_add(1, Ordering::Relaxed);
-                shared
-                    .acked
-                    .lock()
-                    .expect("acked lock")
-                    .extend(batch.into_iter().map(|(id, stream)| AckedEvent {
-                        id,
-                        stream,
-                        dropped_in_answer: n_dropped > 0,
-                    }));
-                None
-            }
-            Ok(outcome) if outcome.status == 503 => {
-                shared.n_busy.fetch_add(1, Ordering::Relaxed);
-                Some(format!("HTTP 503: {}", outcome.body))
-            }
-            Ok(outcome) if outcome.status >= 500 => {
-                shared.n_failed.fetch_add(1, Ordering::Relaxed);
-                Some(format!("HTTP {}: {}", outcome.status, outcome.body))
-            }
-            Ok(outcome) => panic!(
-                "agent answered HTTP {} to valid events: {}",
-                outcome.status, outcome.body
-            ),
-            Err(error) => {
-                shared.n_transport_errors.fetch_add(1, Ordering::Relaxed);
-                Some(format!("{error:#}"))
-            }
-        };
-        let refused = match &failure {
-            Some(text) => {
-                *shared.last_failure.lock().expect("failure lock") = Some(text.clone());
-                true
-            }
-            None => false,
-        };
-        if refused {
-            tokio::time::sleep(pause).await;
-        } else if config.pause_between_requests_ms > 0 {
-            tokio::time::sleep(Duration::from_millis(config.pause_between_requests_ms)).await;
-        }
+            events_per_request: 1..=20,
+        }),
+        pause_after_busy: pause_after_refusal,
+        pause_after_failure: pause_after_refusal,
+        on_transport_error: OnTransportError::Continue,
+        other_answers: OtherAnswers::CountServerErrors,
+        ..LoadConfig::events(n_clients, prefix)
     }
 }
 
@@ -1011,7 +814,7 @@ impl Referee {
         }
     }
 
-    /// Events an [`HttpLoad`] or a probe saw acknowledged.
+    /// Events an HTTP [`crate::Load`] or a probe saw acknowledged.
     pub fn add_acked_events(&mut self, events: impl IntoIterator<Item = AckedEvent>) {
         for event in events {
             self.insert(event.id, event.stream, event.dropped_in_answer);

@@ -18,7 +18,6 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,6 +25,9 @@ use anyhow::Context;
 use serde_json::{Value, json};
 
 pub mod faults;
+pub mod load;
+
+pub use load::{Load, LoadReport};
 
 /// How long a process may take to write its runtime file after it was spawned. Generous: debug
 /// builds on 2 shared cores start slowly, and a timeout here only delays a failure.
@@ -986,7 +988,7 @@ pub async fn post_body(
     http: SocketAddr,
     body: impl Into<reqwest::Body>,
 ) -> anyhow::Result<PostOutcome> {
-    let url = format!("http://{http}/v1/events");
+    let url = format!("http://{http}{}", load::EVENTS_PATH);
     let response = client
         .post(&url)
         .header("content-type", "application/json")
@@ -1305,128 +1307,7 @@ pub async fn query_strings(addr: SocketAddr, sql: &str) -> anyhow::Result<Vec<St
 }
 
 // ---------------------------------------------------------------------------------------------
-// Load: clients posting continuously, remembering what was acknowledged
-
-/// Concurrent clients that post small batches of uniquely named events until stopped, and record
-/// every event id the agent acknowledged (HTTP 200).
-pub struct Load {
-    stop: Arc<AtomicBool>,
-    acked: Arc<Mutex<Vec<String>>>,
-    tasks: Vec<tokio::task::JoinHandle<ClientReport>>,
-}
-
-/// What one load client saw.
-#[derive(Debug, Default)]
-pub struct ClientReport {
-    pub n_requests_ok: u64,
-    pub n_requests_failed: u64,
-    pub n_busy: u64,
-    pub last_failure: Option<String>,
-}
-
-/// Everything the load saw once stopped.
-#[derive(Debug)]
-pub struct LoadReport {
-    pub acked: BTreeSet<String>,
-    pub clients: Vec<ClientReport>,
-}
-
-impl Load {
-    /// Starts `n_clients` clients posting to `http`; event ids are `<prefix>-<client>-<n>`. A
-    /// client stops at its first transport error (the agent is gone) unless `retry_errors`.
-    pub fn start(http: SocketAddr, n_clients: usize, prefix: &str, retry_errors: bool) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let acked = Arc::new(Mutex::new(Vec::new()));
-        let client = http_client();
-        let tasks = (0..n_clients)
-            .map(|client_idx| {
-                let stop = stop.clone();
-                let acked = acked.clone();
-                let client = client.clone();
-                let prefix = format!("{prefix}-{client_idx}");
-                tokio::spawn(async move {
-                    load_client(client, http, prefix, stop, acked, retry_errors).await
-                })
-            })
-            .collect();
-        Load { stop, acked, tasks }
-    }
-
-    /// Number of events acknowledged so far.
-    pub fn n_acked(&self) -> usize {
-        self.acked.lock().expect("acked lock").len()
-    }
-
-    /// Stops the clients and returns what they saw.
-    pub async fn stop(self) -> LoadReport {
-        self.stop.store(true, Ordering::SeqCst);
-        let mut clients = Vec::new();
-        for task in self.tasks {
-            clients.push(task.await.expect("load client panicked"));
-        }
-        let acked: Vec<String> = std::mem::take(&mut *self.acked.lock().expect("acked lock"));
-        let n_acked = acked.len();
-        let acked: BTreeSet<String> = acked.into_iter().collect();
-        assert_eq!(
-            acked.len(),
-            n_acked,
-            "an event id was acknowledged twice: the load is broken"
-        );
-        LoadReport { acked, clients }
-    }
-}
-
-async fn load_client(
-    client: reqwest::Client,
-    http: SocketAddr,
-    prefix: String,
-    stop: Arc<AtomicBool>,
-    acked: Arc<Mutex<Vec<String>>>,
-    retry_errors: bool,
-) -> ClientReport {
-    let mut report = ClientReport::default();
-    let mut event_idx = 0u64;
-    while !stop.load(Ordering::SeqCst) {
-        let n_events = fastrand::usize(1..=20);
-        let ids: Vec<String> = (0..n_events)
-            .map(|i| format!("{prefix}-{}", event_idx + i as u64))
-            .collect();
-        event_idx += n_events as u64;
-        let events: Vec<Value> = ids.iter().map(|id| test_event(id)).collect();
-        match post_events(&client, http, &events).await {
-            Ok(outcome) if outcome.status == 200 => {
-                assert_eq!(
-                    outcome.body["accepted"].as_u64(),
-                    Some(n_events as u64),
-                    "200 answer does not count the events: {}",
-                    outcome.body
-                );
-                report.n_requests_ok += 1;
-                acked.lock().expect("acked lock").extend(ids);
-            }
-            Ok(outcome) if outcome.status == 503 => {
-                // Backpressure: the ids of this request were not acknowledged; new ids next time.
-                report.n_busy += 1;
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Ok(outcome) => {
-                panic!(
-                    "agent answered HTTP {} to valid events: {}",
-                    outcome.status, outcome.body
-                )
-            }
-            Err(error) => {
-                report.n_requests_failed += 1;
-                report.last_failure = Some(format!("{error:#}"));
-                if !retry_errors {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-    report
-}
+// Refereeing by event id
 
 /// Event ids stored more than once, as `id xN` (should always be empty).
 pub async fn duplicate_event_ids(query_addr: SocketAddr) -> anyhow::Result<Vec<String>> {

@@ -276,9 +276,9 @@ async fn agent_sigkill_loses_no_acknowledged_event() {
         .await
         .expect("count");
     eprintln!(
-        "agent killed: {} events acknowledged, {n_stored_at_kill} stored; clients: {:?}",
+        "agent killed: {} events acknowledged, {n_stored_at_kill} stored; clients saw: {:?}",
         report.acked.len(),
-        report.clients
+        report.counts
     );
 
     fleet.agent.restart();
@@ -442,9 +442,9 @@ async fn aggregator_sigkill_and_restart_loses_nothing() {
         .await;
     let report = load.stop().await;
     eprintln!(
-        "{} events acknowledged; clients: {:?}",
+        "{} events acknowledged; clients saw: {:?}",
         report.acked.len(),
-        report.clients
+        report.counts
     );
     fleet.agent.assert_running();
 

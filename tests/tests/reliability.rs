@@ -21,9 +21,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use runnel_tests::faults::{
-    FaultProxy, Faults, HttpLoad, HttpLoadConfig, MqttPublisher, MqttStream, RECOVERY_BOUND,
-    Referee, SmallDisk, probe_recovery,
+    FaultProxy, Faults, MqttPublisher, MqttStream, RECOVERY_BOUND, Referee, SmallDisk, http_load,
+    probe_recovery,
 };
+use runnel_tests::load::LoadConfig;
 use runnel_tests::{
     AgentExtra, AgentOptions, AgentProcess, AggregatorOptions, AggregatorProcess, Certs, Load,
     TestDir, Uplink, binaries, poll_until, query_count, with_table_keys,
@@ -608,11 +609,11 @@ async fn loss_and_reordering_on_the_link() {
     referee.note("faults", faults.describe().replace(' ', ","));
     // Paced below what the lossy link carries: the fault under test is loss and reordering,
     // not overload (which would grow a backlog that the probe then waits behind).
-    let load = HttpLoad::start(
+    let load = Load::start_with(
         rig.agent.http_addr(),
-        HttpLoadConfig {
-            pause_between_requests_ms: 5,
-            ..HttpLoadConfig::new(3, "l", &["default"])
+        LoadConfig {
+            pause_between_requests: Duration::from_millis(5),
+            ..http_load(3, "l", &["default"])
         },
     );
     rig.wait_stored_at_least(300, "300 events stored on a clean link")
@@ -637,8 +638,8 @@ async fn loss_and_reordering_on_the_link() {
     rig.proxy().clear();
     let cleared = Instant::now();
     rig.probe(&mut referee, "l", cleared).await;
-    let (acked, _) = load.stop().await;
-    referee.add_acked_events(acked);
+    let report = load.stop().await;
+    referee.add_acked_events(report.acked_events);
     let stats = rig.proxy().stats();
     assert!(
         stats.n_dropped_random > 0 && stats.n_duplicated > 0 && stats.n_delayed > 0,
@@ -680,11 +681,11 @@ async fn disk_full_then_freed() {
     let mut rig = Rig::start("rel-disk-full", spec).await;
     let mut referee = new_referee(&scale, &format!("disk_full_x{}", scale.n_disk_full_cycles));
     // Paced: the disk is small, and every acknowledged event is checked at the end.
-    let load = HttpLoad::start(
+    let load = Load::start_with(
         rig.agent.http_addr(),
-        HttpLoadConfig {
-            pause_between_requests_ms: 5,
-            ..HttpLoadConfig::new(4, "d", &["default"])
+        LoadConfig {
+            pause_between_requests: Duration::from_millis(5),
+            ..http_load(4, "d", &["default"])
         },
     );
     let disk = rig.disk.as_ref().expect("the rig has a small disk");
@@ -761,8 +762,9 @@ async fn disk_full_then_freed() {
         let freed = Instant::now();
         rig.probe(&mut referee, &format!("d{cycle}"), freed).await;
     }
-    let (acked, counts) = load.stop().await;
-    referee.add_acked_events(acked);
+    let report = load.stop().await;
+    let counts = report.counts;
+    referee.add_acked_events(report.acked_events);
     referee.note("refused_5xx", counts.n_failed);
     let verdict = referee.settle(&rig.dir, rig.query_addr()).await;
     verdict.assert_lossless();
@@ -829,10 +831,7 @@ async fn overload_ten_times_with_block() {
     let mut referee = new_referee(&scale, "overload_10x_block");
     let query_addr = rig.query_addr();
     let n_stored_before = rig.n_stored().await.expect("count");
-    let load = HttpLoad::start(
-        rig.agent.http_addr(),
-        HttpLoadConfig::new(48, "o", &["default"]),
-    );
+    let load = Load::start_with(rig.agent.http_addr(), http_load(48, "o", &["default"]));
     let started = Instant::now();
     // Overloaded: the buffer is full (503s) and clients offered at least 10 times what was
     // shipped meanwhile, for at least `scale.overload`.
@@ -861,9 +860,10 @@ async fn overload_ten_times_with_block() {
         )
         .await;
     let overload_for = started.elapsed();
-    let (acked, counts) = load.stop().await;
+    let report = load.stop().await;
+    let counts = report.counts;
     let n_shipped = rig.n_stored().await.expect("count") - n_stored_before;
-    referee.add_acked_events(acked);
+    referee.add_acked_events(report.acked_events);
     // The overload ends with the load; the link is fast again, so the backlog drains.
     rig.proxy().clear();
     let ended = Instant::now();
@@ -897,20 +897,21 @@ async fn drop_policy_scenario(when_full: &str, priorities: &str, scenario: &str)
     .await;
     rig.proxy().set(slow_link());
     let mut referee = new_referee(&scale, scenario);
-    let load = HttpLoad::start(
+    let load = Load::start_with(
         rig.agent.http_addr(),
-        HttpLoadConfig::new(8, "p", &["web", "iot", "audit"]),
+        http_load(8, "p", &["web", "iot", "audit"]),
     );
     let n_offered = scale.n_offered_to_drop;
     wait_acked(
         &rig.dir,
         &format!("{n_offered} events acknowledged"),
         n_offered as usize,
-        || load.counts().n_acked as usize,
+        || load.counts().n_events_acked as usize,
     )
     .await;
-    let (acked, counts) = load.stop().await;
-    referee.add_acked_events(acked);
+    let report = load.stop().await;
+    let counts = report.counts;
+    referee.add_acked_events(report.acked_events);
     // The buffer's size on disk at the end of the overload, against buffer.max_bytes = 1 MiB.
     referee.note("buffer_file_bytes", buffer_file_bytes(&rig));
     rig.proxy().clear();

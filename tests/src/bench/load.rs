@@ -1,16 +1,21 @@
-//! The load generator and the query-side measurements.
+//! The benchmark's side of the load: request bodies built before the clock starts, the
+//! benchmark's settings of the shared generator ([`runnel_tests::load`]), and the query-side
+//! measurements.
 //!
-//! Request bodies are built before the clock starts, so the generator spends its CPU on HTTP
-//! only. `n_clients` tasks share one keep-alive connection pool and take the next body from a
-//! shared index until all are sent or the deadline passes. A request counts as acknowledged on a
-//! 2xx; a 503 (buffer full) is retried after a short pause, as a well-behaved client would.
+//! Bodies are built before the clock starts, so the generator spends its CPU on HTTP only.
+//! `n_clients` clients share one keep-alive connection pool and take the next body from a shared
+//! index until all are sent or the deadline passes. A request counts as acknowledged on a 2xx; a
+//! 503 (buffer full) is retried after a short pause, as a well-behaved client would.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+pub use runnel_tests::load::{Body, EVENTS_PATH, LoadReport};
+use runnel_tests::load::{
+    Load, LoadConfig, OnTransportError, OtherAnswers, PreparedBodies, Requests,
+};
 use serde_json::{Value, json};
 
 /// Per-request timeout: a hung request is a finding, not something to wait for forever.
@@ -28,12 +33,6 @@ pub fn http_client(n_clients: usize) -> reqwest::Client {
         .pool_max_idle_per_host(n_clients)
         .build()
         .expect("build HTTP client")
-}
-
-/// One request body and the number of events in it.
-pub struct Body {
-    pub json: String,
-    pub n_events: usize,
 }
 
 /// Bodies of `events_per_request` events: a plain object for 1, a JSON array otherwise.
@@ -54,27 +53,8 @@ pub fn bodies(events: &[String], events_per_request: usize) -> Vec<Body> {
         .collect()
 }
 
-#[derive(Debug, Default)]
-pub struct LoadResult {
-    pub n_events_acked: u64,
-    pub n_requests_acked: u64,
-    /// Body bytes of acknowledged requests.
-    pub json_bytes_acked: u64,
-    pub n_busy: u64,
-    pub n_transport_errors: u64,
-    pub n_other_status: u64,
-    pub last_error: Option<String>,
-    /// Latency of every acknowledged request (send to full response), microseconds.
-    pub ack_latencies_us: Vec<u64>,
-    pub elapsed: Duration,
-    /// False when the deadline stopped the load before every body was sent.
-    pub complete: bool,
-}
-
-/// Path of the agent's generic JSON endpoint.
-pub const EVENTS_PATH: &str = "/v1/events";
-
-/// Sends every body as a `POST` to `path` on the agent, from `n_clients` concurrent clients.
+/// Sends every body as a `POST` to `path` on the agent, from `n_clients` concurrent clients,
+/// until all are sent or `time_limit` passed. Every answer and error is counted, none fails.
 pub async fn run(
     client: &reqwest::Client,
     http: SocketAddr,
@@ -82,109 +62,22 @@ pub async fn run(
     bodies: Arc<Vec<Body>>,
     n_clients: usize,
     time_limit: Duration,
-) -> LoadResult {
-    let next = Arc::new(AtomicUsize::new(0));
-    let started = Instant::now();
-    let deadline = started + time_limit;
-    let url = format!("http://{http}{path}");
-    let tasks: Vec<_> = (0..n_clients)
-        .map(|_| {
-            let client = client.clone();
-            let bodies = Arc::clone(&bodies);
-            let next = Arc::clone(&next);
-            let url = url.clone();
-            tokio::spawn(async move { client_loop(&client, &url, &bodies, &next, deadline).await })
-        })
-        .collect();
-    let mut total = LoadResult::default();
-    for task in tasks {
-        let part = match task.await {
-            Ok(part) => part,
-            Err(error) => LoadResult {
-                last_error: Some(format!("load client task failed: {error}")),
-                ..LoadResult::default()
-            },
-        };
-        total.n_events_acked += part.n_events_acked;
-        total.n_requests_acked += part.n_requests_acked;
-        total.json_bytes_acked += part.json_bytes_acked;
-        total.n_busy += part.n_busy;
-        total.n_transport_errors += part.n_transport_errors;
-        total.n_other_status += part.n_other_status;
-        if part.last_error.is_some() {
-            total.last_error = part.last_error;
-        }
-        total.ack_latencies_us.extend(part.ack_latencies_us);
-    }
-    total.elapsed = started.elapsed();
-    total.complete = next.load(Ordering::SeqCst) >= bodies.len() && Instant::now() < deadline;
-    total.ack_latencies_us.sort_unstable();
-    total
-}
-
-async fn client_loop(
-    client: &reqwest::Client,
-    url: &str,
-    bodies: &[Body],
-    next: &AtomicUsize,
-    deadline: Instant,
-) -> LoadResult {
-    let mut result = LoadResult::default();
-    'bodies: loop {
-        let body_idx = next.fetch_add(1, Ordering::Relaxed);
-        let Some(body) = bodies.get(body_idx) else {
-            break;
-        };
-        let mut n_transport_retries = 0;
-        loop {
-            if Instant::now() >= deadline {
-                break 'bodies;
-            }
-            let sent = Instant::now();
-            let outcome = client
-                .post(url)
-                .header("content-type", "application/json")
-                .body(body.json.clone())
-                .send()
-                .await;
-            let response = match outcome {
-                Ok(response) => response,
-                Err(error) => {
-                    result.n_transport_errors += 1;
-                    result.last_error = Some(format!("{error:#}"));
-                    n_transport_retries += 1;
-                    if n_transport_retries > MAX_TRANSPORT_RETRIES {
-                        continue 'bodies;
-                    }
-                    continue;
-                }
-            };
-            let status = response.status();
-            // Read the whole answer: the ack is complete when the client has it.
-            let text = response.bytes().await;
-            let latency = sent.elapsed();
-            if status.is_success() && text.is_ok() {
-                result.n_events_acked += body.n_events as u64;
-                result.n_requests_acked += 1;
-                result.json_bytes_acked += body.json.len() as u64;
-                result.ack_latencies_us.push(latency.as_micros() as u64);
-                continue 'bodies;
-            }
-            if status.as_u16() == 503 {
-                result.n_busy += 1;
-                tokio::time::sleep(BUSY_RETRY_PAUSE).await;
-                continue;
-            }
-            result.n_other_status += 1;
-            result.last_error = Some(format!(
-                "HTTP {status}: {}",
-                text.map(|b| String::from_utf8_lossy(&b).into_owned())
-                    .unwrap_or_default()
-            ));
-            continue 'bodies;
-        }
-    }
-    result
+) -> LoadReport {
+    let config = LoadConfig {
+        requests: Requests::Bodies(PreparedBodies {
+            bodies,
+            max_transport_retries: MAX_TRANSPORT_RETRIES,
+            check_answers: false,
+        }),
+        pause_after_busy: BUSY_RETRY_PAUSE,
+        pause_after_failure: Duration::ZERO,
+        on_transport_error: OnTransportError::Continue,
+        other_answers: OtherAnswers::CountAll,
+        time_limit: Some(time_limit),
+        client: Some(client.clone()),
+        ..LoadConfig::bodies(n_clients, path, Arc::default())
+    };
+    Load::start_with(http, config).finish().await
 }
 
 /// Nearest-rank percentile of sorted values (`p` in 0..=100).

@@ -171,7 +171,7 @@ fn main() -> ExitCode {
 struct ScenarioResult {
     /// Column header, such as "1 event/request".
     label: String,
-    load: load::LoadResult,
+    load: load::LoadReport,
     /// From the start of the load until `count(*)` showed every acknowledged event.
     queryable_after: Result<Duration, u64>,
     edge_latencies_ms: Result<Vec<u64>, String>,
@@ -188,25 +188,25 @@ struct ScenarioResult {
 
 impl ScenarioResult {
     fn acked_per_s(&self) -> f64 {
-        self.load.n_events_acked as f64 / self.load.elapsed.as_secs_f64().max(1e-9)
+        self.load.counts.n_events_acked as f64 / self.load.elapsed.as_secs_f64().max(1e-9)
     }
 
     fn queryable_per_s(&self) -> Option<f64> {
         let after = self.queryable_after.as_ref().ok()?;
-        Some(self.load.n_events_acked as f64 / after.as_secs_f64().max(1e-9))
+        Some(self.load.counts.n_events_acked as f64 / after.as_secs_f64().max(1e-9))
     }
 
     fn json_bytes_per_event(&self) -> f64 {
-        self.load.json_bytes_acked as f64 / self.load.n_events_acked.max(1) as f64
+        self.load.counts.json_bytes_acked as f64 / self.load.counts.n_events_acked.max(1) as f64
     }
 
     fn wire_bytes_per_event(&self) -> f64 {
         (self.traffic.up_bytes + self.traffic.down_bytes) as f64
-            / self.load.n_events_acked.max(1) as f64
+            / self.load.counts.n_events_acked.max(1) as f64
     }
 
     fn up_bytes_per_event(&self) -> f64 {
-        self.traffic.up_bytes as f64 / self.load.n_events_acked.max(1) as f64
+        self.traffic.up_bytes as f64 / self.load.counts.n_events_acked.max(1) as f64
     }
 }
 
@@ -413,9 +413,9 @@ async fn run_scenario(
     )
     .await;
     anyhow::ensure!(
-        warmed.n_events_acked == 1,
+        warmed.counts.n_events_acked == 1,
         "warm-up event not acknowledged: {:?}",
-        warmed.last_error
+        warmed.counts.last_failure
     );
     load::wait_queryable(
         &query_client,
@@ -456,7 +456,7 @@ async fn run_scenario(
     let queryable = load::wait_queryable(
         &query_client,
         aggregator.query,
-        1 + load.n_events_acked,
+        1 + load.counts.n_events_acked,
         COUNT_POLL_INTERVAL,
         Instant::now() + QUERYABLE_TIMEOUT,
     )
@@ -480,7 +480,7 @@ async fn run_scenario(
     let edge_latencies_ms = load::edge_latencies_ms(
         &query_client,
         aggregator.query,
-        1 + load.n_events_acked,
+        1 + load.counts.n_events_acked,
         MAX_LATENCY_SAMPLE_ROWS,
     )
     .await
@@ -642,12 +642,12 @@ fn http_report(out: &mut String, raw: &[raw_sqlite::RawResult], scenarios: &[Sce
     row("events acknowledged (2xx)", &|s| {
         format!(
             "{}{}",
-            int(s.load.n_events_acked as f64),
+            int(s.load.counts.n_events_acked as f64),
             if s.load.complete { "" } else { " (time limit)" }
         )
     });
     row("requests acknowledged", &|s| {
-        int(s.load.n_requests_acked as f64)
+        int(s.load.counts.n_requests_acked as f64)
     });
     row("**events/s acknowledged**", &|s| {
         format!("**{}**", int(s.acked_per_s()))
@@ -713,7 +713,7 @@ fn http_report(out: &mut String, raw: &[raw_sqlite::RawResult], scenarios: &[Sce
         opt(s.agent_cpu, |d| {
             format!(
                 "{:.1} µs",
-                d.as_secs_f64() * 1e6 / s.load.n_events_acked.max(1) as f64
+                d.as_secs_f64() * 1e6 / s.load.counts.n_events_acked.max(1) as f64
             )
         })
     });
@@ -729,15 +729,15 @@ fn http_report(out: &mut String, raw: &[raw_sqlite::RawResult], scenarios: &[Sce
         opt(s.agent_disk_write_bytes, |b| {
             format!(
                 "{:.0} bytes",
-                b as f64 / s.load.n_events_acked.max(1) as f64
+                b as f64 / s.load.counts.n_events_acked.max(1) as f64
             )
         })
     });
     row("HTTP 503 / other errors", &|s| {
         format!(
             "{} / {}",
-            s.load.n_busy,
-            s.load.n_transport_errors + s.load.n_other_status
+            s.load.counts.n_busy,
+            s.load.counts.n_transport_errors + s.load.counts.n_failed
         )
     });
     row("UDP receive-buffer drops (system)", &|s| {
@@ -771,7 +771,7 @@ fn http_report(out: &mut String, raw: &[raw_sqlite::RawResult], scenarios: &[Sce
         );
     }
     for s in scenarios {
-        if let Some(error) = &s.load.last_error {
+        if let Some(error) = &s.load.counts.last_failure {
             let _ = writeln!(out, "\n{}, last client error: {error}", s.label);
         }
         if !s.warnings.is_empty() {
