@@ -34,6 +34,7 @@ use runnel_config::{MqttPayload, MqttSourceConfig};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use crate::buffer::{AppendError, Buffer, DeliveryMark, EncodedEvent};
+use crate::decode::mqtt::TimeRule;
 use crate::decode::{self, Received};
 use crate::pipeline::PipelineHandle;
 
@@ -167,6 +168,7 @@ pub async fn run(source: MqttSource, mut shutdown: watch::Receiver<bool>) {
             stream: config.stream.clone(),
             payload: config.payload,
             template: config.topic_template.clone(),
+            time: TimeRule::from_config(config.time_field.as_deref(), config.time_unit),
             buffer: source.buffer.clone(),
             max_event_bytes: source.max_event_bytes,
             pipeline: source.pipeline.clone(),
@@ -313,6 +315,8 @@ pub(crate) struct WorkerState {
     pub(crate) stream: String,
     pub(crate) payload: MqttPayload,
     pub(crate) template: Option<String>,
+    /// Where JSON payloads carry their event time (`time_field`, `time_unit`).
+    pub(crate) time: TimeRule,
     pub(crate) buffer: Buffer,
     pub(crate) max_event_bytes: usize,
     pub(crate) pipeline: PipelineHandle,
@@ -381,8 +385,9 @@ pub(crate) async fn prepare(state: &WorkerState, publish: Publish) -> Pending {
         stream: state.stream.clone(),
         ..Received::default()
     };
-    let events = decode_publish(
+    let events = decode_publish_with_time(
         &decode_publish_state(state),
+        &state.time,
         &publish.topic,
         &publish.payload,
         &received,
@@ -484,9 +489,28 @@ pub(crate) fn digest(topic: &str, payload: &[u8]) -> [u8; 16] {
     out
 }
 
-/// Turns one MQTT message into events (or a dead letter).
+/// Turns one MQTT message into events (or a dead letter), with the event time read by the
+/// default [`TimeRule`].
 pub fn decode_publish(
     state_payload: &WorkerStateView<'_>,
+    topic: &str,
+    payload: &[u8],
+    received: &Received,
+) -> Vec<Event> {
+    decode_publish_with_time(
+        state_payload,
+        &TimeRule::default(),
+        topic,
+        payload,
+        received,
+    )
+}
+
+/// Turns one MQTT message into events (or a dead letter); JSON payloads get their event time by
+/// `time`.
+pub fn decode_publish_with_time(
+    state_payload: &WorkerStateView<'_>,
+    time: &TimeRule,
     topic: &str,
     payload: &[u8],
     received: &Received,
@@ -495,7 +519,14 @@ pub fn decode_publish(
     let last_level = topic.rsplit('/').next().unwrap_or(topic);
     let mut events = match state_payload.payload {
         MqttPayload::Json => {
-            match decode::json::decode(payload, received.receive_time_ms, &received.stream) {
+            let read_time =
+                |object: &mut serde_json::Map<String, serde_json::Value>| time.read(object);
+            match decode::json::decode_with_time(
+                payload,
+                received.receive_time_ms,
+                &received.stream,
+                &read_time,
+            ) {
                 Ok(events) => events,
                 Err(error) => {
                     let reason = format!("payload on {topic}: {error}");

@@ -445,6 +445,10 @@ async fn serve_connection(
         stream: shared.config.stream.clone(),
         payload: shared.config.payload,
         template: shared.config.topic_template.clone(),
+        time: crate::decode::mqtt::TimeRule::from_config(
+            shared.config.time_field.as_deref(),
+            shared.config.time_unit,
+        ),
         buffer: shared.buffer.clone(),
         max_event_bytes: shared.max_event_bytes,
         pipeline: shared.pipeline.clone(),
@@ -992,6 +996,8 @@ mod tests {
             stream: "telemetry".into(),
             payload: MqttPayload::Json,
             topic_template: Some("plant/{site}/{device}".into()),
+            time_field: None,
+            time_unit: "auto",
             max_connections: 16,
         }
     }
@@ -1284,6 +1290,50 @@ mod tests {
             panic!("reason is a string")
         };
         assert!(reason.contains("plant/hamburg/oven"), "{reason}");
+    }
+
+    #[tokio::test]
+    async fn the_configured_time_field_and_unit_give_the_event_time() {
+        let config = MqttListenerConfig {
+            time_field: Some("t".into()),
+            time_unit: "s",
+            ..listener_config()
+        };
+        let harness = start(config, 1 << 20).await;
+        let (client, mut events) = device(harness.addr, "meter", None);
+        for payload in [
+            r#"{"t":1700000000,"ts":5,"kwh":3}"#,
+            r#"{"kwh":4}"#,
+            r#"{"t":"noon"}"#,
+        ] {
+            client
+                .publish(
+                    "plant/kiel/meter",
+                    rumqttc::QoS::AtLeastOnce,
+                    false,
+                    payload,
+                )
+                .await
+                .unwrap();
+        }
+        assert_eq!(pubacks(&mut events, 3).await, vec![1, 2, 3]);
+        let stored = harness.events().await;
+        assert_eq!(stored.len(), 3, "{stored:?}");
+        assert_eq!(stored[0].event_time_ms, 1_700_000_000_000, "t in seconds");
+        assert_eq!(*attr(&stored[0], "ts"), Value::Int(5), "only `t` is read");
+        assert!(!stored[0].attrs.contains_key("t"));
+        assert_eq!(
+            stored[1].event_time_ms, stored[1].receive_time_ms,
+            "no time field: the receive time"
+        );
+        assert_eq!(stored[2].stream, crate::decode::DEAD_LETTER_STREAM);
+        let Value::String(reason) = attr(&stored[2], "reason") else {
+            panic!("reason is a string")
+        };
+        assert!(
+            reason.contains("field `t` must be a number of Unix seconds"),
+            "{reason}"
+        );
     }
 
     #[tokio::test]

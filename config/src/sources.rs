@@ -17,6 +17,11 @@ const DEFAULT_TELEMETRY: &str = "telemetry";
 const MAX_MQTT_SOURCES: usize = 32;
 /// Most topic filters per subscriber.
 const MAX_MQTT_TOPICS: usize = 64;
+/// Longest `time_field`: a JSON key, not a document.
+const MAX_TIME_FIELD_BYTES: usize = 128;
+/// The spellings of `time_unit`. The agent's MQTT decoder (`agent/src/decode/mqtt.rs`) gives
+/// them their meaning; the validated config carries the spelling.
+const MQTT_TIME_UNITS: [&str; 6] = ["auto", "s", "ms", "us", "ns", "rfc3339"];
 
 /// `[sources.snowplow]`, validated: the Snowplow tracker protocol on the HTTP source
 /// (`POST /com.snowplowanalytics.snowplow/tp2`, `GET /i`).
@@ -77,6 +82,12 @@ pub struct MqttSourceConfig {
     pub payload: MqttPayload,
     /// Topic levels named in braces become attrs: `plant/{site}/{device}/telemetry`.
     pub topic_template: Option<String>,
+    /// JSON payloads: the one field that holds the event time (`time_field`). `None`: the first
+    /// present of the decoder's common names (`timestamp`, `time`, `event_time`, `eventTime`,
+    /// `ts`, `datetime`).
+    pub time_field: Option<String>,
+    /// How the time field is read (`time_unit`): "auto", "s", "ms", "us", "ns" or "rfc3339".
+    pub time_unit: &'static str,
     pub reconnect_min_ms: u64,
     pub reconnect_max_ms: u64,
 }
@@ -93,6 +104,10 @@ pub struct MqttListenerConfig {
     pub stream: String,
     pub payload: MqttPayload,
     pub topic_template: Option<String>,
+    /// As [`MqttSourceConfig::time_field`].
+    pub time_field: Option<String>,
+    /// As [`MqttSourceConfig::time_unit`].
+    pub time_unit: &'static str,
     /// Most client connections at once; more are refused.
     pub max_connections: usize,
 }
@@ -117,6 +132,12 @@ pub(crate) struct RawMqttListener {
     payload: Option<String>,
     /// Topic levels to attrs, as for [[sources.mqtt]]. Default: none.
     topic_template: Option<String>,
+    /// JSON payloads: the field that holds the event time, as for [[sources.mqtt]]. Default: none
+    /// (the first present of "timestamp", "time", "event_time", "eventTime", "ts", "datetime").
+    time_field: Option<String>,
+    /// How the time field is read, as for [[sources.mqtt]]: "auto", "s", "ms", "us", "ns" or
+    /// "rfc3339". Default: "auto".
+    time_unit: Option<String>,
     /// Most client connections at once; more are refused. Allowed: 1 to 100000. Default: 1000.
     max_connections: Option<u64>,
 }
@@ -153,6 +174,13 @@ impl RawMqttListener {
                 problem,
             ));
         }
+        let (time_field, time_unit) = time_rule(
+            checker,
+            "sources.mqtt_listener.",
+            payload,
+            self.time_field,
+            self.time_unit.as_deref(),
+        )?;
         let max_connections = checker.int_usize(
             "sources.mqtt_listener.max_connections",
             self.max_connections,
@@ -174,6 +202,8 @@ impl RawMqttListener {
             )?,
             payload,
             topic_template: self.topic_template,
+            time_field,
+            time_unit,
             max_connections,
         })
     }
@@ -190,6 +220,60 @@ fn payload_format(
         "bytes" => Ok(MqttPayload::Bytes),
         other => Err(checker.invalid(key, quote(other), "must be \"json\", \"text\" or \"bytes\"")),
     }
+}
+
+/// `time_field` and `time_unit` of an MQTT source (`prefix` is its key path with the dot).
+fn time_rule(
+    checker: &Checker<'_>,
+    prefix: &str,
+    payload: MqttPayload,
+    time_field: Option<String>,
+    time_unit: Option<&str>,
+) -> Result<(Option<String>, &'static str), ConfigError> {
+    if payload != MqttPayload::Json {
+        let set = match (&time_field, time_unit) {
+            (Some(field), _) => Some(("time_field", quote(field))),
+            (None, Some(unit)) => Some(("time_unit", quote(unit))),
+            (None, None) => None,
+        };
+        if let Some((key, value)) = set {
+            return Err(checker.invalid(
+                &format!("{prefix}{key}"),
+                value,
+                "only JSON payloads carry a time field: set payload = \"json\" or remove the key \
+                 (text and bytes payloads get the receive time)",
+            ));
+        }
+    }
+    if let Some(field) = &time_field
+        && (field.is_empty()
+            || field.len() > MAX_TIME_FIELD_BYTES
+            || field.chars().any(char::is_control))
+    {
+        return Err(checker.invalid(
+            &format!("{prefix}time_field"),
+            quote(field),
+            format!(
+                "must be a top-level JSON key of 1 to {MAX_TIME_FIELD_BYTES} bytes without \
+                 control characters, such as \"ts\""
+            ),
+        ));
+    }
+    let unit = match time_unit {
+        None => MQTT_TIME_UNITS[0],
+        Some(unit) => MQTT_TIME_UNITS
+            .iter()
+            .copied()
+            .find(|known| *known == unit)
+            .ok_or_else(|| {
+                checker.invalid(
+                    &format!("{prefix}time_unit"),
+                    quote(unit),
+                    "must be \"auto\", \"s\", \"ms\", \"us\", \"ns\" or \"rfc3339\"",
+                )
+            })?,
+    };
+    Ok((time_field, unit))
 }
 
 /// `[sources.snowplow]`
@@ -259,6 +343,16 @@ pub(crate) struct RawMqtt {
     /// Turns topic levels into attrs: with "plant/{site}/{device}/telemetry", a message on
     /// plant/berlin/press-4/telemetry gets site = "berlin" and device = "press-4". Default: none.
     topic_template: Option<String>,
+    /// JSON payloads: the top-level field that holds the event time, such as "t"; only this field
+    /// is read then. Default: none, which reads the first present of "timestamp", "time",
+    /// "event_time", "eventTime", "ts", "datetime". Without a time the event gets its receive
+    /// time.
+    time_field: Option<String>,
+    /// How the time field is read. "auto": a number is Unix seconds, milliseconds, microseconds or
+    /// nanoseconds by its magnitude, text is RFC 3339. "s", "ms", "us", "ns": a number (or a
+    /// number as text) in that unit. "rfc3339": RFC 3339 text only. A time that does not read
+    /// makes the message a dead letter. Default: "auto".
+    time_unit: Option<String>,
     /// First reconnect delay in milliseconds. Allowed: at least 10. Default: 100.
     reconnect_min_ms: Option<u64>,
     /// Largest reconnect delay in milliseconds (doubling with jitter). Default: 10000.
@@ -490,6 +584,13 @@ impl RawMqtt {
         {
             return Err(checker.invalid(&key("topic_template"), quote(template), problem));
         }
+        let (time_field, time_unit) = time_rule(
+            checker,
+            &key(""),
+            payload,
+            self.time_field,
+            self.time_unit.as_deref(),
+        )?;
         let reconnect_min_ms = checker.int(
             &key("reconnect_min_ms"),
             self.reconnect_min_ms,
@@ -536,6 +637,8 @@ impl RawMqtt {
             max_inflight,
             payload,
             topic_template: self.topic_template,
+            time_field,
+            time_unit,
             reconnect_min_ms,
             reconnect_max_ms,
         })

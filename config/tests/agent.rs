@@ -497,6 +497,82 @@ fn mqtt_errors_name_the_entry_and_key() {
 }
 
 #[test]
+fn mqtt_time_field_and_unit() {
+    const SUB: &str = "[[sources.mqtt]]\nname = \"b\"\nurl = \"mqtt://h\"\ntopics = [\"a\"]\n";
+    let config = parse_with(SUB).unwrap();
+    assert_eq!(
+        (
+            config.mqtt[0].time_field.as_deref(),
+            config.mqtt[0].time_unit
+        ),
+        (None, "auto")
+    );
+    assert_eq!(
+        (
+            config.mqtt_listener.time_field.as_deref(),
+            config.mqtt_listener.time_unit
+        ),
+        (None, "auto")
+    );
+    for unit in ["auto", "s", "ms", "us", "ns", "rfc3339"] {
+        let config =
+            parse_with(&format!("{SUB}time_field = \"t\"\ntime_unit = \"{unit}\"")).unwrap();
+        assert_eq!(
+            (
+                config.mqtt[0].time_field.as_deref(),
+                config.mqtt[0].time_unit
+            ),
+            (Some("t"), unit)
+        );
+    }
+    let config = parse_with(
+        "[sources.mqtt_listener]\nenabled = true\ntime_field = \"ts\"\ntime_unit = \"ms\"",
+    )
+    .unwrap();
+    assert_eq!(
+        (
+            config.mqtt_listener.time_field.as_deref(),
+            config.mqtt_listener.time_unit
+        ),
+        (Some("ts"), "ms")
+    );
+
+    let cases = [
+        (
+            format!("{SUB}time_unit = \"sec\""),
+            "agent.toml: sources.mqtt[0].time_unit = \"sec\": must be \"auto\", \"s\", \"ms\", \"us\", \"ns\" or \"rfc3339\"",
+        ),
+        (
+            format!("{SUB}time_field = \"\""),
+            "agent.toml: sources.mqtt[0].time_field = \"\": must be a top-level JSON key of 1 to 128 bytes",
+        ),
+        (
+            format!("{SUB}payload = \"text\"\ntime_field = \"t\""),
+            "agent.toml: sources.mqtt[0].time_field = \"t\": only JSON payloads carry a time field",
+        ),
+        (
+            format!("{SUB}payload = \"bytes\"\ntime_unit = \"s\""),
+            "agent.toml: sources.mqtt[0].time_unit = \"s\": only JSON payloads carry a time field",
+        ),
+        (
+            "[sources.mqtt_listener]\ntime_unit = \"seconds\"".to_owned(),
+            "agent.toml: sources.mqtt_listener.time_unit = \"seconds\": must be \"auto\", \"s\"",
+        ),
+        (
+            format!("{SUB}timestamp_field = \"t\""),
+            "unknown field `timestamp_field`",
+        ),
+    ];
+    for (text, expected) in cases {
+        let message = parse_with(&text).unwrap_err();
+        assert!(
+            message.contains(expected),
+            "{text}\n  got: {message}\n  want: {expected}"
+        );
+    }
+}
+
+#[test]
 fn collectors_default_on_with_clickstream() {
     let config = parse_with("").unwrap();
     assert!(config.snowplow.enabled && config.segment.enabled);

@@ -43,11 +43,52 @@ pub enum DecodeError {
     },
 }
 
+/// The keys `POST /v1/events` reads the event time from, in this order.
+pub const TIME_KEYS: [&str; 3] = ["timestamp", "time", "event_time"];
+
+/// Why an object's event time could not be read: the key and what it must be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TimeProblem {
+    pub key: String,
+    pub problem: String,
+}
+
+/// Finds an object's event time: removes the key it read and returns Unix milliseconds, or
+/// `Ok(None)` when the object carries no time (the event gets its receive time).
+pub type TimeReader<'a> = &'a dyn Fn(&mut Map<String, Json>) -> Result<Option<i64>, TimeProblem>;
+
 /// Decodes a request body into events stamped with `receive_time_ms`.
 pub fn decode(
     body: &[u8],
     receive_time_ms: i64,
     default_stream: &str,
+) -> Result<Vec<Event>, DecodeError> {
+    decode_with_time(body, receive_time_ms, default_stream, &http_time)
+}
+
+/// The HTTP source's rule: the first non-null of [`TIME_KEYS`], read by [`parse_time`].
+fn http_time(object: &mut Map<String, Json>) -> Result<Option<i64>, TimeProblem> {
+    for key in TIME_KEYS {
+        match object.remove(key) {
+            None | Some(Json::Null) => {}
+            Some(value) => {
+                return parse_time(&value).map(Some).ok_or_else(|| TimeProblem {
+                    key: key.to_owned(),
+                    problem: "must be RFC 3339 text (2026-01-31T12:00:00Z) or a Unix time number"
+                        .to_owned(),
+                });
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// As [`decode`], with the event time found by `time` (the MQTT sources' own rule).
+pub fn decode_with_time(
+    body: &[u8],
+    receive_time_ms: i64,
+    default_stream: &str,
+    time: TimeReader<'_>,
 ) -> Result<Vec<Event>, DecodeError> {
     let Some(first) = body.iter().find(|b| !b.is_ascii_whitespace()) else {
         return Err(DecodeError::Empty);
@@ -67,7 +108,9 @@ pub fn decode(
         .into_iter()
         .enumerate()
         .map(|(event_idx, value)| match value {
-            Json::Object(object) => from_object(object, event_idx, receive_time_ms, default_stream),
+            Json::Object(object) => {
+                from_object(object, event_idx, receive_time_ms, default_stream, time)
+            }
             other => Err(DecodeError::NotAnObject {
                 event_idx,
                 found: kind(&other),
@@ -81,7 +124,15 @@ fn from_object(
     event_idx: usize,
     receive_time_ms: i64,
     default_stream: &str,
+    time: TimeReader<'_>,
 ) -> Result<Event, DecodeError> {
+    let event_time_ms = time(&mut object)
+        .map_err(|TimeProblem { key, problem }| DecodeError::Field {
+            event_idx,
+            key,
+            problem,
+        })?
+        .unwrap_or(receive_time_ms);
     let field_error = |key: &str, problem: &str| DecodeError::Field {
         event_idx,
         key: key.to_owned(),
@@ -109,21 +160,6 @@ fn from_object(
     let user_id = take_text(&["user_id", "userId"])?;
     let session_id = take_text(&["session_id", "sessionId"])?;
 
-    let mut event_time_ms = receive_time_ms;
-    for key in ["timestamp", "time", "event_time"] {
-        match object.remove(key) {
-            None | Some(Json::Null) => {}
-            Some(value) => {
-                event_time_ms = parse_time(&value).ok_or_else(|| {
-                    field_error(
-                        key,
-                        "must be RFC 3339 text (2026-01-31T12:00:00Z) or a Unix time number",
-                    )
-                })?;
-                break;
-            }
-        }
-    }
     let tags = match object.remove("tags") {
         None | Some(Json::Null) => Vec::new(),
         Some(Json::Array(items)) => items

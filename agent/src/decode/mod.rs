@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use runnel_common::{Event, SourceKind, Value};
 
 pub mod json;
+pub mod mqtt;
 pub mod segment;
 pub mod snowplow;
 
