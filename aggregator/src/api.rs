@@ -8,11 +8,12 @@
 //! query produces them, and a result over `query.max_result_rows` or past `query.timeout_ms`
 //! aborts the transfer (never a silently short file).
 //!
-//! 400: invalid or non-read SQL, or a streamed result known to be over `query.max_result_rows`
-//! before its first byte; 401: credentials missing or wrong when `[[query.users]]` exist
-//! (HTTP basic auth); 406: an `Accept` we do not serve; 504: over `query.timeout_ms`; 500:
-//! execution failed (for example over `query.memory_limit_bytes`). Errors are
-//! `{"error": "..."}`.
+//! 400: invalid SQL, SQL that is not a read (refused before planning by [`crate::readonly`],
+//! with the message every door gives: `Runnel's SQL is read-only: INSERT is refused ...`), or a
+//! streamed result known to be over `query.max_result_rows` before its first byte; 401:
+//! credentials missing or wrong when `[[query.users]]` exist (HTTP basic auth); 406: an `Accept`
+//! we do not serve; 504: over `query.timeout_ms`; 500: execution failed (for example over
+//! `query.memory_limit_bytes`). Errors are `{"error": "..."}`.
 
 use std::sync::Arc;
 
@@ -196,7 +197,9 @@ impl Drop for QueryTimer {
 
 fn query_error(error: &QueryError) -> Response {
     let status = match error {
-        QueryError::Invalid(_) | QueryError::TooManyRows { .. } => StatusCode::BAD_REQUEST,
+        QueryError::Invalid(_) | QueryError::Refused(_) | QueryError::TooManyRows { .. } => {
+            StatusCode::BAD_REQUEST
+        }
         QueryError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         QueryError::Execution(_) => StatusCode::INTERNAL_SERVER_ERROR,
     };

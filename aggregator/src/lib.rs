@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod ops;
 pub mod pgwire;
 pub mod query;
+pub mod readonly;
 pub mod registry;
 pub mod schema;
 pub mod store;

@@ -4,8 +4,9 @@
 //! datafusion-postgres (on pgwire) does the protocol work: simple and extended queries, parameter
 //! types, result encoding, `SET`/`SHOW`, transactions, cursors, and a `pg_catalog` schema that
 //! answers the catalog queries clients send. This module adds what makes it Runnel's:
-//! - read-only: every statement other than a query, `EXPLAIN`, `SHOW`, `SET`, a transaction or
-//!   cursor command is refused before planning, in both protocols ([`ReadOnlyHook`]);
+//! - read-only: every statement other than a query, `EXPLAIN`, `SHOW`, `SET` (but not of the
+//!   shared `datafusion.*` settings), a transaction or cursor command is refused before planning,
+//!   in both protocols ([`ReadOnlyHook`], on [`crate::readonly`]);
 //! - the `[query]` limits: results stream under a deadline of `query.timeout_ms` from the
 //!   statement's start and fail past `query.max_result_rows` rows ([`Limited`]);
 //! - authentication: SCRAM-SHA-256 against `[[query.users]]` when there are users, none otherwise
@@ -225,54 +226,18 @@ impl AuthSource for Users {
     }
 }
 
-/// Refuses every statement that could write or change the catalog, before it is planned.
+/// Refuses every statement that could write or change the catalog, before it is planned, with
+/// [`crate::readonly::check`] (the check every door runs).
 struct ReadOnlyHook;
 
-/// Whether Runnel's SQL accepts `statement`: queries, plans, session settings, transactions
-/// (which can only read), cursors over queries.
-fn is_read_only(statement: &Statement) -> bool {
-    matches!(
-        statement,
-        Statement::Query(_)
-            | Statement::Explain { .. }
-            | Statement::ExplainTable { .. }
-            | Statement::ShowVariable { .. }
-            | Statement::ShowVariables { .. }
-            | Statement::ShowTables { .. }
-            | Statement::ShowColumns { .. }
-            | Statement::ShowFunctions { .. }
-            | Statement::ShowSchemas { .. }
-            | Statement::ShowDatabases { .. }
-            | Statement::ShowStatus { .. }
-            | Statement::Set(_)
-            | Statement::StartTransaction { .. }
-            | Statement::Commit { .. }
-            | Statement::Rollback { .. }
-            | Statement::Declare { .. }
-            | Statement::Fetch { .. }
-            | Statement::Close { .. }
-            | Statement::Discard { .. }
-            | Statement::Deallocate { .. }
-    ) && !matches!(statement, Statement::Declare { stmts } if stmts.iter().any(|d| d.for_query.is_none()))
-}
-
-fn refusal(statement: &Statement) -> PgWireError {
-    let text = statement.to_string();
-    let verb: String = text
-        .split_whitespace()
-        .take(2)
-        .collect::<Vec<_>>()
-        .join(" ")
-        .to_uppercase();
-    PgWireError::UserError(Box::new(ErrorInfo::new(
+/// `Err` with SQLSTATE 25006 (read_only_sql_transaction) when `statement` may not run.
+fn refuse_writes(statement: &Statement) -> Option<PgWireError> {
+    let refusal = crate::readonly::check(statement, crate::readonly::Door::Session).err()?;
+    Some(PgWireError::UserError(Box::new(ErrorInfo::new(
         "ERROR".to_owned(),
-        // read_only_sql_transaction
         "25006".to_owned(),
-        format!(
-            "Runnel's SQL is read-only: {verb} is refused (only SELECT, EXPLAIN, SHOW, SET, \
-             transactions and cursors are allowed)"
-        ),
-    )))
+        refusal.to_string(),
+    ))))
 }
 
 #[async_trait]
@@ -283,7 +248,7 @@ impl QueryHook for ReadOnlyHook {
         _ctx: &SessionContext,
         _client: &mut dyn HookClient,
     ) -> Option<PgWireResult<Response>> {
-        (!is_read_only(statement)).then(|| Err(refusal(statement)))
+        refuse_writes(statement).map(Err)
     }
 
     async fn handle_extended_parse_query(
@@ -292,7 +257,7 @@ impl QueryHook for ReadOnlyHook {
         _ctx: &SessionContext,
         _client: &(dyn ClientInfo + Send + Sync),
     ) -> Option<PgWireResult<LogicalPlan>> {
-        (!is_read_only(statement)).then(|| Err(refusal(statement)))
+        refuse_writes(statement).map(Err)
     }
 
     async fn handle_extended_query(
@@ -303,7 +268,7 @@ impl QueryHook for ReadOnlyHook {
         _ctx: &SessionContext,
         _client: &mut dyn HookClient,
     ) -> Option<PgWireResult<Response>> {
-        (!is_read_only(statement)).then(|| Err(refusal(statement)))
+        refuse_writes(statement).map(Err)
     }
 }
 

@@ -4,7 +4,8 @@
 //! memory plus recorded Parquet files) and unions a memory scan with a Parquet scan, so a query
 //! sees every stored event exactly once while flushes go on.
 //!
-//! Safety: statements are planned with DDL, DML and other statements disallowed (read-only),
+//! Safety: every statement passes [`crate::readonly::check_sql`] before planning (the same check
+//! the PostgreSQL protocol runs) and is then planned with DDL, DML and other statements disallowed,
 //! under a memory pool of `query.memory_limit_bytes`, a timeout of `query.timeout_ms`, and at most
 //! `query.max_result_rows` rows returned (the rest is cut and flagged `truncated`).
 
@@ -87,9 +88,12 @@ impl TableProvider for EventsTable {
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
-    /// The statement is not valid SQL, names unknown tables or columns, or is not a read.
+    /// The statement is not valid SQL or names unknown tables or columns.
     #[error("{0}")]
     Invalid(String),
+    /// The statement is not a read ([`crate::readonly`]).
+    #[error("{0}")]
+    Refused(#[from] crate::readonly::Refusal),
     #[error("query exceeded the time limit of {timeout_ms} ms (query.timeout_ms)")]
     Timeout { timeout_ms: u64 },
     #[error("query failed: {0}")]
@@ -241,7 +245,8 @@ pub struct QueryStream {
     pub batches: futures::stream::BoxStream<'static, Result<RecordBatch, QueryError>>,
 }
 
-/// Read-only planning: no DDL, no DML, no other statements.
+/// Read-only planning: no DDL, no DML, no other statements. The second line behind
+/// [`QueryEngine::refuse_writes`].
 fn read_only() -> SQLOptions {
     SQLOptions::new()
         .with_allow_ddl(false)
@@ -250,9 +255,16 @@ fn read_only() -> SQLOptions {
 }
 
 impl QueryEngine {
+    /// The read-only check every door runs, here for the HTTP API and the CLI (no session).
+    fn refuse_writes(&self, sql: &str) -> Result<(), QueryError> {
+        crate::readonly::check_sql(&self.ctx.state(), sql, crate::readonly::Door::Stateless)?;
+        Ok(())
+    }
+
     /// Plans `sql` and starts it, under the same limits as [`QueryEngine::run`]; a result over
     /// `query.max_result_rows` ends with an error instead of being cut silently.
     pub async fn stream(&self, sql: &str) -> Result<QueryStream, QueryError> {
+        self.refuse_writes(sql)?;
         let deadline = tokio::time::Instant::now() + self.timeout;
         let timeout = QueryError::Timeout {
             timeout_ms: self.timeout.as_millis() as u64,
@@ -305,6 +317,7 @@ impl QueryEngine {
     }
 
     pub async fn run(&self, sql: &str) -> Result<QueryResult, QueryError> {
+        self.refuse_writes(sql)?;
         let started = Instant::now();
         let work = async {
             let frame = self
@@ -529,26 +542,48 @@ mod tests {
     #[tokio::test]
     async fn only_reads_are_allowed() {
         let engine = engine().await;
-        for sql in [
-            "CREATE TABLE t AS SELECT 1",
-            "DROP VIEW dead_letters",
-            "INSERT INTO events SELECT * FROM events",
-            "SET datafusion.execution.batch_size = 1",
+        for (sql, kind) in [
+            ("CREATE TABLE t AS SELECT 1", "CREATE TABLE AS"),
+            ("DROP VIEW dead_letters", "DROP VIEW"),
+            ("INSERT INTO events SELECT * FROM events", "INSERT"),
+            ("COPY events TO STDOUT", "COPY"),
+            ("COPY (SELECT 1) TO STDOUT", "COPY"),
+            (
+                "SET datafusion.execution.batch_size = 1",
+                "SET datafusion.execution.batch_size",
+            ),
         ] {
             let error = engine
                 .run(sql)
                 .await
                 .err()
                 .unwrap_or_else(|| panic!("{sql} was allowed"));
-            assert!(matches!(error, QueryError::Invalid(_)), "{sql}: {error}");
+            assert!(
+                error
+                    .to_string()
+                    .starts_with(&format!("Runnel's SQL is read-only: {kind} is refused")),
+                "{sql}: {error}"
+            );
+            assert!(matches!(error, QueryError::Refused(_)), "{sql}: {error:?}");
+            let streamed = engine.stream(sql).await.err().expect(sql);
+            assert!(
+                matches!(streamed, QueryError::Refused(_)),
+                "{sql}: {streamed:?}"
+            );
         }
-        assert!(
+        let error = engine.run("BEGIN").await.err().expect("BEGIN over HTTP");
+        assert!(error.to_string().contains("needs a session"), "{error}");
+        for sql in [
+            "SELECT count(*) FROM dead_letters",
+            "EXPLAIN SELECT count(*) FROM events",
+            "SHOW datafusion.execution.batch_size",
+            "SHOW TABLES",
+        ] {
             engine
-                .run("SELECT count(*) FROM dead_letters")
+                .run(sql)
                 .await
-                .is_ok(),
-            "the view survives"
-        );
+                .unwrap_or_else(|error| panic!("{sql}: {error}"));
+        }
     }
 
     #[tokio::test]
