@@ -132,8 +132,10 @@ impl QueryEngine {
                 1.0,
             )
             .build_arc()?;
+        // Off: DataFusion's would name Arrow types; `crate::catalog` installs one that names
+        // PostgreSQL's, as pg_catalog does.
         let session = SessionConfig::new()
-            .with_information_schema(true)
+            .with_information_schema(false)
             .with_target_partitions(2);
         let mut ctx = SessionContext::new_with_config_rt(session, runtime);
         crate::pgwire::prepare_context(&ctx)?;
@@ -145,6 +147,7 @@ impl QueryEngine {
         }
         let root = files.root_url.clone();
         ctx.register_table("events", Arc::new(EventsTable { store, root }))?;
+        crate::catalog::install(&ctx)?;
         Ok(QueryEngine {
             ctx,
             timeout: Duration::from_millis(config.timeout_ms),
