@@ -69,6 +69,101 @@ async fn count(client: &tokio_postgres::Client) -> anyhow::Result<i64> {
     Ok(row.get(0))
 }
 
+/// Statements every door refuses, with the statement kind the message names.
+const REFUSED: [(&str, &str); 12] = [
+    ("CREATE TABLE t AS SELECT 1", "CREATE TABLE AS"),
+    ("CREATE TABLE t (a INT)", "CREATE TABLE"),
+    ("CREATE VIEW v AS SELECT 1", "CREATE VIEW"),
+    ("INSERT INTO events (name) VALUES ('x')", "INSERT"),
+    ("UPDATE events SET name = 'x'", "UPDATE"),
+    ("DELETE FROM events", "DELETE"),
+    ("DROP VIEW dead_letters", "DROP VIEW"),
+    ("DROP TABLE events", "DROP TABLE"),
+    ("COPY events TO STDOUT", "COPY"),
+    ("COPY (SELECT 1) TO STDOUT", "COPY"),
+    ("COPY events TO '/tmp/runnel-copy-test.csv'", "COPY"),
+    // The engine's settings are shared by every client (the memory limit among them).
+    (
+        "SET datafusion.runtime.memory_limit = '100G'",
+        "SET datafusion.runtime.memory_limit",
+    ),
+];
+
+/// The columns of `events` as PostgreSQL clients must see them: name, `format_type` (what
+/// psql's `\d` shows), `information_schema.columns.data_type`, `udt_name` (pg_type.typname).
+const EVENTS_COLUMNS: [(&str, &str, &str, &str); 14] = [
+    ("agent_id", "text", "text", "text"),
+    ("seq", "numeric", "numeric", "numeric"),
+    (
+        "event_time",
+        "timestamp with time zone",
+        "timestamp with time zone",
+        "timestamptz",
+    ),
+    (
+        "receive_time",
+        "timestamp with time zone",
+        "timestamp with time zone",
+        "timestamptz",
+    ),
+    (
+        "ingest_time",
+        "timestamp with time zone",
+        "timestamp with time zone",
+        "timestamptz",
+    ),
+    ("source", "text", "text", "text"),
+    ("stream", "text", "text", "text"),
+    ("name", "text", "text", "text"),
+    ("event_id", "text", "text", "text"),
+    ("user_id", "text", "text", "text"),
+    ("session_id", "text", "text", "text"),
+    ("score", "double precision", "double precision", "float8"),
+    ("tags", "text[]", "ARRAY", "_text"),
+    ("attrs", "text", "text", "text"),
+];
+
+/// `information_schema.columns` and `pg_catalog` describe `events` alike, in PostgreSQL's names.
+async fn check_catalogs_agree(client: &tokio_postgres::Client) {
+    let information_schema: Vec<(String, String, String)> = client
+        .query(
+            "SELECT column_name, data_type, udt_name FROM information_schema.columns \
+             WHERE table_name = 'events' ORDER BY ordinal_position",
+            &[],
+        )
+        .await
+        .expect("information_schema.columns")
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    let pg_catalog: Vec<(String, String, String)> = client
+        .query(
+            "SELECT a.attname, format_type(a.atttypid, a.atttypmod), t.typname \
+             FROM pg_catalog.pg_attribute a \
+             JOIN pg_catalog.pg_class c ON a.attrelid = c.oid \
+             JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
+             WHERE c.relname = 'events' ORDER BY a.attnum",
+            &[],
+        )
+        .await
+        .expect("pg_catalog.pg_attribute")
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    let expected_information_schema: Vec<(String, String, String)> = EVENTS_COLUMNS
+        .iter()
+        .map(|(name, _, data_type, udt)| (name.to_string(), data_type.to_string(), udt.to_string()))
+        .collect();
+    let expected_pg_catalog: Vec<(String, String, String)> = EVENTS_COLUMNS
+        .iter()
+        .map(|(name, format_type, _, udt)| {
+            (name.to_string(), format_type.to_string(), udt.to_string())
+        })
+        .collect();
+    assert_eq!(information_schema, expected_information_schema);
+    assert_eq!(pg_catalog, expected_pg_catalog);
+}
+
 /// The SQLSTATE and message of a failed statement.
 fn sql_error(error: &tokio_postgres::Error) -> (String, String) {
     let db = error
@@ -181,26 +276,34 @@ async fn psql_and_the_extended_protocol_query_events_read_only_within_limits() {
         .expect("12 rows are allowed");
     assert_eq!(limited.len(), 12);
 
-    // Read-only, in both protocols, with a clear error.
-    for sql in [
-        "CREATE TABLE t (a INT)",
-        "INSERT INTO events (name) VALUES ('x')",
-        "DROP VIEW dead_letters",
-        "COPY events TO '/tmp/runnel-copy-test.csv'",
-        "CREATE VIEW v AS SELECT 1",
-    ] {
+    // Read-only, in both protocols, with a clear error that names what was sent.
+    for (sql, kind) in REFUSED {
+        let expected = format!("Runnel's SQL is read-only: {kind} is refused");
         let simple = client.simple_query(sql).await;
         let (code, message) = sql_error(&simple.expect_err(sql));
         assert!(
-            code == "25006" && message.starts_with("Runnel's SQL is read-only"),
+            code == "25006" && message.starts_with(&expected),
             "{sql}: {code} {message}"
         );
         let extended = client.query(sql, &[]).await;
         let (code, message) = sql_error(&extended.expect_err(sql));
         assert!(
-            code == "25006" && message.starts_with("Runnel's SQL is read-only"),
+            code == "25006" && message.starts_with(&expected),
             "{sql} (extended): {code} {message}"
         );
+    }
+    // Reads other than SELECT still run.
+    for sql in [
+        "EXPLAIN SELECT count(*) FROM events",
+        // (SHOW TABLES has more rows than this test's max_result_rows.)
+        "SHOW datafusion.execution.batch_size",
+        "SHOW search_path",
+        "SELECT count(*) FROM information_schema.tables",
+    ] {
+        client
+            .simple_query(sql)
+            .await
+            .unwrap_or_else(|error| panic!("{sql}: {error:?}"));
     }
     assert_eq!(count(&client).await.unwrap(), 20, "nothing changed");
 
@@ -235,7 +338,16 @@ async fn psql_and_the_extended_protocol_query_events_read_only_within_limits() {
             assert!(stdout.contains("name|text"), "{stdout}");
             let (ok, _, stderr) = run_psql(&psql, pg, "DELETE FROM events;\n");
             assert!(!ok, "DELETE must fail");
-            assert!(stderr.contains("read-only"), "{stderr}");
+            assert!(
+                stderr.contains("Runnel's SQL is read-only: DELETE is refused"),
+                "{stderr}"
+            );
+            let (ok, _, stderr) = run_psql(&psql, pg, "COPY events TO STDOUT;\n");
+            assert!(!ok, "COPY must fail");
+            assert!(
+                stderr.contains("Runnel's SQL is read-only: COPY is refused"),
+                "{stderr}"
+            );
         }
         None => println!(
             "psql not found on PATH: its part was not run (.ci/run installs postgresql-client)"
@@ -278,4 +390,36 @@ async fn users_must_log_in_with_their_password() {
         .await
         .unwrap();
     assert_eq!(one.get::<_, i64>(0), 42);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn information_schema_and_pg_catalog_name_the_same_postgresql_types() {
+    let fleet = start("pgwire-catalogs", "");
+    let pg = fleet.aggregator.pgwire_addr();
+    let client = connect(pg, "runnel", None)
+        .await
+        .expect("connect without users configured");
+    check_catalogs_agree(&client).await;
+    match psql() {
+        Some(psql) => {
+            // psql's \d reads pg_catalog: the same names information_schema gives.
+            let (ok, stdout, stderr) = run_psql(&psql, pg, "\\d events\n");
+            assert!(ok, "psql \\d events failed: {stderr}");
+            let described: Vec<(&str, &str)> = stdout
+                .lines()
+                .filter_map(|line| {
+                    let mut cells = line.split('|');
+                    Some((cells.next()?, cells.next()?))
+                })
+                .collect();
+            let expected: Vec<(&str, &str)> = EVENTS_COLUMNS
+                .iter()
+                .map(|(name, format_type, _, _)| (*name, *format_type))
+                .collect();
+            assert_eq!(described, expected, "{stdout}");
+        }
+        None => println!(
+            "psql not found on PATH: its part was not run (.ci/run installs postgresql-client)"
+        ),
+    }
 }

@@ -227,4 +227,117 @@ async fn credentials_and_formats() {
         .await
         .unwrap();
     assert_eq!(write.status, 400);
+    assert!(
+        write
+            .error()
+            .starts_with("Runnel's SQL is read-only: DROP VIEW is refused"),
+        "{}",
+        write.error()
+    );
+
+    // Every write is refused before planning with the message the PostgreSQL protocol gives,
+    // naming what was sent; reads other than SELECT still run.
+    for (sql, kind) in [
+        ("CREATE TABLE t AS SELECT 1", "CREATE TABLE AS"),
+        ("INSERT INTO events (name) VALUES ('x')", "INSERT"),
+        ("UPDATE events SET name = 'x'", "UPDATE"),
+        ("DELETE FROM events", "DELETE"),
+        ("DROP TABLE events", "DROP TABLE"),
+        ("COPY events TO STDOUT", "COPY"),
+        ("COPY (SELECT 1) TO STDOUT", "COPY"),
+        ("COPY events TO '/tmp/runnel-copy-test.csv'", "COPY"),
+        (
+            "SET datafusion.runtime.memory_limit = '100G'",
+            "SET datafusion.runtime.memory_limit",
+        ),
+    ] {
+        let refused = send(authed(sql)).await.unwrap();
+        assert_eq!(refused.status, 400, "{sql}: {}", refused.error());
+        let expected = format!("Runnel's SQL is read-only: {kind} is refused");
+        assert!(
+            refused.error().starts_with(&expected),
+            "{sql}: {}",
+            refused.error()
+        );
+    }
+    let begin = send(authed("BEGIN")).await.unwrap();
+    assert_eq!(begin.status, 400);
+    assert!(
+        begin.error().contains("needs a session"),
+        "{}",
+        begin.error()
+    );
+    for sql in [
+        "EXPLAIN SELECT count(*) FROM events",
+        "SHOW TABLES",
+        "SHOW datafusion.execution.batch_size",
+    ] {
+        let read = send(authed(sql)).await.unwrap();
+        assert_eq!(read.status, 200, "{sql}: {}", read.error());
+    }
+    let after = send(authed("SELECT count(*) FROM events")).await.unwrap();
+    assert_eq!(after.json()["rows"], json!([[20]]), "nothing changed");
+
+    // information_schema names PostgreSQL types, the ones pg_catalog names (in two pages: this
+    // test's max_result_rows is 12).
+    let mut information_schema = Vec::new();
+    let mut pg_catalog = Vec::new();
+    for (first, last) in [(1, 7), (8, 14)] {
+        let page = send(authed(&format!(
+            "SELECT column_name, data_type, udt_name FROM information_schema.columns \
+             WHERE table_name = 'events' AND ordinal_position BETWEEN {first} AND {last} \
+             ORDER BY ordinal_position"
+        )))
+        .await
+        .unwrap();
+        information_schema.extend(page.json()["rows"].as_array().cloned().unwrap_or_default());
+        let page = send(authed(&format!(
+            "SELECT a.attname, format_type(a.atttypid, a.atttypmod), t.typname \
+             FROM pg_catalog.pg_attribute a \
+             JOIN pg_catalog.pg_class c ON a.attrelid = c.oid \
+             JOIN pg_catalog.pg_type t ON t.oid = a.atttypid \
+             WHERE c.relname = 'events' AND a.attnum BETWEEN {first} AND {last} \
+             ORDER BY a.attnum"
+        )))
+        .await
+        .unwrap();
+        pg_catalog.extend(page.json()["rows"].as_array().cloned().unwrap_or_default());
+    }
+    let n_columns = send(authed(
+        "SELECT count(*) FROM information_schema.columns WHERE table_name = 'events'",
+    ))
+    .await
+    .unwrap();
+    assert_eq!(n_columns.json()["rows"], json!([[14]]));
+    let information_schema = Value::Array(information_schema);
+    let pg_catalog = Value::Array(pg_catalog);
+    let (Some(ours), Some(theirs)) = (information_schema.as_array(), pg_catalog.as_array()) else {
+        panic!("no rows: {information_schema} / {pg_catalog}");
+    };
+    assert_eq!(ours.len(), 14, "{information_schema}");
+    assert_eq!(
+        ours.len(),
+        theirs.len(),
+        "{information_schema} / {pg_catalog}"
+    );
+    for (ours, theirs) in ours.iter().zip(theirs) {
+        let format_type = theirs[1].as_str().unwrap_or_default();
+        let expected_data_type = if format_type.ends_with("[]") {
+            "ARRAY"
+        } else {
+            format_type
+        };
+        assert_eq!(ours[0], theirs[0], "same column order");
+        assert_eq!(ours[1], json!(expected_data_type), "{ours} / {theirs}");
+        assert_eq!(
+            ours[2], theirs[2],
+            "udt_name = pg_type.typname: {ours} / {theirs}"
+        );
+    }
+    assert_eq!(
+        information_schema[2],
+        json!(["event_time", "timestamp with time zone", "timestamptz"])
+    );
+    assert_eq!(information_schema[1], json!(["seq", "numeric", "numeric"]));
+    assert_eq!(information_schema[12], json!(["tags", "ARRAY", "_text"]));
 }
