@@ -6,67 +6,34 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use runnel_tests::load::{Body, EVENTS_PATH, LoadConfig};
 use runnel_tests::{
-    ARRIVAL_TIMEOUT, AgentOptions, AgentProcess, AggregatorOptions, AggregatorProcess, Certs, Load,
+    ARRIVAL_TIMEOUT, AgentExtra, AgentOptions, AgentProcess, AggregatorOptions, Certs, Fleet, Load,
     TestDir, Uplink, assert_no_duplicates, binaries, http_client, post_body, post_events, query,
-    query_count, query_rows, test_event, wait_all_stored,
+    query_count, query_rows, start_fleet_with, test_event, wait_all_stored, wait_count_of,
 };
 use serde_json::Value;
 
 /// The aggregator and one agent (`edge-1`) of a fresh fleet.
-struct Fleet {
-    // Field order is drop order: processes go before the directory that holds their logs.
-    agent: AgentProcess,
-    aggregator: AggregatorProcess,
-    certs: Certs,
-    dir: TestDir,
-}
-
 fn start_fleet(
     test_name: &str,
     aggregator_options: AggregatorOptions,
     agent_options: AgentOptions,
 ) -> Fleet {
-    let bins = binaries!();
-    let dir = TestDir::new(test_name);
-    let certs = Certs::init(&dir.join("certs"));
-    let aggregator = AggregatorProcess::start(&bins, &dir, &certs, aggregator_options);
-    let cert = certs.issue_agent("edge-1");
-    let uplink = Uplink {
-        aggregator: aggregator.ingest_addr(),
-        ca_cert: certs.ca_cert.clone(),
-    };
-    let agent = AgentProcess::start(&bins, &dir, "agent-edge-1", &cert, &uplink, agent_options);
-    assert_eq!(
-        agent.agent_id(),
+    start_fleet_with(
+        &binaries!(),
+        test_name,
         "edge-1",
-        "the agent id is the certificate's common name"
-    );
-    Fleet {
-        agent,
-        aggregator,
-        certs,
-        dir,
-    }
+        aggregator_options,
+        agent_options,
+        &AgentExtra::default(),
+    )
 }
 
 /// Waits until `SELECT count(*) FROM events` is exactly `n_expected` (failing early when it
 /// overshoots: that is a duplicate).
 async fn wait_count(dir: &TestDir, query_addr: std::net::SocketAddr, n_expected: u64) {
-    dir.wait_until(
-        ARRIVAL_TIMEOUT,
-        &format!("{n_expected} events are stored"),
-        || async move {
-            let n = query_count(query_addr, "SELECT count(*) FROM events").await?;
-            assert!(
-                n <= n_expected,
-                "{n} events stored, more than the {n_expected} sent"
-            );
-            anyhow::ensure!(n == n_expected, "count(*) = {n}");
-            Ok(())
-        },
-    )
-    .await;
+    wait_count_of(dir, query_addr, "SELECT count(*) FROM events", n_expected).await;
 }
 
 /// Encodes `events` as one of the body shapes the HTTP source accepts, chosen by `shape`.
@@ -104,52 +71,21 @@ async fn ten_thousand_events_arrive_exactly_once() {
         event_idx += n;
     }
     let n_requests = requests.len();
-    let queue = Arc::new(std::sync::Mutex::new(
-        requests.into_iter().enumerate().collect::<Vec<_>>(),
-    ));
-    let client = http_client();
-    let http = fleet.agent.http_addr();
-    let mut tasks = Vec::new();
-    for _ in 0..N_CLIENTS {
-        let queue = queue.clone();
-        let client = client.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut n_accepted = 0u64;
-            loop {
-                let next = queue.lock().expect("queue lock").pop();
-                let Some((request_idx, events)) = next else {
-                    break;
-                };
-                let body = encode_body(&events, request_idx);
-                loop {
-                    let outcome = post_body(&client, http, body.clone())
-                        .await
-                        .unwrap_or_else(|error| panic!("request {request_idx}: {error:#}"));
-                    match outcome.status {
-                        200 => {
-                            assert_eq!(
-                                outcome.body["accepted"].as_u64(),
-                                Some(events.len() as u64),
-                                "{}",
-                                outcome.body
-                            );
-                            n_accepted += events.len() as u64;
-                            break;
-                        }
-                        503 => tokio::time::sleep(Duration::from_millis(100)).await,
-                        status => panic!("request {request_idx}: HTTP {status}: {}", outcome.body),
-                    }
-                }
-            }
-            n_accepted
-        }));
-    }
-    let mut n_accepted = 0;
-    for task in tasks {
-        n_accepted += task.await.expect("client task");
-    }
+    let bodies: Vec<Body> = requests
+        .iter()
+        .enumerate()
+        .map(|(request_idx, events)| Body {
+            json: encode_body(events, request_idx),
+            n_events: events.len(),
+        })
+        .collect();
+    let load = Load::start_with(
+        fleet.agent.http_addr(),
+        LoadConfig::bodies(N_CLIENTS, EVENTS_PATH, Arc::new(bodies)),
+    );
+    let report = load.finish().await;
     assert_eq!(
-        n_accepted, N_EVENTS as u64,
+        report.counts.n_events_acked, N_EVENTS as u64,
         "events acknowledged over {n_requests} requests"
     );
 
