@@ -54,9 +54,9 @@ pub async fn run(
     let (wal, wal_thread, recovered) = wal::Wal::open(
         &config.storage.wal_path,
         config.storage.synchronous.as_pragma(),
-        Arc::clone(&store),
+        Arc::clone(&store) as Arc<dyn wal::CommittedBatches>,
     )?;
-    store.set_files(recovered.files);
+    store.open_catalog(&wal).await?;
     store.remove_unrecorded_files().await?;
     let engine = Arc::new(query::QueryEngine::new(
         &config.query,

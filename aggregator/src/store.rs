@@ -11,8 +11,8 @@
 //! rows are still in the WAL, so they are deleted at startup.
 //!
 //! Compaction merges the small files of an hour partition into one, and retention drops the
-//! partitions older than `storage.retention_hours`; both change the file catalog (the WAL's
-//! `parquet_files` table) in one transaction and swap the store's file list under the lock, so
+//! partitions older than `storage.retention_hours`; both change the file catalog ([`catalog`], a
+//! table in the WAL's database) in one transaction and swap the store's file list under the lock, so
 //! a query sees either the old files or the new ones. Objects are written before and deleted
 //! after the catalog changes: a crash in between leaves an unrecorded file, removed at startup.
 //!
@@ -31,10 +31,13 @@ use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::parquet::basic::{Compression, ZstdLevel};
 use datafusion::parquet::file::properties::WriterProperties;
 use futures::TryStreamExt;
+use runnel_common::Event;
 use tokio::sync::Notify;
 
 use crate::schema::EVENTS_SCHEMA;
-use crate::wal::Wal;
+use crate::wal::{self, CommittedBatches, Wal};
+
+mod catalog;
 
 /// Where the Parquet files live: a local directory (`storage.events_dir`) or an S3 bucket
 /// (`storage.url`), as one `object_store` rooted at the events root.
@@ -204,8 +207,19 @@ impl EventStore {
         }
     }
 
-    pub fn set_files(&self, files: Vec<ParquetFile>) {
+    /// Reads the file catalog from the WAL's database (creating it on a new one) and serves
+    /// those files. Returns how many there are.
+    pub async fn open_catalog(&self, wal: &Wal) -> anyhow::Result<usize> {
+        let files = wal
+            .transaction(|tx| {
+                catalog::create(tx)?;
+                catalog::load(tx)
+            })
+            .await
+            .context("open the Parquet file catalog")?;
+        let n_files = files.len();
         self.lock().files = files;
+        Ok(n_files)
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -307,7 +321,13 @@ impl EventStore {
             });
         }
         let batch_ids: Vec<i64> = taken.iter().map(|(id, _)| *id).collect();
-        wal.finish_flush(files.clone(), batch_ids.clone()).await?;
+        let (recorded, moved) = (files.clone(), batch_ids.clone());
+        wal.transaction(move |tx| {
+            catalog::record(tx, &recorded, &[], wal::now_unix_ms())?;
+            wal::delete_batches(tx, &moved)
+        })
+        .await
+        .context("record flushed files")?;
 
         let flushed = Flushed {
             n_files: files.len(),
@@ -458,7 +478,10 @@ impl EventStore {
         added: Vec<ParquetFile>,
         removed: Vec<String>,
     ) -> anyhow::Result<()> {
-        wal.replace_files(added.clone(), removed.clone()).await?;
+        let (recorded, forgotten) = (added.clone(), removed.clone());
+        wal.transaction(move |tx| catalog::record(tx, &recorded, &forgotten, wal::now_unix_ms()))
+            .await
+            .context("record replaced files")?;
         {
             let mut inner = self.lock();
             inner.files.retain(|f| !removed.contains(&f.path));
@@ -475,6 +498,15 @@ impl EventStore {
             }
         }
         Ok(())
+    }
+}
+
+impl CommittedBatches for EventStore {
+    fn committed(&self, batch_id: i64, agent_id: &str, received_ms: i64, events: &[Event]) {
+        self.insert(
+            batch_id,
+            crate::schema::to_record_batches(agent_id, received_ms, events),
+        );
     }
 }
 

@@ -11,6 +11,11 @@
 //! then records them and deletes their batches in one transaction. Files not recorded are
 //! leftovers of an interrupted flush and are deleted at startup (see `store`).
 //!
+//! The WAL knows nothing of the store: committed and replayed batches go to a
+//! [`CommittedBatches`] sink, and the store's file catalog shares the WAL's transactions through
+//! [`Wal::transaction`] (so a flush records its files and deletes its batches atomically)
+//! without this module knowing its tables.
+//!
 //! Durability: `journal_mode = WAL` with `storage.synchronous` (`full` by default: a commit is
 //! fsynced before the ack). Group commit: all commits queued at once share one transaction.
 
@@ -26,8 +31,45 @@ use runnel_common::wire::{Batch, Compression};
 use rusqlite::{Connection, params};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::schema;
-use crate::store::{EventStore, ParquetFile};
+/// Where committed batches go (the store that makes them queryable): called on the writer
+/// thread after each commit, in commit order, and for every batch replayed at startup.
+pub trait CommittedBatches: Send + Sync {
+    /// `batch_id` is the WAL's id of the batch, unique and increasing.
+    fn committed(&self, batch_id: i64, agent_id: &str, received_ms: i64, events: &[Event]);
+}
+
+/// Work run on the writer thread inside one transaction ([`Wal::transaction`]).
+trait TransactionWork: Send {
+    /// Runs inside the transaction; an error rolls it back.
+    fn run(&mut self, tx: &rusqlite::Transaction<'_>) -> anyhow::Result<()>;
+    /// The outcome: `Ok` once the transaction has committed.
+    fn finish(self: Box<Self>, outcome: anyhow::Result<()>);
+}
+
+/// A closure and the channel its caller waits on, as [`TransactionWork`].
+struct Work<T, F> {
+    work: Option<F>,
+    value: Option<T>,
+    reply: oneshot::Sender<anyhow::Result<T>>,
+}
+
+impl<T, F> TransactionWork for Work<T, F>
+where
+    T: Send,
+    F: FnOnce(&rusqlite::Transaction<'_>) -> anyhow::Result<T> + Send,
+{
+    fn run(&mut self, tx: &rusqlite::Transaction<'_>) -> anyhow::Result<()> {
+        let work = self.work.take().context("transaction work ran twice")?;
+        self.value = Some(work(tx)?);
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>, outcome: anyhow::Result<()>) {
+        let Work { value, reply, .. } = *self;
+        let result = outcome.and_then(|()| value.context("transaction work did not run"));
+        let _ = reply.send(result);
+    }
+}
 
 /// Commits waiting for the writer. When full, batch streams wait: backpressure reaches the
 /// agents through QUIC flow control.
@@ -81,12 +123,8 @@ enum Op {
     StoredAgents {
         reply: oneshot::Sender<anyhow::Result<Vec<StoredAgent>>>,
     },
-    FinishFlush {
-        files: Vec<ParquetFile>,
-        removed: Vec<String>,
-        batch_ids: Vec<i64>,
-        reply: oneshot::Sender<anyhow::Result<()>>,
-    },
+    /// Ordered after the commits queued before it; the closure replies by itself.
+    Transaction { work: Box<dyn TransactionWork> },
 }
 
 /// An agent known to the WAL: the last sequence number it stored, and when.
@@ -129,7 +167,6 @@ impl WalThread {
 
 /// What the WAL held at startup.
 pub struct Recovered {
-    pub files: Vec<ParquetFile>,
     pub n_batches: usize,
     pub n_events: usize,
 }
@@ -139,7 +176,7 @@ impl Wal {
     pub fn open(
         path: &Path,
         synchronous: &str,
-        store: Arc<EventStore>,
+        store: Arc<dyn CommittedBatches>,
     ) -> anyhow::Result<(Wal, WalThread, Recovered)> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)
@@ -171,13 +208,6 @@ impl Wal {
                  agent_id TEXT PRIMARY KEY,
                  seq INTEGER NOT NULL,
                  updated_ms INTEGER NOT NULL
-             );
-             CREATE TABLE IF NOT EXISTS parquet_files (
-                 path TEXT PRIMARY KEY,
-                 hour_ms INTEGER NOT NULL,
-                 n_rows INTEGER NOT NULL,
-                 n_bytes INTEGER NOT NULL,
-                 created_ms INTEGER NOT NULL
              );"
         ))
         .with_context(|| format!("initialise WAL {}", path.display()))?;
@@ -190,23 +220,9 @@ impl Wal {
             rows.map(|r| r.map(|(a, s)| (Arc::<str>::from(a), s)))
                 .collect::<Result<HashMap<_, _>, _>>()?
         };
-        let files = {
-            let mut stmt = conn.prepare(
-                "SELECT path, hour_ms, n_rows, n_bytes FROM parquet_files ORDER BY path",
-            )?;
-            let rows = stmt.query_map([], |row| {
-                Ok(ParquetFile {
-                    path: row.get(0)?,
-                    hour_ms: row.get(1)?,
-                    n_rows: row.get(2)?,
-                    n_bytes: row.get(3)?,
-                })
-            })?;
-            rows.collect::<Result<Vec<_>, _>>()?
-        };
         let (n_batches, n_events) =
-            replay(&conn, &store).with_context(|| format!("replay WAL {}", path.display()))?;
-        tracing::info!(path = %path.display(), n_agents = high_water.len(), n_batches, n_events, n_files = files.len(), "WAL opened");
+            replay(&conn, &*store).with_context(|| format!("replay WAL {}", path.display()))?;
+        tracing::info!(path = %path.display(), n_agents = high_water.len(), n_batches, n_events, "WAL opened");
 
         let (ops_tx, ops_rx) = mpsc::channel(OP_QUEUE_DEPTH);
         let mut writer = Writer {
@@ -222,7 +238,6 @@ impl Wal {
             Wal { ops: ops_tx },
             WalThread(handle),
             Recovered {
-                files,
                 n_batches,
                 n_events,
             },
@@ -281,47 +296,38 @@ impl Wal {
         rx.await.context("WAL writer stopped")?
     }
 
-    /// Records flushed files and deletes the batches they hold, in one transaction.
-    pub async fn finish_flush(
+    /// Runs `work` on the writer thread in one transaction of the WAL's database, after the
+    /// commits queued before it, and commits it when `work` returns `Ok`. For state that must
+    /// change atomically with the WAL's batches (the store's file catalog, with
+    /// [`delete_batches`]); the tables `work` touches belong to its caller.
+    pub async fn transaction<T: Send + 'static>(
         &self,
-        files: Vec<ParquetFile>,
-        batch_ids: Vec<i64>,
-    ) -> anyhow::Result<()> {
+        work: impl FnOnce(&rusqlite::Transaction<'_>) -> anyhow::Result<T> + Send + 'static,
+    ) -> anyhow::Result<T> {
         let (reply, rx) = oneshot::channel();
+        let work = Box::new(Work {
+            work: Some(work),
+            value: None,
+            reply,
+        });
         self.ops
-            .send(Op::FinishFlush {
-                files,
-                removed: Vec::new(),
-                batch_ids,
-                reply,
-            })
-            .await
-            .map_err(|_| anyhow::anyhow!("WAL writer stopped"))?;
-        rx.await.context("WAL writer stopped")?
-    }
-
-    /// Records `added` files and forgets `removed` ones, in one transaction (compaction,
-    /// retention). The objects themselves are written before and deleted after.
-    pub async fn replace_files(
-        &self,
-        added: Vec<ParquetFile>,
-        removed: Vec<String>,
-    ) -> anyhow::Result<()> {
-        let (reply, rx) = oneshot::channel();
-        self.ops
-            .send(Op::FinishFlush {
-                files: added,
-                removed,
-                batch_ids: Vec::new(),
-                reply,
-            })
+            .send(Op::Transaction { work })
             .await
             .map_err(|_| anyhow::anyhow!("WAL writer stopped"))?;
         rx.await.context("WAL writer stopped")?
     }
 }
 
-fn replay(conn: &Connection, store: &EventStore) -> anyhow::Result<(usize, usize)> {
+/// Deletes the batches `batch_ids` (moved to durable storage) inside a [`Wal::transaction`].
+pub fn delete_batches(tx: &rusqlite::Transaction<'_>, batch_ids: &[i64]) -> anyhow::Result<()> {
+    let mut delete = tx.prepare_cached("DELETE FROM batches WHERE id = ?1")?;
+    for id in batch_ids {
+        delete.execute(params![id])?;
+    }
+    Ok(())
+}
+
+fn replay(conn: &Connection, store: &dyn CommittedBatches) -> anyhow::Result<(usize, usize)> {
     let mut stmt = conn.prepare(
         "SELECT id, agent_id, after_seq, last_seq, n_events, uncompressed_bytes, compression, received_ms, payload
          FROM batches ORDER BY id",
@@ -350,10 +356,7 @@ fn replay(conn: &Connection, store: &EventStore) -> anyhow::Result<(usize, usize
             .with_context(|| format!("WAL batch {id} of agent {agent_id} is corrupt"))?;
         n_batches += 1;
         n_events += events.len();
-        store.insert(
-            id,
-            schema::to_record_batches(&agent_id, received_ms, &events),
-        );
+        store.committed(id, &agent_id, received_ms, &events);
     }
     Ok((n_batches, n_events))
 }
@@ -362,7 +365,7 @@ struct Writer {
     conn: Connection,
     /// Mirror of the `high_water` table, changed only after the transaction that wrote it.
     high_water: HashMap<Arc<str>, u64>,
-    store: Arc<EventStore>,
+    store: Arc<dyn CommittedBatches>,
 }
 
 /// A commit that passed the chain check, waiting for the transaction.
@@ -399,14 +402,7 @@ impl Writer {
                     Op::StoredAgents { reply } => {
                         let _ = reply.send(self.stored_agents());
                     }
-                    Op::FinishFlush {
-                        files,
-                        removed,
-                        batch_ids,
-                        reply,
-                    } => {
-                        let _ = reply.send(self.finish_flush(&files, &removed, &batch_ids));
-                    }
+                    Op::Transaction { work } => self.transaction(work),
                 }
             }
         }
@@ -507,13 +503,11 @@ impl Writer {
                     let reply_value = match outcome {
                         Ok(Some(accepted)) => {
                             let id = ids.next().expect("one id per accepted batch");
-                            self.store.insert(
+                            self.store.committed(
                                 id,
-                                schema::to_record_batches(
-                                    &accepted.agent_id,
-                                    received_ms,
-                                    &accepted.events,
-                                ),
+                                &accepted.agent_id,
+                                received_ms,
+                                &accepted.events,
                             );
                             Ok(CommitOutcome::Stored {
                                 n_new: accepted.events.len() as u32,
@@ -548,38 +542,14 @@ impl Writer {
         rows.collect::<Result<_, _>>().context("read high_water")
     }
 
-    fn finish_flush(
-        &mut self,
-        files: &[ParquetFile],
-        removed: &[String],
-        batch_ids: &[i64],
-    ) -> anyhow::Result<()> {
-        let created_ms = now_unix_ms();
-        let tx = self.conn.transaction()?;
-        {
-            let mut insert = tx.prepare_cached(
-                "INSERT OR REPLACE INTO parquet_files (path, hour_ms, n_rows, n_bytes, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?;
-            for file in files {
-                insert.execute(params![
-                    file.path,
-                    file.hour_ms,
-                    file.n_rows,
-                    file.n_bytes,
-                    created_ms
-                ])?;
-            }
-            let mut delete = tx.prepare_cached("DELETE FROM batches WHERE id = ?1")?;
-            for id in batch_ids {
-                delete.execute(params![id])?;
-            }
-            let mut forget = tx.prepare_cached("DELETE FROM parquet_files WHERE path = ?1")?;
-            for path in removed {
-                forget.execute(params![path])?;
-            }
-        }
-        tx.commit().context("commit flush")?;
-        Ok(())
+    /// Runs `work` in one transaction and tells it whether the transaction committed.
+    fn transaction(&mut self, mut work: Box<dyn TransactionWork>) {
+        let outcome = (|| -> anyhow::Result<()> {
+            let tx = self.conn.transaction().context("begin WAL transaction")?;
+            work.run(&tx)?;
+            tx.commit().context("commit WAL transaction")
+        })();
+        work.finish(outcome);
     }
 }
 

@@ -152,9 +152,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (wal, wal_thread, recovered) = wal::Wal::open(
         &config.storage.wal_path,
         config.storage.synchronous.as_pragma(),
-        Arc::clone(&event_store),
+        Arc::clone(&event_store) as Arc<dyn wal::CommittedBatches>,
     )?;
-    event_store.set_files(recovered.files);
+    event_store.open_catalog(&wal).await?;
     let marker = dir.join(format!("complete-{}-{}", args.events, args.agents));
     if marker.exists() && recovered.n_events == 0 {
         println!(
