@@ -7,6 +7,10 @@
 //! costs nothing between scrapes.
 //!
 //! Names follow Prometheus conventions: `_total` counters, `_seconds`, `_bytes`.
+//!
+//! `runnel_agent_mqtt_sessions_lost_total{source}` is read from the status too, so every
+//! subscriber has the series from its first connection on (at 0), and an alert on `increase()`
+//! sees the first loss.
 
 use std::sync::{Arc, OnceLock};
 
@@ -124,6 +128,7 @@ async fn scrape(State(ops): State<Arc<Ops>>) -> impl IntoResponse {
         "Batches the aggregator acknowledged.",
         uplink.n_batches_acked,
     );
+    mqtt_sessions_lost(&mut text, &status.sources.mqtt_subscribers);
     (
         [(
             header::CONTENT_TYPE,
@@ -131,4 +136,27 @@ async fn scrape(State(ops): State<Arc<Ops>>) -> impl IntoResponse {
         )],
         text,
     )
+}
+
+/// One sample per MQTT subscriber that has connected.
+fn mqtt_sessions_lost(text: &mut String, subscribers: &[crate::ops::MqttSubscriberStatus]) {
+    use std::fmt::Write;
+
+    let connected: Vec<_> = subscribers.iter().filter(|s| s.n_connects > 0).collect();
+    if connected.is_empty() {
+        return;
+    }
+    text.push_str(
+        "# HELP runnel_agent_mqtt_sessions_lost_total Reconnects on which the broker no longer had \
+         the subscriber's persistent session: the messages it queued for the agent were discarded.\n\
+         # TYPE runnel_agent_mqtt_sessions_lost_total counter\n",
+    );
+    for subscriber in connected {
+        // Source names are `a-z A-Z 0-9 _ . -` (config validation): nothing to escape.
+        let _ = writeln!(
+            text,
+            "runnel_agent_mqtt_sessions_lost_total{{source=\"{}\"}} {}",
+            subscriber.name, subscriber.n_sessions_lost
+        );
+    }
 }

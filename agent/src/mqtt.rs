@@ -20,6 +20,15 @@
 //! `max_inflight_messages` defaults to 20) keeps that count small: a full buffer
 //! stops the acknowledgements, and the broker stops sending. Only a QoS 0 flood into a full
 //! buffer reaches the bound; then the event loop stops reading until the worker catches up.
+//!
+//! What waits at the broker can still be lost there, and MQTT 3.1.1 never tells the subscriber:
+//! a broker drops queued messages beyond its per-client queue limit (Mosquitto's
+//! `max_queued_messages`, default 1000), and forgets a whole session when it restarts without
+//! persistence or expires it. Packet ids cannot show either (the broker assigns them to what it
+//! sends, and reuses them), so no gap in the delivery marks reveals a drop. The one signal the
+//! protocol gives is the CONNACK's session-present flag: `false` on a reconnect with a persistent
+//! session that this process already had means the broker discarded the session and every
+//! message it held. [`SourceHealth::connected`] counts that for the status and `/metrics`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -84,6 +93,56 @@ struct SourceHealthInner {
     next_run: u64,
     /// Source name -> (the run that reported, its state).
     sources: BTreeMap<String, (u64, SourceState)>,
+    /// Source name -> what its CONNACKs said since the agent started (across config restarts).
+    sessions: BTreeMap<String, SessionRecord>,
+}
+
+/// What one subscriber's CONNACKs told since the agent started.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionRecord {
+    /// The client id of the persistent session the broker created or resumed for this source in
+    /// this process: a later CONNACK with this id must say session-present.
+    persistent_client_id: Option<String>,
+    /// CONNACKs received.
+    pub n_connects: u64,
+    /// The session-present flag of the last CONNACK.
+    pub session_present: Option<bool>,
+    /// Reconnects on which the broker had lost the persistent session (and the messages it
+    /// queued for us).
+    pub n_sessions_lost: u64,
+    /// When the last such loss was seen, Unix epoch milliseconds.
+    pub last_session_lost_unix_ms: Option<i64>,
+}
+
+/// What a CONNACK says about the broker's session for a subscriber.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionOutcome {
+    /// `clean_session = true`: no session was asked for; nothing waits at the broker.
+    Clean,
+    /// A persistent session was resumed: what the broker queued comes now.
+    Resumed,
+    /// No session, and none was expected: this client id's first connection in this process.
+    /// (After an agent restart this cannot tell a new client id from a broker that lost the
+    /// session while the agent was stopped.)
+    New,
+    /// No session where this process had one: the broker discarded it, with every message it
+    /// held for the subscriber.
+    Lost,
+}
+
+/// The outcome of a CONNACK: `expected` is whether this process already had a persistent
+/// session for the client id.
+pub fn session_outcome(
+    clean_session: bool,
+    expected: bool,
+    session_present: bool,
+) -> SessionOutcome {
+    match (clean_session, session_present, expected) {
+        (true, _, _) => SessionOutcome::Clean,
+        (false, true, _) => SessionOutcome::Resumed,
+        (false, false, true) => SessionOutcome::Lost,
+        (false, false, false) => SessionOutcome::New,
+    }
 }
 
 /// One subscriber's connection state.
@@ -134,6 +193,35 @@ impl SourceHealth {
             .sources
             .get(name)
             .map(|(_, state)| state.clone())
+    }
+
+    /// Records a CONNACK of source `name` (connected as `client_id`) and says what it means for
+    /// the messages the broker held.
+    pub fn connected(
+        &self,
+        name: &str,
+        client_id: &str,
+        clean_session: bool,
+        session_present: bool,
+        now_unix_ms: i64,
+    ) -> SessionOutcome {
+        let mut inner = self.lock();
+        let record = inner.sessions.entry(name.to_owned()).or_default();
+        let expected = record.persistent_client_id.as_deref() == Some(client_id);
+        let outcome = session_outcome(clean_session, expected, session_present);
+        record.n_connects += 1;
+        record.session_present = Some(session_present);
+        record.persistent_client_id = (!clean_session).then(|| client_id.to_owned());
+        if outcome == SessionOutcome::Lost {
+            record.n_sessions_lost += 1;
+            record.last_session_lost_unix_ms = Some(now_unix_ms);
+        }
+        outcome
+    }
+
+    /// What the CONNACKs of source `name` said, if it ever connected.
+    pub fn session(&self, name: &str) -> Option<SessionRecord> {
+        self.lock().sessions.get(name).cloned()
     }
 }
 
@@ -201,6 +289,30 @@ pub async fn run(source: MqttSource, mut shutdown: watch::Receiver<bool>) {
                 );
                 delay_ms = config.reconnect_min_ms;
                 n_failures = 0;
+                let outcome = source.health.connected(
+                    &config.name,
+                    &client_id,
+                    config.clean_session,
+                    connack.session_present,
+                    crate::now_unix_ms(),
+                );
+                match outcome {
+                    SessionOutcome::Lost => tracing::warn!(
+                        source = %config.name,
+                        broker = %broker,
+                        client_id,
+                        "the broker lost this subscriber's persistent session (CONNACK without \
+                         session-present): the messages it held for the agent are gone; check the \
+                         broker's persistence and session expiry"
+                    ),
+                    SessionOutcome::New => tracing::info!(
+                        source = %config.name,
+                        client_id,
+                        "the broker has no session for this client id yet (first connection, or \
+                         lost while the agent was stopped); it keeps one from now on"
+                    ),
+                    SessionOutcome::Clean | SessionOutcome::Resumed => {}
+                }
                 source
                     .health
                     .report(&config.name, run, true, format!("connected to {broker}"));
@@ -690,6 +802,113 @@ mod tests {
         assert_eq!(digest("a", b"x"), digest("a", b"x"));
         assert_ne!(digest("a", b"x"), digest("b", b"x"));
         assert_ne!(digest("ab", b""), digest("a", b"b"));
+    }
+
+    #[test]
+    fn session_outcomes() {
+        use SessionOutcome::*;
+        assert_eq!(session_outcome(true, true, false), Clean);
+        assert_eq!(session_outcome(true, false, true), Clean);
+        assert_eq!(session_outcome(false, false, true), Resumed);
+        assert_eq!(session_outcome(false, true, true), Resumed);
+        assert_eq!(session_outcome(false, false, false), New);
+        assert_eq!(session_outcome(false, true, false), Lost);
+    }
+
+    #[test]
+    fn a_reconnect_without_the_session_counts_as_lost() {
+        let health = SourceHealth::default();
+        assert_eq!(health.session("plant"), None);
+        // First connection in this process: no session is not a loss.
+        assert_eq!(
+            health.connected("plant", "c1", false, false, 10),
+            SessionOutcome::New
+        );
+        assert_eq!(
+            health.connected("plant", "c1", false, true, 20),
+            SessionOutcome::Resumed
+        );
+        assert_eq!(health.session("plant").expect("record").n_sessions_lost, 0);
+        // The broker restarted without persistence (or expired the session).
+        assert_eq!(
+            health.connected("plant", "c1", false, false, 30),
+            SessionOutcome::Lost
+        );
+        let record = health.session("plant").expect("record");
+        assert_eq!(
+            (
+                record.n_connects,
+                record.n_sessions_lost,
+                record.last_session_lost_unix_ms,
+                record.session_present
+            ),
+            (3, 1, Some(30), Some(false))
+        );
+        // From then on the new session is the expected one.
+        assert_eq!(
+            health.connected("plant", "c1", false, true, 40),
+            SessionOutcome::Resumed
+        );
+        // A config change to another client id starts a new session: not a loss.
+        assert_eq!(
+            health.connected("plant", "c2", false, false, 50),
+            SessionOutcome::New
+        );
+        // A clean session expects nothing, and after it the persistent one is new again.
+        assert_eq!(
+            health.connected("plant", "c2", true, false, 60),
+            SessionOutcome::Clean
+        );
+        assert_eq!(
+            health.connected("plant", "c2", false, false, 70),
+            SessionOutcome::New
+        );
+        assert_eq!(health.session("plant").expect("record").n_sessions_lost, 1);
+        // Sources are counted apart.
+        assert_eq!(health.session("yard"), None);
+    }
+
+    #[test]
+    fn named_time_fields_reach_the_event() {
+        let view = WorkerStateView {
+            payload: MqttPayload::Json,
+            template: None,
+        };
+        let default_rule = TimeRule::default();
+        let events = decode_publish_with_time(
+            &view,
+            &default_rule,
+            "meters/m1",
+            br#"{"ts":1700000000123,"kwh":3}"#,
+            &received(),
+        );
+        assert_eq!(events[0].event_time_ms, 1_700_000_000_123);
+        assert_eq!(events[0].name, "m1");
+        assert!(!events[0].attrs.contains_key("ts"));
+        let in_seconds = TimeRule::from_config(Some("t"), "s");
+        let events = decode_publish_with_time(
+            &view,
+            &in_seconds,
+            "meters/m1",
+            br#"{"t":1700000000,"kwh":3}"#,
+            &received(),
+        );
+        assert_eq!(events[0].event_time_ms, 1_700_000_000_000);
+        let dead = decode_publish_with_time(
+            &view,
+            &in_seconds,
+            "meters/m1",
+            br#"{"t":"2023-11-14T22:13:20Z"}"#,
+            &received(),
+        );
+        assert_eq!(dead[0].stream, decode::DEAD_LETTER_STREAM);
+        let Value::String(reason) = &dead[0].attrs["reason"] else {
+            panic!("reason")
+        };
+        assert!(
+            reason.contains("field `t` must be a number of Unix seconds"),
+            "{reason}"
+        );
     }
 
     #[test]

@@ -123,6 +123,40 @@ impl Ops {
         Ok(())
     }
 
+    /// Connection and broker-session state of every configured MQTT subscriber.
+    fn mqtt_subscribers(&self, config: &AgentConfig) -> Vec<MqttSubscriberStatus> {
+        let Some(control) = self.control.get() else {
+            return Vec::new();
+        };
+        let health = control.source_health();
+        config
+            .mqtt
+            .iter()
+            .map(|mqtt| {
+                let state = health.get(&mqtt.name);
+                let session = health.session(&mqtt.name).unwrap_or_default();
+                let warning = (session.n_sessions_lost > 0).then(|| {
+                    format!(
+                        "the broker lost this subscriber's persistent session {} time(s): the \
+                         messages it held for the agent were discarded (docs/SOURCES.md, \
+                         \"Broker-side loss\")",
+                        session.n_sessions_lost
+                    )
+                });
+                MqttSubscriberStatus {
+                    name: mqtt.name.clone(),
+                    healthy: state.as_ref().is_none_or(|state| state.healthy),
+                    detail: state.map(|state| state.detail).unwrap_or_default(),
+                    n_connects: session.n_connects,
+                    session_present: session.session_present,
+                    n_sessions_lost: session.n_sessions_lost,
+                    last_session_lost_unix_ms: session.last_session_lost_unix_ms,
+                    warning,
+                }
+            })
+            .collect()
+    }
+
     pub async fn status(&self) -> AgentStatus {
         let head = *self.buffer.head().borrow();
         let stats = self.buffer.stats();
@@ -165,6 +199,7 @@ impl Ops {
                 segment: config.segment.enabled,
                 mqtt: config.mqtt.iter().map(|m| m.name.clone()).collect(),
                 mqtt_listener: config.mqtt_listener.enabled,
+                mqtt_subscribers: self.mqtt_subscribers(config),
             },
             buffer: BufferStatus {
                 path: config.buffer.path.display().to_string(),
@@ -244,6 +279,29 @@ pub struct SourcesStatus {
     /// Names of the MQTT subscribers.
     pub mqtt: Vec<String>,
     pub mqtt_listener: bool,
+    /// Each MQTT subscriber's connection and broker session.
+    pub mqtt_subscribers: Vec<MqttSubscriberStatus>,
+}
+
+/// One MQTT subscriber in the status.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MqttSubscriberStatus {
+    pub name: String,
+    /// Reaches its broker (or has not failed yet).
+    pub healthy: bool,
+    /// What it is doing, or why it is unhealthy.
+    pub detail: String,
+    /// CONNACKs since the agent started.
+    pub n_connects: u64,
+    /// The session-present flag of the last CONNACK.
+    pub session_present: Option<bool>,
+    /// Reconnects on which the broker no longer had the persistent session this process had:
+    /// the messages it held for the agent were lost at the broker.
+    pub n_sessions_lost: u64,
+    pub last_session_lost_unix_ms: Option<i64>,
+    /// Set when something was lost at the broker.
+    pub warning: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -517,6 +575,38 @@ pub fn render_status(status: &AgentStatus) -> String {
         }
         line(&mut out, "mqtt", &parts.join("; "));
     }
+    for subscriber in &status.sources.mqtt_subscribers {
+        let session = match subscriber.session_present {
+            Some(true) => ", session resumed",
+            Some(false) => ", new session",
+            None => "",
+        };
+        line(
+            &mut out,
+            "",
+            &format!(
+                "{}: {}{}, {} connections{session}",
+                subscriber.name,
+                if subscriber.healthy { "" } else { "UNHEALTHY " },
+                subscriber.detail,
+                subscriber.n_connects
+            ),
+        );
+        if let Some(warning) = &subscriber.warning {
+            let when = subscriber
+                .last_session_lost_unix_ms
+                .map(|at| {
+                    let ago = u64::try_from(crate::now_unix_ms() - at).unwrap_or(0);
+                    format!(" (last {} ago)", human::duration_ms(ago))
+                })
+                .unwrap_or_default();
+            line(
+                &mut out,
+                "",
+                &format!("WARNING {}: {warning}{when}", subscriber.name),
+            );
+        }
+    }
     let buffer = &status.buffer;
     let percent = if buffer.max_bytes > 0 {
         buffer.n_bytes as f64 * 100.0 / buffer.max_bytes as f64
@@ -617,6 +707,33 @@ mod tests {
         assert!(text.contains("runnel-agent 9.9.9"), "{text}");
         assert!(text.contains("connected to a:1"), "{text}");
         assert!(text.contains("config      not reported"), "{text}");
+    }
+
+    #[test]
+    fn status_warns_about_a_lost_broker_session() {
+        let mut status = AgentStatus::default();
+        status.sources.mqtt = vec!["plant".into()];
+        status.sources.mqtt_subscribers = vec![MqttSubscriberStatus {
+            name: "plant".into(),
+            healthy: true,
+            detail: "connected to b:1883".into(),
+            n_connects: 3,
+            session_present: Some(false),
+            n_sessions_lost: 1,
+            last_session_lost_unix_ms: Some(crate::now_unix_ms()),
+            warning: Some("the broker lost it".into()),
+        }];
+        let text = render_status(&status);
+        assert!(
+            text.contains("plant: connected to b:1883, 3 connections, new session"),
+            "{text}"
+        );
+        assert!(
+            text.contains("WARNING plant: the broker lost it (last "),
+            "{text}"
+        );
+        status.sources.mqtt_subscribers[0].warning = None;
+        assert!(!render_status(&status).contains("WARNING"));
     }
 
     #[test]

@@ -19,11 +19,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Outgoing, Packet, QoS};
 use runnel_tests::{
     ARRIVAL_TIMEOUT, AgentExtra, AgentOptions, AggregatorOptions, Fleet, assert_no_duplicates,
     binaries, http_client, poll_until, post_events, query_count, start_fleet_with,
-    stored_event_ids, stored_events, test_event, wait_count_of,
+    stored_event_ids, stored_events, test_event, wait_count_of, wait_for_metrics,
 };
 use serde_json::{Value, json};
 
@@ -774,4 +775,137 @@ async fn full_buffer_backpressures_http_and_mqtt_then_delivers_everything_once()
         "events answered 503 were stored"
     );
     assert_no_duplicates(query_addr).await;
+}
+
+/// Connects with the agent's client id and leaves at once: the broker disconnects the agent
+/// (MQTT-3.1.4-2), and with `clean_session` the broker discards the agent's persistent session
+/// and every message queued in it (MQTT-3.1.2-6), as a broker restart without persistence does.
+/// Returns once this connection's CONNACK came (or the agent took the id back first).
+async fn take_over_client_id(broker: &Broker, client_id: &str, clean_session: bool) {
+    let mut options = MqttOptions::new(client_id, broker.host.clone(), broker.port);
+    options
+        .set_keep_alive(Duration::from_secs(30))
+        .set_clean_session(clean_session);
+    let (client, mut eventloop) = AsyncClient::new(options, 10);
+    let outcome = tokio::time::timeout(ARRIVAL_TIMEOUT, async {
+        loop {
+            match eventloop.poll().await {
+                Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
+                    let _ = client.disconnect().await;
+                }
+                Ok(MqttEvent::Outgoing(Outgoing::Disconnect)) => {
+                    // Sent: the broker has it once the socket is flushed; one more poll does that
+                    // or fails with the closed connection.
+                    let _ = tokio::time::timeout(Duration::from_secs(1), eventloop.poll()).await;
+                    return Ok(());
+                }
+                Ok(_) => {}
+                // The agent reconnected first and took the id back: this connection had its
+                // effect (its CONNECT reached the broker) or will be retried by the caller.
+                Err(error) => return Err(error.to_string()),
+            }
+        }
+    })
+    .await;
+    eprintln!("take-over of {client_id} (clean_session = {clean_session}): {outcome:?}");
+}
+
+/// The agent's `/v1/status` entry for MQTT subscriber `name`.
+async fn subscriber_status(fleet: &Fleet, name: &str) -> anyhow::Result<Value> {
+    let client = http_client();
+    let reply = runnel_tests::get_path(&client, fleet.agent.http_addr(), "/v1/status").await?;
+    anyhow::ensure!(reply.status == 200, "status answered {}", reply.status);
+    let status = reply.json();
+    status["sources"]["mqtt_subscribers"]
+        .as_array()
+        .and_then(|subscribers| subscribers.iter().find(|s| s["name"] == name))
+        .cloned()
+        .with_context(|| format!("no subscriber {name} in {status}"))
+}
+
+/// Waits until subscriber `name` has had at least `n_connects` CONNACKs; returns its status.
+async fn wait_connects(fleet: &Fleet, name: &str, n_connects: u64) -> Value {
+    let deadline = Instant::now() + ARRIVAL_TIMEOUT;
+    loop {
+        let status = subscriber_status(fleet, name).await;
+        if let Ok(status) = &status
+            && status["n_connects"].as_u64().unwrap_or(0) >= n_connects
+        {
+            return status.clone();
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "subscriber {name} did not reach {n_connects} connections within \
+                 {ARRIVAL_TIMEOUT:?}: {status:?}; agent stderr:\n{}",
+                fleet.agent.stderr()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persistent_session_the_broker_lost_is_counted_and_shown() {
+    let mf = start_mqtt_fleet("mqtt-lost-session", AgentOptions::default(), None, "").await;
+    let root = mf.root.clone();
+    let client_id = format!("{root}-sub");
+    wait_subscribed(&mf.fleet, &mf.publisher, &root, &format!("{root}-a")).await;
+    let first = wait_connects(&mf.fleet, "sub", 1).await;
+    assert_eq!(first["n_sessions_lost"], 0, "{first}");
+
+    // A takeover that keeps the session: the agent reconnects and the broker still has it.
+    take_over_client_id(&mf.broker, &client_id, false).await;
+    let resumed = wait_connects(&mf.fleet, "sub", 2).await;
+    assert_eq!(resumed["session_present"], true, "{resumed}");
+    assert_eq!(resumed["n_sessions_lost"], 0, "{resumed}");
+    assert!(resumed["warning"].is_null(), "{resumed}");
+
+    // A takeover with a clean session: the broker discards the agent's session.
+    take_over_client_id(&mf.broker, &client_id, true).await;
+    let lost = wait_connects(&mf.fleet, "sub", 3).await;
+    assert_eq!(lost["session_present"], false, "{lost}");
+    assert!(lost["n_sessions_lost"].as_u64().unwrap_or(0) >= 1, "{lost}");
+    let warning = lost["warning"].as_str().unwrap_or_default();
+    assert!(
+        warning.contains("lost this subscriber's persistent session"),
+        "{lost}"
+    );
+    wait_for_metrics(
+        mf.fleet.agent.http_addr(),
+        &["runnel_agent_mqtt_sessions_lost_total{source=\"sub\"} "],
+    )
+    .await;
+    let text = runnel_tests::get_path(&http_client(), mf.fleet.agent.http_addr(), "/metrics")
+        .await
+        .expect("metrics");
+    let metrics = String::from_utf8_lossy(&text.bytes).into_owned();
+    assert!(
+        !metrics.contains("runnel_agent_mqtt_sessions_lost_total{source=\"sub\"} 0\n"),
+        "{metrics}"
+    );
+
+    // The agent subscribed again on the new session, and a device's `ts` in seconds is the
+    // event time.
+    wait_subscribed(&mf.fleet, &mf.publisher, &root, &format!("{root}-b")).await;
+    let id = format!("{root}-ts");
+    mf.publisher
+        .publish(
+            &format!("{root}/yard/meter-1/telemetry"),
+            &id,
+            json!({"event_id": id, "ts": 1_700_000_000, "kwh": 3}).to_string(),
+        )
+        .await;
+    let query_addr = mf.fleet.aggregator.query_addr();
+    wait_count_of(
+        &mf.fleet.dir,
+        query_addr,
+        &format!("SELECT count(*) FROM events WHERE event_id = '{id}'"),
+        1,
+    )
+    .await;
+    let events = stored_events(query_addr, &format!("event_id = '{id}'"))
+        .await
+        .expect("the event");
+    assert_eq!(events[0].event_time_ms, 1_700_000_000_000, "{events:?}");
+    assert!(events[0].attrs.get("ts").is_none(), "{events:?}");
 }
