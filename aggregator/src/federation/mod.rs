@@ -61,7 +61,7 @@ use tokio::sync::Semaphore;
 use tokio_postgres::types::Type;
 
 use postgres::PgSource;
-use pushdown::{Compare, NullTests, Pushdown, RemoteQuery};
+use pushdown::{Compare, Dialect, NullTests, Pushdown, RemoteQuery};
 use sqlite::SqliteSource;
 
 /// Rows per record batch read from a remote database: DataFusion's default batch size.
@@ -157,8 +157,12 @@ impl Source {
         }
     }
 
-    fn is_postgres(&self) -> bool {
-        matches!(self, Source::Postgres(_))
+    /// The SQL filters are translated into for this source.
+    fn dialect(&self) -> Dialect {
+        match self {
+            Source::Postgres(_) => Dialect::Postgres,
+            Source::Sqlite(_) => Dialect::Sqlite,
+        }
     }
 }
 
@@ -445,7 +449,7 @@ impl RemoteTable {
 
     /// The filter translation for this table's columns in its source's SQL.
     fn pushdown(&self) -> Pushdown<'_> {
-        Pushdown::new(&self.columns, self.inner.source.is_postgres())
+        Pushdown::new(&self.columns, self.inner.source.dialect())
     }
 
     /// The remote statement for a scan: projected columns, the filters that translate, LIMIT.
