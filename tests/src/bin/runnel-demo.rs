@@ -1,4 +1,5 @@
-//! `cargo run -p runnel-tests --bin runnel-demo`: Runnel on one machine, with defaults.
+//! `cargo build --workspace --all-targets && target/debug/runnel-demo`: Runnel on one machine,
+//! with defaults.
 //!
 //! Generates a CA, a server and an agent certificate under the demo directory, starts an
 //! aggregator and an agent in this process on loopback, sends sample clickstream events through
@@ -169,7 +170,8 @@ async fn demo(args: Args) -> anyhow::Result<()> {
             "  curl -s -X POST http://{http}/v1/events -d '{{\"name\":\"page_view\",\"user_id\":\"u42\",\"url\":\"/pricing\"}}'"
         );
         println!(
-            "  cargo run -q -p runnel-aggregator -- query --url http://{query} \"SELECT event_time, name, user_id, attrs FROM events ORDER BY event_time DESC LIMIT 5\""
+            "  {} query --url http://{query} \"SELECT event_time, name, user_id, attrs FROM events ORDER BY event_time DESC LIMIT 5\"",
+            aggregator_command()
         );
         println!(
             "  curl -s http://{query}/api/v1/query -d '{{\"sql\":\"SELECT count(*) FROM events\"}}'"
@@ -194,6 +196,29 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     agent.await.context("agent task")??;
     aggregator.await.context("aggregator task")??;
     Ok(())
+}
+
+/// How to run `runnel-aggregator` from this build: the binary next to this one (the README's
+/// demo command builds both with `--workspace --all-targets`). Not `cargo run -p
+/// runnel-aggregator`: a `-p` selection resolves dependency features differently from the
+/// workspace build and recompiles DataFusion for minutes (CONTRIBUTING.md).
+fn aggregator_command() -> String {
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join("runnel-aggregator")))
+        .filter(|path| path.is_file());
+    match beside {
+        Some(path) => {
+            let path = std::env::current_dir()
+                .ok()
+                .and_then(|cwd| path.strip_prefix(cwd).ok().map(|p| p.to_path_buf()))
+                .unwrap_or(path);
+            path.display().to_string()
+        }
+        None => {
+            "cargo build --workspace --all-targets && target/debug/runnel-aggregator".to_owned()
+        }
+    }
 }
 
 /// 127.0.0.1:`port` if it is free now, else port 0 (the OS picks).
