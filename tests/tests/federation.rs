@@ -216,7 +216,7 @@ async fn run_checks(
 async fn check_postgres(fleet: &Fleet, pg: &PostgresFixture) {
     let addr = fleet.aggregator.query_addr();
     let table = &pg.table;
-    // Every mapped type, as information_schema shows it.
+    // Every mapped type, as information_schema shows it (PostgreSQL's names, as pg_catalog).
     assert_rows(
         fleet,
         &format!(
@@ -224,25 +224,25 @@ async fn check_postgres(fleet: &Fleet, pg: &PostgresFixture) {
              WHERE table_schema = 'crm' AND table_name = '{table}' ORDER BY ordinal_position"
         ),
         json!([
-            ["id", "Int32"],
-            ["user_id", "Utf8"],
-            ["plan", "Utf8"],
-            ["mrr", "Decimal128(10, 2)"],
-            ["active", "Boolean"],
-            ["signed_up", "Timestamp(µs, \"UTC\")"],
-            ["local_time", "Timestamp(µs)"],
-            ["born", "Date32"],
-            ["seats", "Int64"],
-            ["small", "Int16"],
-            ["ratio", "Float64"],
-            ["ratio4", "Float32"],
-            ["code", "Utf8"],
-            ["ref", "Utf8"],
-            ["profile", "Utf8"],
-            ["doc", "Utf8"],
-            ["tags", "Utf8"],
-            ["note", "Float64"],
-            ["raw", "Binary"],
+            ["id", "integer"],
+            ["user_id", "text"],
+            ["plan", "text"],
+            ["mrr", "numeric"],
+            ["active", "boolean"],
+            ["signed_up", "timestamp with time zone"],
+            ["local_time", "timestamp without time zone"],
+            ["born", "date"],
+            ["seats", "bigint"],
+            ["small", "smallint"],
+            ["ratio", "double precision"],
+            ["ratio4", "real"],
+            ["code", "text"],
+            ["ref", "text"],
+            ["profile", "text"],
+            ["doc", "text"],
+            ["tags", "text"],
+            ["note", "double precision"],
+            ["raw", "bytea"],
         ]),
     )
     .await;
