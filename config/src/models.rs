@@ -32,8 +32,9 @@ struct RawModel {
     path: Option<PathBuf>,
     /// The model input the columns are fed to. Default: the model's only input.
     input: Option<String>,
-    /// The model output to read. Default: the probability output of a classifier, else the
-    /// first output.
+    /// The model output to read. Default: a classifier's probability output, else the model's
+    /// only float output; never an integer or string output (a predicted label). A model whose
+    /// outputs leave the choice open fails to load, listing them.
     output: Option<String>,
     /// For classifiers: the class whose probability is written, by label (an integer or a
     /// string). Default: the last class (the positive class of a binary classifier).

@@ -1,7 +1,8 @@
 //! Model scoring end to end: the real agent and aggregator binaries, events posted over HTTP,
 //! a `[[models]]` fixture (tests/fixtures/models, made by generate.py) scoring them, and the
 //! score read back with SQL and compared with onnxruntime's reference. And `runnel-agent check`
-//! on models that cannot load: an unsupported operator, a missing file.
+//! on models: a `zipmap=False` export that loads, and models that cannot load: an unsupported
+//! operator, a missing file, a `class` on the one-column label output.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -177,5 +178,44 @@ fn check_names_a_missing_model_file() {
     assert!(
         stderr.contains(&missing.display().to_string()),
         "names the path: {stderr}"
+    );
+}
+
+#[test]
+fn check_accepts_a_zipmap_false_export_with_class_1() {
+    let (ok, stderr) = check_with(
+        "scoring_check_nozipmap",
+        &models_toml(
+            "boosted",
+            &fixture("gb_classifier_nozipmap.onnx"),
+            "class = 1\n",
+        ),
+    );
+    assert!(ok, "{stderr}");
+}
+
+#[test]
+fn check_refuses_a_class_on_the_label_and_says_which_key_to_set() {
+    let (ok, stderr) = check_with(
+        "scoring_check_label",
+        &models_toml(
+            "mlp",
+            &fixture("mlp_classifier_nozipmap.onnx"),
+            "output = \"label\"\nclass = 1\n",
+        ),
+    );
+    assert!(!ok, "check passed class = 1 on a one-column output");
+    assert!(stderr.contains("\"mlp\""), "names the model: {stderr}");
+    assert!(
+        stderr.contains("output \"label\" has one column; class 1 does not apply"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("set `output = \"probabilities\"`"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("\"label\" (int64, [N]), \"probabilities\" (float, [N, 2])"),
+        "lists the outputs: {stderr}"
     );
 }

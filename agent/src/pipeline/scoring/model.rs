@@ -2,7 +2,14 @@
 //! every operator is known (so a model tract cannot run fails at load, naming the operator),
 //! the input and output chosen by config, the class column resolved, and the model optimised
 //! for a `[N, columns]` f32 input.
+//!
+//! Without `output` in config, the output read must be a probability or a value: an integer or
+//! string output (a classifier's label) is never read by default, and when the graph does not
+//! say which output is meant the model is refused, listing its outputs. Loading never guesses a
+//! score.
 
+use std::collections::{HashMap, HashSet};
+use std::ops::RangeInclusive;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -25,7 +32,8 @@ pub(crate) fn loader() -> tract_onnx::Onnx {
 pub struct Selection<'a> {
     /// The ONNX input name; `None`: the only input.
     pub input: Option<&'a str>,
-    /// The ONNX output name; `None`: a classifier's probabilities, else the first output.
+    /// The ONNX output name; `None`: a classifier's probabilities, else a model's only float
+    /// output (see [`choose_output`]).
     pub output: Option<&'a str>,
     /// The class whose probability is read; `None`: the last column.
     pub class: Option<&'a ClassLabel>,
@@ -33,6 +41,15 @@ pub struct Selection<'a> {
 
 /// Run states kept for reuse (one per thread scoring at once, up to this many).
 const MAX_IDLE_STATES: usize = 8;
+
+/// The `ai.onnx` opsets the fixtures (tests/fixtures/models) declare, lowest to highest.
+/// docs/MODELS.md states this range ([`tested_opsets_text`]) and a test checks both against
+/// every fixture. tract reads other versions too; a model declaring one loads with a warning.
+pub const TESTED_ONNX_OPSETS: RangeInclusive<i64> = 9..=22;
+
+/// The `ai.onnx.ml` opsets the fixtures declare (skl2onnx and onnxmltools declare the lowest
+/// version the graph needs, not the one asked for: 1 in every fixture).
+pub const TESTED_ONNX_ML_OPSETS: RangeInclusive<i64> = 1..=1;
 
 /// An optimised model that maps `[N, columns]` f32 rows to one value per row.
 #[derive(Debug)]
@@ -59,8 +76,27 @@ impl OnnxModel {
     ) -> anyhow::Result<OnnxModel> {
         let onnx = loader();
         let proto = read_proto(&onnx, path)?;
+        for (domain, version) in untested_opsets(&proto) {
+            tracing::warn!(
+                path = %path.display(),
+                domain,
+                version,
+                tested = %tested_opsets_text(),
+                "the model declares an opset the fixtures do not cover; it may still score right"
+            );
+        }
+        OnnxModel::from_proto(&onnx, &proto, columns, selection)
+    }
+
+    /// [`Self::load`] on a parsed model (tests build graphs in memory).
+    pub(crate) fn from_proto(
+        onnx: &tract_onnx::Onnx,
+        proto: &ModelProto,
+        columns: usize,
+        selection: &Selection<'_>,
+    ) -> anyhow::Result<OnnxModel> {
         let graph = proto.graph.as_ref().context("the file holds no graph")?;
-        let operators = check_operators(&onnx, graph)?;
+        let operators = check_operators(onnx, graph)?;
         let input = choose_input(graph, selection.input)?;
         let output = choose_output(graph, selection.output)?;
         let labels = labels_of(graph, &output)?;
@@ -72,7 +108,7 @@ impl OnnxModel {
         }
 
         let mut model = onnx
-            .model_for_proto_model(&proto)
+            .model_for_proto_model(proto)
             .context("tract could not read the graph")?;
         let input_ix = model
             .input_outlets()?
@@ -92,6 +128,14 @@ impl OnnxModel {
             .into_optimized()
             .context("tract could not type and optimise the graph")?;
         let fact = typed.output_fact(0)?.clone();
+        // The graph may not declare its outputs' types; tract's typing is the last word.
+        if selection.output.is_none() && !fact.datum_type.is_float() {
+            bail!(
+                "output {output:?} holds {:?} values, not probabilities or values to score; {}",
+                fact.datum_type,
+                set_output_hint(graph)
+            );
+        }
         let width = match fact.rank() {
             1 => Some(1),
             2 => fact.shape[1].as_i64().map(|w| w as usize),
@@ -101,8 +145,10 @@ impl OnnxModel {
             (Some(1), None) => None,
             (Some(1), Some(class)) => {
                 bail!(
-                    "output {output:?} has one column; class {} does not apply",
-                    show(class)
+                    "output {output:?} has one column; class {} does not apply (it picks a \
+                     column of a [N, classes] output); {}",
+                    show(class),
+                    set_output_hint(graph)
                 )
             }
             (Some(width), class) => Some(resolve_class(class, labels.as_ref(), width, &output)?),
@@ -230,34 +276,238 @@ fn choose_input(graph: &pb::GraphProto, wanted: Option<&str>) -> anyhow::Result<
     }
 }
 
-/// The output read when config names none: what a `ZipMap` makes, else a classifier's
-/// probability output, else the first output.
+/// The output read when config names none: the one output a `ZipMap`, a classifier's
+/// probability output or a `Softmax` / `Sigmoid` makes (through pass-through operators such as
+/// `Identity`, `Cast`, `Reshape` and `Concat`); else the graph's only output if it is a float
+/// tensor (a regressor); else the only float `[N, C]` output beside integer or string ones (a
+/// classifier whose probabilities are built in a way not recognised above). An integer or
+/// string output is never chosen; anything else is refused, listing the outputs.
 fn choose_output(graph: &pb::GraphProto, wanted: Option<&str>) -> anyhow::Result<String> {
     let outputs: Vec<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
     if let Some(name) = wanted {
         ensure!(
             outputs.contains(&name),
-            "output {name:?} is not a graph output (outputs: {outputs:?})"
+            "output {name:?} is not a graph output (outputs: {})",
+            describe_outputs(graph)
         );
         return Ok(name.to_owned());
     }
-    let produced_by = |name: &str| {
-        graph
-            .node
-            .iter()
-            .find(|n| n.output.iter().any(|o| o == name))
+    ensure!(!graph.output.is_empty(), "the graph has no outputs");
+    let producers: HashMap<&str, &pb::NodeProto> = graph
+        .node
+        .iter()
+        .flat_map(|node| node.output.iter().map(move |o| (o.as_str(), node)))
+        .collect();
+    let probabilities: Vec<&pb::ValueInfoProto> = graph
+        .output
+        .iter()
+        .filter(|o| element_kind(o) != ElementKind::NotScore)
+        .filter(|o| is_probability(&producers, &o.name))
+        .collect();
+    match probabilities.as_slice() {
+        [only] => return Ok(only.name.clone()),
+        [] => {}
+        several => bail!(
+            "outputs {} all look like probabilities; {}",
+            several
+                .iter()
+                .map(|o| format!("{:?}", o.name))
+                .collect::<Vec<_>>()
+                .join(", "),
+            set_output_hint(graph)
+        ),
+    }
+    let floats: Vec<&pb::ValueInfoProto> = graph
+        .output
+        .iter()
+        .filter(|o| element_kind(o) == ElementKind::Float)
+        .collect();
+    if let [only] = graph.output.as_slice()
+        && element_kind(only) != ElementKind::NotScore
+    {
+        // One output of a float (or undeclared, checked once typed) type: a regressor's value.
+        return Ok(only.name.clone());
+    }
+    let others_are_labels = graph
+        .output
+        .iter()
+        .all(|o| element_kind(o) != ElementKind::Unknown);
+    if let [only] = floats.as_slice()
+        && others_are_labels
+        && is_class_matrix(only)
+    {
+        return Ok(only.name.clone());
+    }
+    bail!(
+        "cannot tell which output holds the score: none is a probability output this loader \
+         recognises or a model's only float output; {}",
+        set_output_hint(graph)
+    )
+}
+
+/// Whether `name` is made by a `ZipMap`, by a classifier as its probabilities (its second
+/// output), or by `Softmax` / `Sigmoid`, possibly through pass-through operators. Each value is
+/// looked at once, so a hostile graph costs no more than its size.
+fn is_probability(producers: &HashMap<&str, &pb::NodeProto>, name: &str) -> bool {
+    let mut seen: HashSet<&str> = HashSet::new();
+    let mut pending: Vec<&str> = vec![name];
+    while let Some(name) = pending.pop() {
+        if !seen.insert(name) {
+            continue;
+        }
+        let Some(node) = producers.get(name) else {
+            continue;
+        };
+        match node.op_type.as_str() {
+            "ZipMap" | "Softmax" | "Sigmoid" => return true,
+            op if op.ends_with("Classifier") && node.output.get(1).is_some_and(|o| o == name) => {
+                return true;
+            }
+            // Every input is data: one probability column next to another (MLPClassifier
+            // builds `[1 - p, p]` this way).
+            "Concat" => pending.extend(node.input.iter().map(String::as_str)),
+            // The first input is the data; the others (a shape, axes) are not.
+            "Identity" | "Cast" | "CastLike" | "Reshape" | "Flatten" | "Squeeze" | "Unsqueeze" => {
+                pending.extend(node.input.first().map(String::as_str));
+            }
+            _ => {}
+        }
+    }
+    false
+}
+
+/// What an output's declared element type says about reading it as a score.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ElementKind {
+    /// float, double, float16, bfloat16.
+    Float,
+    /// Integers, booleans, strings: labels, never a score by default.
+    NotScore,
+    /// Not a tensor (a `ZipMap`'s sequence of maps) or not declared.
+    Unknown,
+}
+
+fn tensor_type(info: &pb::ValueInfoProto) -> Option<&pb::type_proto::Tensor> {
+    let pb::type_proto::Value::TensorType(tensor) = info.r#type.as_ref()?.value.as_ref()?;
+    Some(tensor)
+}
+
+fn element_kind(info: &pb::ValueInfoProto) -> ElementKind {
+    use pb::tensor_proto::DataType;
+    match tensor_type(info).map(|t| DataType::try_from(t.elem_type)) {
+        Some(Ok(DataType::Float | DataType::Double | DataType::Float16 | DataType::Bfloat16)) => {
+            ElementKind::Float
+        }
+        Some(Ok(DataType::Undefined)) | Some(Err(_)) | None => ElementKind::Unknown,
+        Some(Ok(_)) => ElementKind::NotScore,
+    }
+}
+
+/// Whether `info` is declared `[N, C]` with C not 1 (or not fixed).
+fn is_class_matrix(info: &pb::ValueInfoProto) -> bool {
+    use pb::tensor_shape_proto::dimension::Value;
+    let Some(shape) = tensor_type(info).and_then(|t| t.shape.as_ref()) else {
+        return false;
     };
-    let probabilities = outputs.iter().find(|name| {
-        produced_by(name).is_some_and(|node| {
-            node.op_type == "ZipMap"
-                || (node.op_type.ends_with("Classifier")
-                    && node.output.get(1).is_some_and(|o| o == *name))
+    match shape.dim.as_slice() {
+        [_, columns] => !matches!(columns.value, Some(Value::DimValue(1))),
+        _ => false,
+    }
+}
+
+/// `name (element type, [shape])` for every output, for errors.
+fn describe_outputs(graph: &pb::GraphProto) -> String {
+    use pb::tensor_proto::DataType;
+    use pb::tensor_shape_proto::dimension::Value;
+    let describe = |info: &pb::ValueInfoProto| {
+        let Some(tensor) = tensor_type(info) else {
+            return format!("{:?} (not a tensor)", info.name);
+        };
+        let element = match DataType::try_from(tensor.elem_type) {
+            Ok(DataType::Undefined) | Err(_) => "undeclared type".to_owned(),
+            Ok(data_type) => data_type.as_str_name().to_lowercase(),
+        };
+        let shape = match &tensor.shape {
+            None => "undeclared shape".to_owned(),
+            Some(shape) => {
+                let dims: Vec<String> = shape
+                    .dim
+                    .iter()
+                    .map(|d| match &d.value {
+                        Some(Value::DimValue(v)) => v.to_string(),
+                        Some(Value::DimParam(p)) if !p.is_empty() => p.clone(),
+                        _ => "N".to_owned(),
+                    })
+                    .collect();
+                format!("[{}]", dims.join(", "))
+            }
+        };
+        format!("{:?} ({element}, {shape})", info.name)
+    };
+    graph
+        .output
+        .iter()
+        .map(describe)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The fix for an output that cannot be read by default: the config key and the outputs.
+fn set_output_hint(graph: &pb::GraphProto) -> String {
+    let example = graph
+        .output
+        .iter()
+        .find(|o| element_kind(o) == ElementKind::Float && is_class_matrix(o))
+        .or_else(|| {
+            graph
+                .output
+                .iter()
+                .find(|o| element_kind(o) == ElementKind::Float)
         })
-    });
-    probabilities
-        .or(outputs.first())
-        .map(|name| (*name).to_owned())
-        .context("the graph has no outputs")
+        .map_or("<output name>", |o| o.name.as_str());
+    format!(
+        "set `output = \"{example}\"` (the output to read) in this model's [[models]] entry, \
+         with `class` for a [N, classes] output; the outputs are {}",
+        describe_outputs(graph)
+    )
+}
+
+/// The opsets `proto` declares outside [`TESTED_ONNX_OPSETS`] and [`TESTED_ONNX_ML_OPSETS`]:
+/// (domain, version).
+pub(crate) fn untested_opsets(proto: &ModelProto) -> Vec<(String, i64)> {
+    proto
+        .opset_import
+        .iter()
+        .filter(|import| match import.domain.as_str() {
+            "" | "ai.onnx" => !TESTED_ONNX_OPSETS.contains(&import.version),
+            "ai.onnx.ml" => !TESTED_ONNX_ML_OPSETS.contains(&import.version),
+            _ => true,
+        })
+        .map(|import| {
+            let domain = if import.domain.is_empty() {
+                "ai.onnx"
+            } else {
+                import.domain.as_str()
+            };
+            (domain.to_owned(), import.version)
+        })
+        .collect()
+}
+
+/// The tested opsets as docs/MODELS.md states them (a test checks the sentence is there).
+pub fn tested_opsets_text() -> String {
+    let range = |r: &RangeInclusive<i64>| {
+        if r.start() == r.end() {
+            format!("opset {}", r.start())
+        } else {
+            format!("opsets {} to {}", r.start(), r.end())
+        }
+    };
+    format!(
+        "`ai.onnx` {} and `ai.onnx.ml` {}",
+        range(&TESTED_ONNX_OPSETS),
+        range(&TESTED_ONNX_ML_OPSETS)
+    )
 }
 
 /// The class labels of `output`, if a `ZipMap` or a classifier makes it (through `Identity`

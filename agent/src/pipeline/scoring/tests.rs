@@ -1,5 +1,7 @@
 //! Every fixture model (tests/fixtures/models, made by generate.py) scores its reference rows
-//! as onnxruntime did, within 1e-5, on every output; the input mapping; load errors.
+//! as onnxruntime did, within 1e-5, on every output; the default output of classifiers
+//! exported with and without `ZipMap`, and the refusal of outputs that are not a score; the
+//! opsets docs/MODELS.md states; the input mapping; load errors.
 
 use std::path::{Path, PathBuf};
 
@@ -8,7 +10,10 @@ use runnel_config::{ClassLabel, EventField, ModelConfig, ModelInput, OutputField
 use serde_json::Value as Json;
 use tract_onnx::prelude::*;
 
-use super::model::{OnnxModel, Selection, load_all_outputs};
+use super::model::{
+    OnnxModel, Selection, TESTED_ONNX_ML_OPSETS, TESTED_ONNX_OPSETS, load_all_outputs, loader,
+    tested_opsets_text, untested_opsets,
+};
 use super::{LoadedModel, Scoring, push_row};
 
 const TOLERANCE: f64 = 1e-5;
@@ -104,6 +109,286 @@ fn the_default_output_is_the_positive_class_or_the_value() {
         for (g, e) in got.iter().zip(&expected) {
             assert!((f64::from(*g) - e).abs() <= TOLERANCE, "{name}: {g} vs {e}");
         }
+    }
+}
+
+/// Column 1 of a reference output `[N, 2]`.
+fn class_1_of(reference: &Json, output: &str) -> Vec<f64> {
+    reference["outputs"][output]
+        .as_array()
+        .unwrap_or_else(|| panic!("no output {output}"))
+        .iter()
+        .map(|row| flatten(row)[1])
+        .collect()
+}
+
+fn assert_close(name: &str, got: &[f32], expected: &[f64]) {
+    assert_eq!(got.len(), expected.len(), "{name}: lengths");
+    for (row, (g, e)) in got.iter().zip(expected).enumerate() {
+        assert!(
+            (f64::from(*g) - e).abs() <= TOLERANCE,
+            "{name} row {row}: got {g}, onnxruntime {e}"
+        );
+    }
+}
+
+/// skl2onnx with `zipmap=False`: an int64 `label` and a float `probabilities`, through an
+/// `Identity` (GradientBoosting) or built by a `Concat` (MLP). The default is the probability
+/// of class 1, never the label; `class = 1` reads the same column.
+#[test]
+fn zipmap_false_exports_score_the_probability_of_class_1_by_default() {
+    let references = references();
+    for name in ["gb_classifier_nozipmap", "mlp_classifier_nozipmap"] {
+        let reference = &references[name];
+        let path = fixtures().join(reference["file"].as_str().expect("file"));
+        let (rows, width) = rows_of(reference);
+        let expected = class_1_of(reference, "probabilities");
+        let model = OnnxModel::load(&path, width, &Selection::default())
+            .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        assert_eq!(model.output, "probabilities", "{name}");
+        assert_close(name, &model.infer(&rows).expect("infer"), &expected);
+
+        let one = ClassLabel::Int(1);
+        let with_class = Selection {
+            class: Some(&one),
+            ..Selection::default()
+        };
+        let model = OnnxModel::load(&path, width, &with_class)
+            .unwrap_or_else(|e| panic!("{name} with class = 1: {e:#}"));
+        assert_close(name, &model.infer(&rows).expect("infer"), &expected);
+
+        // Through the config path, as the agent loads it.
+        let mut events: Vec<Event> = rows
+            .chunks(width)
+            .map(|row| {
+                let attrs: Vec<(String, Value)> = row
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| (format!("f{i}"), Value::Float(f64::from(*v))))
+                    .collect();
+                let attrs: Vec<(&str, Value)> =
+                    attrs.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+                event_with(&attrs)
+            })
+            .collect();
+        let mut config = model_config(name, path.clone(), width);
+        config.class = Some(ClassLabel::Int(1));
+        Scoring::build(&[config])
+            .unwrap_or_else(|e| panic!("{name}: {e:#}"))
+            .score_blocking(&mut events);
+        for (row, (event, e)) in events.iter().zip(&expected).enumerate() {
+            let score = event
+                .score
+                .unwrap_or_else(|| panic!("{name} row {row}: no score"));
+            // Missing values (tree fixtures) went in as the input default, not NaN: those rows
+            // are not comparable here, and `infer` above covered them.
+            if rows[row * width..(row + 1) * width]
+                .iter()
+                .all(|v| v.is_finite())
+            {
+                assert!(
+                    (score - e).abs() <= TOLERANCE,
+                    "{name} row {row}: {score} vs {e}"
+                );
+            }
+        }
+    }
+}
+
+/// The parsed graph of a fixture, for variants built in memory.
+fn fixture_proto(file: &str) -> tract_onnx::pb::ModelProto {
+    loader()
+        .proto_model_for_path(fixtures().join(file))
+        .unwrap_or_else(|e| panic!("{file}: {e:#}"))
+}
+
+fn load_proto(
+    proto: &tract_onnx::pb::ModelProto,
+    selection: &Selection<'_>,
+) -> anyhow::Result<OnnxModel> {
+    OnnxModel::from_proto(&loader(), proto, 8, selection)
+}
+
+/// The error of loading `proto` with the default output (its Display chain).
+fn load_error(proto: &tract_onnx::pb::ModelProto) -> String {
+    match load_proto(proto, &Selection::default()) {
+        Ok(model) => panic!("loaded, reading output {:?}", model.output),
+        Err(error) => format!("{error:#}"),
+    }
+}
+
+#[test]
+fn an_integer_label_is_never_the_default_output() {
+    // gb_classifier_nozipmap with its probabilities output removed: only the int64 label.
+    let mut proto = fixture_proto("gb_classifier_nozipmap.onnx");
+    let graph = proto.graph.as_mut().expect("graph");
+    graph.output.retain(|o| o.name == "label");
+    let message = load_error(&proto);
+    assert!(message.contains("\"label\" (int64, [N])"), "{message}");
+    assert!(message.contains("set `output = "), "{message}");
+    assert!(message.contains("[[models]]"), "{message}");
+    // Asked for by name, it loads: the user chose it.
+    load_proto(
+        &proto,
+        &Selection {
+            output: Some("label"),
+            ..Selection::default()
+        },
+    )
+    .expect("an output named in config loads");
+}
+
+#[test]
+fn two_probability_outputs_are_refused_listing_the_outputs() {
+    // The classifier's own probability output exported next to its Identity copy.
+    let mut proto = fixture_proto("gb_classifier_nozipmap.onnx");
+    let graph = proto.graph.as_mut().expect("graph");
+    let mut raw = graph
+        .output
+        .iter()
+        .find(|o| o.name == "probabilities")
+        .expect("probabilities")
+        .clone();
+    raw.name = "proba_output".into();
+    graph.output.push(raw);
+    let message = load_error(&proto);
+    assert!(
+        message.contains("outputs \"probabilities\", \"proba_output\" all look like probabilities"),
+        "{message}"
+    );
+    assert!(
+        message.contains(
+            "the outputs are \"label\" (int64, [N]), \"probabilities\" (float, [N, 2]), \
+             \"proba_output\" (float, [N, 2])"
+        ),
+        "{message}"
+    );
+    assert!(
+        message.contains("set `output = \"probabilities\"`"),
+        "{message}"
+    );
+}
+
+#[test]
+fn an_unrecognised_float_matrix_beside_a_label_is_read() {
+    // The Identity replaced by an operator that says nothing about probabilities (Abs leaves
+    // them as they are): the only float [N, 2] output next to an int64 label is still read.
+    let mut proto = fixture_proto("gb_classifier_nozipmap.onnx");
+    let graph = proto.graph.as_mut().expect("graph");
+    let identity = graph
+        .node
+        .iter_mut()
+        .find(|n| n.op_type == "Identity")
+        .expect("an Identity");
+    identity.op_type = "Abs".into();
+    let model = load_proto(&proto, &Selection::default()).expect("loads");
+    assert_eq!(model.output, "probabilities");
+    let reference = &references()["gb_classifier_nozipmap"];
+    let (rows, _) = rows_of(reference);
+    let got = model.infer(&rows).expect("infer");
+    assert_close("abs", &got, &class_1_of(reference, "probabilities"));
+
+    // Two such outputs and no sign which is the score: refused.
+    let graph = proto.graph.as_mut().expect("graph");
+    let mut abs = graph
+        .node
+        .iter()
+        .find(|n| n.op_type == "Abs")
+        .expect("the Abs")
+        .clone();
+    abs.name = "second_abs".into();
+    abs.output = vec!["probabilities_2".into()];
+    graph.node.push(abs);
+    let mut copy = graph.output[1].clone();
+    copy.name = "probabilities_2".into();
+    graph.output.push(copy);
+    let message = load_error(&proto);
+    assert!(
+        message.contains("cannot tell which output holds the score"),
+        "{message}"
+    );
+    assert!(
+        message.contains("\"probabilities_2\" (float, [N, 2])"),
+        "{message}"
+    );
+    assert!(message.contains("set `output = "), "{message}");
+}
+
+#[test]
+fn a_class_on_a_one_column_output_hints_at_output() {
+    let path = fixtures().join("gb_classifier_nozipmap.onnx");
+    let one = ClassLabel::Int(1);
+    let selection = Selection {
+        output: Some("label"),
+        class: Some(&one),
+        ..Selection::default()
+    };
+    let message = match OnnxModel::load(&path, 8, &selection) {
+        Ok(model) => panic!("loaded, reading column {:?}", model.output),
+        Err(error) => format!("{error:#}"),
+    };
+    assert!(
+        message.contains("output \"label\" has one column; class 1 does not apply"),
+        "{message}"
+    );
+    assert!(
+        message.contains("set `output = \"probabilities\"`"),
+        "{message}"
+    );
+    assert!(
+        message.contains("\"probabilities\" (float, [N, 2])"),
+        "{message}"
+    );
+}
+
+/// docs/MODELS.md states [`TESTED_ONNX_OPSETS`] and [`TESTED_ONNX_ML_OPSETS`]; every fixture
+/// declares opsets within them, the fixtures reach both ends of each range, and every fixture
+/// that tract can run loads with its default output.
+#[test]
+fn the_fixtures_cover_exactly_the_documented_opsets_and_load() {
+    let docs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/MODELS.md");
+    let docs = std::fs::read_to_string(&docs).expect("docs/MODELS.md");
+    let sentence = tested_opsets_text();
+    assert!(
+        docs.contains(&sentence),
+        "docs/MODELS.md does not say {sentence}"
+    );
+
+    let mut onnx_versions = Vec::new();
+    let mut ml_versions = Vec::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(fixtures())
+        .expect("fixtures")
+        .map(|entry| entry.expect("entry").path())
+        .filter(|path| path.extension().is_some_and(|e| e == "onnx"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 15, "{} fixtures", files.len());
+    for path in &files {
+        let file = path
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
+        let proto = fixture_proto(&file);
+        assert_eq!(untested_opsets(&proto), vec![], "{file}");
+        for import in &proto.opset_import {
+            match import.domain.as_str() {
+                "" | "ai.onnx" => onnx_versions.push(import.version),
+                "ai.onnx.ml" => ml_versions.push(import.version),
+                other => panic!("{file}: domain {other:?}"),
+            }
+        }
+        if file != "unsupported_svr.onnx" {
+            OnnxModel::load(path, 8, &Selection::default())
+                .unwrap_or_else(|e| panic!("{file}: {e:#}"));
+        }
+    }
+    for (domain, versions, range) in [
+        ("ai.onnx", &onnx_versions, TESTED_ONNX_OPSETS),
+        ("ai.onnx.ml", &ml_versions, TESTED_ONNX_ML_OPSETS),
+    ] {
+        assert_eq!(versions.iter().min(), Some(range.start()), "{domain}");
+        assert_eq!(versions.iter().max(), Some(range.end()), "{domain}");
     }
 }
 
