@@ -18,6 +18,7 @@ pub mod fuzzing;
 pub mod human;
 pub mod limits;
 pub mod session;
+pub mod streams;
 pub mod wire;
 
 pub use event::{Event, SourceKind, Value};
