@@ -373,7 +373,7 @@ mod tests {
     /// tables and federation sources produce (and a few more).
     async fn context() -> SessionContext {
         let ctx = SessionContext::new_with_config(SessionConfig::new());
-        crate::pgwire::prepare_context(&ctx).unwrap();
+        crate::query::prepare_context(&ctx).unwrap();
         let list = |item: DataType| DataType::List(Arc::new(Field::new_list_field(item, true)));
         let fields = vec![
             Field::new("a_utf8", DataType::Utf8, false),

@@ -3,7 +3,8 @@
 //!
 //! datafusion-postgres (on pgwire) does the protocol work: simple and extended queries, parameter
 //! types, result encoding, `SET`/`SHOW`, transactions, cursors, and a `pg_catalog` schema that
-//! answers the catalog queries clients send. This module adds what makes it Runnel's:
+//! answers the catalog queries clients send (set up in the shared context by
+//! [`crate::query::prepare_context`]). This module adds what makes it Runnel's:
 //! - read-only: every statement other than a query, `EXPLAIN`, `SHOW`, `SET` (but not of the
 //!   shared `datafusion.*` settings), a transaction or cursor command is refused before planning,
 //!   in both protocols ([`ReadOnlyHook`], on [`crate::readonly`]);
@@ -81,17 +82,6 @@ pub async fn serve(
             }
         }
     }
-}
-
-/// Adds the query functions and the `pg_catalog` schema clients expect to `ctx`.
-pub fn prepare_context(ctx: &SessionContext) -> anyhow::Result<()> {
-    datafusion_postgres::datafusion_pg_catalog::pg_catalog::setup_pg_catalog(
-        ctx,
-        "datafusion",
-        datafusion_postgres::datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider,
-    )
-    .map_err(|error| anyhow::anyhow!("set up pg_catalog: {error}"))?;
-    Ok(())
 }
 
 struct Handlers {

@@ -138,7 +138,7 @@ impl QueryEngine {
             .with_information_schema(false)
             .with_target_partitions(2);
         let mut ctx = SessionContext::new_with_config_rt(session, runtime);
-        crate::pgwire::prepare_context(&ctx)?;
+        prepare_context(&ctx)?;
         datafusion_functions_json::register_all(&mut ctx)?;
         crate::functions::register(&ctx);
         if let Some((url, store)) = &files.register {
@@ -174,6 +174,19 @@ impl QueryEngine {
     pub async fn register_federation(&self, entries: &[runnel_config::FederationConfig]) {
         crate::federation::register(&self.ctx, entries, self.timeout).await;
     }
+}
+
+/// Adds the `pg_catalog` schema clients expect (psql's `\d`, Grafana) and the functions it comes
+/// with to `ctx`. Every door queries this one context, so it is set up here with the tables, not
+/// by the PostgreSQL protocol's module.
+pub fn prepare_context(ctx: &SessionContext) -> anyhow::Result<()> {
+    datafusion_postgres::datafusion_pg_catalog::pg_catalog::setup_pg_catalog(
+        ctx,
+        "datafusion",
+        datafusion_postgres::datafusion_pg_catalog::pg_catalog::context::EmptyContextProvider,
+    )
+    .map_err(|error| anyhow::anyhow!("set up pg_catalog: {error}"))?;
+    Ok(())
 }
 
 /// Registers the `agents` table: the fleet as the WAL and the open connections know it.
