@@ -6,9 +6,12 @@
 //! this code's stream handling.
 //!
 //! Per connection: the first bidirectional stream is the control stream (Hello -> Welcome, then
-//! heartbeats). Every further bidirectional stream carries one batch and gets one ack. Streams
-//! are read concurrently; a per-connection [`IngestSequencer`] hands batches to the WAL writer in
-//! chain order; the ack is written after the WAL commit. A malformed frame or batch closes that
+//! heartbeats or statuses). Every further bidirectional stream carries one batch and gets one
+//! ack. What the control stream may carry, whether a Hello is refused and what the Welcome says
+//! are decided by [`IngestHandshake`] and [`IngestSession`] in `runnel_common::session`; this
+//! module reads and writes the frames, looks up the high-water mark and enforces the timeouts.
+//! Streams are read concurrently; a per-connection [`IngestSequencer`] hands batches to the WAL
+//! writer in chain order; the ack is written after the WAL commit. A malformed frame or batch closes that
 //! connection only. Each connection registers in [`crate::registry`] after its Welcome (who,
 //! from where, what it stored and reports) and wakes the fleet driver, which decides on what the
 //! registry holds; this module only writes it.
@@ -21,10 +24,11 @@ use anyhow::Context;
 use runnel_common::batch;
 use runnel_common::frame;
 use runnel_common::limits::{MAX_CONTROL_FRAME_BYTES, MAX_FRAME_BYTES};
-use runnel_common::session::{IngestSequencer, negotiate_version};
+use runnel_common::session::{
+    IngestHandshake, IngestSequencer, IngestSession, Report, WelcomeTerms,
+};
 use runnel_common::wire::{
     Ack, AckMessage, AckOutcome, AgentMessage, AggregatorMessage, BatchMessage,
-    FLEET_PROTOCOL_VERSION, PROTOCOL_VERSION, Welcome,
 };
 use runnel_config::IngestConfig;
 use rustls_pki_types::CertificateDer;
@@ -320,42 +324,36 @@ async fn handle_connection(
             .await
             .context("no control stream in time")?
             .context("accept control stream")?;
-    let hello = match tokio::time::timeout(
+    let first = tokio::time::timeout(
         HELLO_TIMEOUT,
         read_frame::<AgentMessage>(&mut control_recv, MAX_CONTROL_FRAME_BYTES),
     )
     .await
-    .context("no hello in time")??
-    {
-        AgentMessage::Hello(hello) => hello,
-        other => {
-            connection.close(CLOSE_PROTOCOL_ERROR.into(), b"expected hello");
-            anyhow::bail!("expected Hello, got {other:?}");
-        }
-    };
-    let version = match negotiate_version(&hello) {
-        Ok(version) => version,
-        Err(error) => {
-            let refused = AggregatorMessage::Refused {
-                reason: error.to_string(),
-            };
-            let _ = write_frame(&mut control_send, &refused, MAX_CONTROL_FRAME_BYTES).await;
-            let _ = control_send.finish();
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            connection.close(CLOSE_PROTOCOL_ERROR.into(), b"version");
-            anyhow::bail!("agent {agent_id}: {error}");
+    .context("no hello in time")??;
+    let accepted = match IngestHandshake::new(&*agent_id).on_hello(first) {
+        Ok(accepted) => accepted,
+        Err(refusal) => {
+            if let Some(reply) = refusal.reply() {
+                let _ = write_frame(&mut control_send, &reply, MAX_CONTROL_FRAME_BYTES).await;
+                let _ = control_send.finish();
+                // Time for the reason to leave before the close discards unsent stream data.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            connection.close(
+                CLOSE_PROTOCOL_ERROR.into(),
+                refusal.close_reason().as_bytes(),
+            );
+            anyhow::bail!("agent {agent_id}: {}", refusal.error);
         }
     };
     let high_water_mark = wal.high_water_mark(Arc::clone(&agent_id)).await?;
-    let welcome = Welcome {
-        protocol_version: version,
-        high_water_mark,
+    let terms = WelcomeTerms {
         max_in_flight_batches: window as u32,
         heartbeat_interval_ms: agents.heartbeat_interval_ms(),
-        agent_id: agent_id.to_string(),
         aggregator_version: env!("CARGO_PKG_VERSION").to_owned(),
     };
-    debug_assert!(version <= PROTOCOL_VERSION);
+    let (welcome, session) = accepted.welcome(high_water_mark, &terms);
+    let hello = session.hello();
     write_frame(
         &mut control_send,
         &AggregatorMessage::Welcome(welcome),
@@ -380,7 +378,7 @@ async fn handle_connection(
             agent_version: hello.agent_version.clone(),
             labels: hello.labels.clone(),
             hello_config_hash: hello.config_hash.clone(),
-            protocol_version: version,
+            protocol_version: session.protocol_version(),
             control: control_tx,
         },
         connection.stable_id(),
@@ -392,7 +390,7 @@ async fn handle_connection(
     // Batches go through the sequencer task, which forwards them to the WAL in chain order.
     let (to_sequencer, from_streams) = mpsc::channel::<(u64, u64, Pending)>(window.max(1));
     let sequencer = tokio::spawn(sequence(
-        high_water_mark,
+        session.sequencer(),
         from_streams,
         wal.clone(),
         connection.clone(),
@@ -402,6 +400,7 @@ async fn handle_connection(
     // of a frame and desynchronise the stream.
     let mut control = tokio::spawn(read_control(
         control_recv,
+        session,
         Arc::clone(&agent_id),
         Arc::clone(registered.connection()),
         Arc::clone(&agents),
@@ -464,13 +463,23 @@ async fn write_control(
 /// Reads heartbeats, statuses and config results until the control stream fails; returns why.
 async fn read_control(
     mut control_recv: quinn::RecvStream,
+    session: IngestSession,
     agent_id: Arc<str>,
     connection: Arc<AgentConnection>,
     agents: Arc<ConnectedAgents>,
 ) -> anyhow::Error {
     loop {
-        match read_frame::<AgentMessage>(&mut control_recv, MAX_CONTROL_FRAME_BYTES).await {
-            Ok(AgentMessage::Heartbeat(beat)) => {
+        let message =
+            match read_frame::<AgentMessage>(&mut control_recv, MAX_CONTROL_FRAME_BYTES).await {
+                Ok(message) => message,
+                Err(error) => return error,
+            };
+        let report = match session.on_control(message) {
+            Ok(report) => report,
+            Err(error) => return anyhow::Error::new(error),
+        };
+        match report {
+            Report::Heartbeat(beat) => {
                 tracing::debug!(agent_id = %agent_id, n_buffered = beat.n_buffered_events, buffered_bytes = beat.buffered_bytes, "heartbeat");
                 connection.on_buffer(
                     beat.n_buffered_events,
@@ -479,18 +488,14 @@ async fn read_control(
                     beat.n_dropped_events,
                 );
             }
-            Ok(AgentMessage::Status(status))
-                if connection.protocol_version() >= FLEET_PROTOCOL_VERSION =>
-            {
+            Report::Status(status) => {
                 tracing::debug!(agent_id = %agent_id, config_hash = %status.config_hash, config_version = status.config_version, n_buffered = status.n_buffered_events, "status");
                 connection.on_status(status);
                 agents.notify_fleet(FleetEvent::Status {
                     agent_id: Arc::clone(&agent_id),
                 });
             }
-            Ok(AgentMessage::ConfigResult(result))
-                if connection.protocol_version() >= FLEET_PROTOCOL_VERSION =>
-            {
+            Report::ConfigResult(result) => {
                 tracing::info!(agent_id = %agent_id, version = result.version, hash = %result.hash, outcome = ?result.outcome, "config result");
                 // Not a wake-up: a result must reach the fleet driver, so this waits for room.
                 if !agents
@@ -500,13 +505,6 @@ async fn read_control(
                     tracing::debug!(agent_id = %agent_id, "fleet driver stopped or not running; config result dropped");
                 }
             }
-            Ok(AgentMessage::Hello(_)) => {
-                return anyhow::anyhow!("second Hello on the control stream");
-            }
-            Ok(AgentMessage::Status(_) | AgentMessage::ConfigResult(_)) => {
-                return anyhow::anyhow!("protocol 2 message on a protocol 1 connection");
-            }
-            Err(error) => return error,
         }
     }
 }
@@ -514,12 +512,11 @@ async fn read_control(
 /// Receives decoded batches from stream tasks and commits them in chain order. Any failure
 /// closes the connection: the agent reconnects and resends from the stored high-water mark.
 async fn sequence(
-    high_water_mark: u64,
+    mut sequencer: IngestSequencer<Pending>,
     mut from_streams: mpsc::Receiver<(u64, u64, Pending)>,
     wal: Wal,
     connection: quinn::Connection,
 ) {
-    let mut sequencer = IngestSequencer::new(high_water_mark);
     while let Some((after_seq, last_seq, pending)) = from_streams.recv().await {
         let ready = match sequencer.offer(after_seq, last_seq, pending) {
             Ok(ready) => ready,

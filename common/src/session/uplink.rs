@@ -1,89 +1,25 @@
-//! Sans-IO session logic for both ends of an agent connection.
+//! The agent's side of a connection: handshake, when a batch is due, the in-flight window and
+//! which buffer rows an ack makes deletable. Driven by `agent::uplink`, which does the I/O.
 //!
-//! [`UplinkSession`] is the agent's side: handshake, when a batch is due, the in-flight window
-//! and which buffer rows an ack makes deletable. [`IngestSequencer`] is the aggregator's side: it
-//! releases batches to the writer strictly in chain order, whatever order their streams arrive
-//! in. Neither touches a socket or a clock: drivers feed them messages and `now`.
-//!
-//! Versions: the agent offers `MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION` in its Hello, the
-//! aggregator picks the highest both speak ([`negotiate_version`]) and names it in the Welcome.
-//! From [`FLEET_PROTOCOL_VERSION`] on, the agent sends [`Status`] instead of [`Heartbeat`] and the
-//! control stream carries config pushes and their results; [`UplinkSession::status_message`],
-//! [`UplinkSession::on_control`] and [`check_agent_message`] keep each side to its version.
+//! From [`FLEET_PROTOCOL_VERSION`] on, the agent sends [`Status`] instead of [`Heartbeat`] and
+//! the control stream carries config pushes and their results;
+//! [`UplinkSession::status_message`] and [`UplinkSession::on_control`] keep the agent to its
+//! version.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use crate::limits::MAX_PARKED_BATCHES;
+use super::ProtocolError;
 use crate::wire::{
     Ack, AckOutcome, AgentMessage, AggregatorMessage, ConfigPush, ConfigResult,
-    FLEET_PROTOCOL_VERSION, Heartbeat, Hello, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Status,
-    Welcome,
+    FLEET_PROTOCOL_VERSION, Heartbeat, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Status, Welcome,
 };
-
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ProtocolError {
-    #[error(
-        "no common protocol version: peer speaks {peer_min}..={peer_max}, we speak {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION}"
-    )]
-    VersionMismatch { peer_min: u16, peer_max: u16 },
-    #[error("received {what} before the handshake completed")]
-    BeforeHandshake { what: &'static str },
-    #[error("ack for batch ending at seq {last_seq}, which is not in flight")]
-    UnexpectedAck { last_seq: u64 },
-    #[error("aggregator rejected the batch ending at seq {last_seq}: {reason}")]
-    Rejected { last_seq: u64, reason: String },
-    #[error("batch after seq {after_seq} is already parked")]
-    DuplicateBatch { after_seq: u64 },
-    #[error("too many batches waiting for an earlier one ({n_parked})")]
-    TooManyParked { n_parked: usize },
-    #[error("batch range ({after_seq}, {last_seq}] is empty or reversed")]
-    BadRange { after_seq: u64, last_seq: u64 },
-    #[error("{0}")]
-    Refused(String),
-    #[error("{what} is not allowed on protocol version {version}")]
-    NotOnThisVersion { what: &'static str, version: u16 },
-    #[error("a second welcome on the control stream")]
-    SecondWelcome,
-}
-
-/// Checks, on the aggregator, that an agent message after the Hello belongs to the negotiated
-/// protocol `version` (a Status on protocol 1 is a confused or hostile peer).
-pub fn check_agent_message(version: u16, message: &AgentMessage) -> Result<(), ProtocolError> {
-    let what = match message {
-        AgentMessage::Hello(_) => {
-            return Err(ProtocolError::NotOnThisVersion {
-                what: "a second hello",
-                version,
-            });
-        }
-        AgentMessage::Heartbeat(_) => "a heartbeat",
-        AgentMessage::Status(_) => "a status",
-        AgentMessage::ConfigResult(_) => "a config result",
-    };
-    if message.since_protocol() > version {
-        return Err(ProtocolError::NotOnThisVersion { what, version });
-    }
-    Ok(())
-}
 
 /// A control-stream message the agent's driver must act on.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Control {
     /// Apply this config, then answer with [`UplinkSession::config_result_message`].
     ConfigPush(ConfigPush),
-}
-
-/// Picks the protocol version for a Hello, on the aggregator.
-pub fn negotiate_version(hello: &Hello) -> Result<u16, ProtocolError> {
-    let version = hello.max_protocol_version.min(PROTOCOL_VERSION);
-    if version < hello.min_protocol_version || version < MIN_PROTOCOL_VERSION {
-        return Err(ProtocolError::VersionMismatch {
-            peer_min: hello.min_protocol_version,
-            peer_max: hello.max_protocol_version,
-        });
-    }
-    Ok(version)
 }
 
 /// Batching and flow-control limits of one uplink.
@@ -351,86 +287,11 @@ impl UplinkSession {
     }
 }
 
-/// The aggregator's per-connection reorder buffer. Batch streams are independent, so batch 2
-/// may be read before batch 1; committing it first would move the high-water mark past batch 1,
-/// which would then be ignored as a replay and lost. The sequencer releases batches to the
-/// writer only when the chain before them has been released.
-#[derive(Debug)]
-pub struct IngestSequencer<T> {
-    /// Highest `last_seq` released to the writer (starts at the stored high-water mark).
-    released_seq: u64,
-    /// Waiting for an earlier batch, by `after_seq`.
-    parked: BTreeMap<u64, (u64, T)>,
-    max_parked: usize,
-}
-
-impl<T> IngestSequencer<T> {
-    pub fn new(high_water_mark: u64) -> Self {
-        IngestSequencer {
-            released_seq: high_water_mark,
-            parked: BTreeMap::new(),
-            max_parked: MAX_PARKED_BATCHES,
-        }
-    }
-
-    pub fn with_max_parked(mut self, max_parked: usize) -> Self {
-        self.max_parked = max_parked;
-        self
-    }
-
-    pub fn released_seq(&self) -> u64 {
-        self.released_seq
-    }
-
-    pub fn n_parked(&self) -> usize {
-        self.parked.len()
-    }
-
-    /// Offers a batch covering `(after_seq, last_seq]`. Returns every batch that may now go to
-    /// the writer, in chain order (possibly none, if this one waits for an earlier batch).
-    /// A batch whose range starts at or below what was released goes through at once: the
-    /// writer drops the events it already has (replays after a reconnect).
-    pub fn offer(
-        &mut self,
-        after_seq: u64,
-        last_seq: u64,
-        item: T,
-    ) -> Result<Vec<T>, ProtocolError> {
-        if last_seq <= after_seq {
-            return Err(ProtocolError::BadRange {
-                after_seq,
-                last_seq,
-            });
-        }
-        if after_seq > self.released_seq {
-            if self.parked.contains_key(&after_seq) {
-                return Err(ProtocolError::DuplicateBatch { after_seq });
-            }
-            if self.parked.len() >= self.max_parked {
-                return Err(ProtocolError::TooManyParked {
-                    n_parked: self.parked.len(),
-                });
-            }
-            self.parked.insert(after_seq, (last_seq, item));
-            return Ok(Vec::new());
-        }
-        let mut ready = vec![item];
-        self.released_seq = self.released_seq.max(last_seq);
-        while let Some(entry) = self.parked.first_entry() {
-            if *entry.key() > self.released_seq {
-                break;
-            }
-            let (last_seq, item) = entry.remove();
-            self.released_seq = self.released_seq.max(last_seq);
-            ready.push(item);
-        }
-        Ok(ready)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::session::check_agent_message;
+    use crate::wire::Hello;
 
     fn welcome(hwm: u64, window: u32) -> Welcome {
         Welcome {
@@ -632,33 +493,6 @@ mod tests {
     }
 
     #[test]
-    fn negotiates_protocol_1_with_an_old_agent() {
-        // An agent of the first release offers 1..=1 and gets 1, whatever this build speaks.
-        assert_eq!(negotiate_version(&hello_for(1, 1)), Ok(1));
-    }
-
-    #[test]
-    fn negotiates_the_fleet_protocol_when_both_speak_it() {
-        let expected = FLEET_PROTOCOL_VERSION.min(PROTOCOL_VERSION);
-        assert_eq!(
-            negotiate_version(&hello_for(1, FLEET_PROTOCOL_VERSION)),
-            Ok(expected)
-        );
-        assert_eq!(
-            negotiate_version(&hello_for(1, FLEET_PROTOCOL_VERSION + 5)),
-            Ok(PROTOCOL_VERSION)
-        );
-        // An agent that insists on a version this build does not speak is refused.
-        assert_eq!(
-            negotiate_version(&hello_for(PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 2)),
-            Err(ProtocolError::VersionMismatch {
-                peer_min: PROTOCOL_VERSION + 1,
-                peer_max: PROTOCOL_VERSION + 2
-            })
-        );
-    }
-
-    #[test]
     fn protocol_1_connection_sends_heartbeats_and_refuses_pushes() {
         let mut session = UplinkSession::new(limits());
         assert_eq!(
@@ -752,55 +586,6 @@ mod tests {
                 &AgentMessage::Hello(hello_for(1, 2))
             )
             .is_err()
-        );
-    }
-
-    #[test]
-    fn version_negotiation() {
-        let mut hello = Hello {
-            min_protocol_version: 1,
-            max_protocol_version: 7,
-            agent_version: "x".into(),
-            config_hash: String::new(),
-            labels: BTreeMap::new(),
-            last_assigned_seq: 0,
-        };
-        assert_eq!(negotiate_version(&hello), Ok(PROTOCOL_VERSION));
-        hello.min_protocol_version = PROTOCOL_VERSION + 1;
-        assert!(negotiate_version(&hello).is_err());
-    }
-
-    #[test]
-    fn sequencer_releases_in_chain_order() {
-        let mut sequencer = IngestSequencer::new(100);
-        assert_eq!(sequencer.offer(300, 400, 'c').unwrap(), Vec::<char>::new());
-        assert_eq!(sequencer.offer(200, 300, 'b').unwrap(), Vec::<char>::new());
-        assert_eq!(sequencer.offer(100, 200, 'a').unwrap(), vec!['a', 'b', 'c']);
-        assert_eq!(sequencer.released_seq(), 400);
-        assert_eq!(sequencer.n_parked(), 0);
-        // A replay below the mark goes straight through; the writer drops what it has.
-        assert_eq!(sequencer.offer(50, 150, 'r').unwrap(), vec!['r']);
-        assert_eq!(sequencer.released_seq(), 400);
-    }
-
-    #[test]
-    fn sequencer_limits_parking() {
-        let mut sequencer = IngestSequencer::new(0).with_max_parked(1);
-        sequencer.offer(10, 20, ()).unwrap();
-        assert_eq!(
-            sequencer.offer(10, 20, ()),
-            Err(ProtocolError::DuplicateBatch { after_seq: 10 })
-        );
-        assert_eq!(
-            sequencer.offer(30, 40, ()),
-            Err(ProtocolError::TooManyParked { n_parked: 1 })
-        );
-        assert_eq!(
-            sequencer.offer(5, 5, ()),
-            Err(ProtocolError::BadRange {
-                after_seq: 5,
-                last_seq: 5
-            })
         );
     }
 }
