@@ -159,7 +159,7 @@ async fn query(
             );
         }
     };
-    let _timer = QueryTimer::new("http");
+    let _timer = crate::metrics::QueryTimer::new("http");
     if format == Format::Json {
         return match api.engine.run(&request.sql).await {
             Ok(result) => (StatusCode::OK, Json(to_json(&result))).into_response(),
@@ -169,29 +169,6 @@ async fn query(
     match api.engine.stream(&request.sql).await {
         Ok(stream) => streamed(format, stream).await,
         Err(error) => query_error(&error),
-    }
-}
-
-/// Records `runnel_aggregator_query_duration_seconds` when dropped (for streamed answers: until
-/// the first batch).
-pub struct QueryTimer {
-    interface: &'static str,
-    started: std::time::Instant,
-}
-
-impl QueryTimer {
-    pub fn new(interface: &'static str) -> QueryTimer {
-        QueryTimer {
-            interface,
-            started: std::time::Instant::now(),
-        }
-    }
-}
-
-impl Drop for QueryTimer {
-    fn drop(&mut self) {
-        metrics::histogram!("runnel_aggregator_query_duration_seconds", "interface" => self.interface)
-            .record(self.started.elapsed().as_secs_f64());
     }
 }
 

@@ -1,7 +1,8 @@
 //! Prometheus `GET /metrics` on the query API's listener (no credentials, like `/healthz`).
 //!
 //! Two kinds of series. Events as they happen go through the `metrics` facade where they occur
-//! (`runnel_aggregator_stored_events_total` per agent, query and flush latency histograms).
+//! (`runnel_aggregator_stored_events_total` per agent, the flush latency histogram; the query
+//! latency histogram through [`QueryTimer`], which each SQL door holds while it answers).
 //! State the aggregator already keeps (WAL and Parquet sizes, connected agents and their last
 //! heartbeat) is read from [`Ops::status`] at scrape time.
 //!
@@ -40,6 +41,29 @@ pub fn install() -> Option<&'static PrometheusHandle> {
             metrics::set_global_recorder(recorder).ok().map(|()| handle)
         })
         .as_ref()
+}
+
+/// Records `runnel_aggregator_query_duration_seconds` for one query at one door (`interface`:
+/// `http`, `pgwire`) when dropped; for streamed answers that is when the first batch is ready.
+pub struct QueryTimer {
+    interface: &'static str,
+    started: std::time::Instant,
+}
+
+impl QueryTimer {
+    pub fn new(interface: &'static str) -> QueryTimer {
+        QueryTimer {
+            interface,
+            started: std::time::Instant::now(),
+        }
+    }
+}
+
+impl Drop for QueryTimer {
+    fn drop(&mut self) {
+        ::metrics::histogram!("runnel_aggregator_query_duration_seconds", "interface" => self.interface)
+            .record(self.started.elapsed().as_secs_f64());
+    }
 }
 
 pub fn router(ops: Arc<Ops>) -> axum::Router {

@@ -334,7 +334,7 @@ impl SimpleQueryHandler for Limited {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        let _timer = crate::api::QueryTimer::new("pgwire");
+        let _timer = crate::metrics::QueryTimer::new("pgwire");
         let deadline = tokio::time::Instant::now() + self.timeout;
         let responses = tokio::time::timeout_at(
             deadline,
@@ -370,7 +370,7 @@ impl ExtendedQueryHandler for Limited {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        let _timer = crate::api::QueryTimer::new("pgwire");
+        let _timer = crate::metrics::QueryTimer::new("pgwire");
         let deadline = tokio::time::Instant::now() + self.timeout;
         let response = tokio::time::timeout_at(
             deadline,
