@@ -11,7 +11,8 @@
 //! 400: invalid SQL, SQL that is not a read (refused before planning by [`crate::readonly`],
 //! with the message every door gives: `Runnel's SQL is read-only: INSERT is refused ...`), or a
 //! streamed result known to be over `query.max_result_rows` before its first byte; 401:
-//! credentials missing or wrong when `[[query.users]]` exist (HTTP basic auth); 406: an `Accept`
+//! credentials missing or wrong when `[[query.users]]` exist (HTTP basic auth, checked by
+//! [`crate::auth`]); 406: an `Accept`
 //! we do not serve; 504: over `query.timeout_ms`; 500: execution failed (for example over
 //! `query.memory_limit_bytes`). Errors are `{"error": "..."}`.
 
@@ -22,11 +23,11 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use base64::Engine as _;
 use datafusion::arrow::datatypes::SchemaRef;
 use futures::StreamExt;
 use runnel_config::QueryUser;
 
+use crate::auth::Credentials;
 use crate::query::{QueryEngine, QueryError, QueryStream, to_json};
 
 const CSV: &str = "text/csv";
@@ -43,63 +44,18 @@ struct QueryRequest {
 
 struct Api {
     engine: Arc<QueryEngine>,
-    /// SHA-256 of `name:password` per user; empty: no credentials asked (loopback only).
-    credentials: Vec<[u8; 32]>,
+    /// No users: no credentials asked (loopback only).
+    credentials: Credentials,
 }
 
 pub fn router(engine: Arc<QueryEngine>, users: &[QueryUser]) -> axum::Router {
-    let credentials = users
-        .iter()
-        .map(|user| sha256(format!("{}:{}", user.name, user.password).as_bytes()))
-        .collect();
     axum::Router::new()
         .route("/api/v1/query", post(query))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_QUERY_BODY_BYTES))
         .with_state(Arc::new(Api {
             engine,
-            credentials,
+            credentials: Credentials::new(users),
         }))
-}
-
-fn sha256(bytes: &[u8]) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
-    out
-}
-
-/// Basic auth against the configured users. Digests are compared, so the time taken does not
-/// depend on how much of a password matched.
-fn authorized(api: &Api, headers: &HeaderMap) -> bool {
-    check_credentials(&api.credentials, headers)
-}
-
-/// SHA-256 of `name:password` per configured user (for [`check_credentials`]).
-pub(crate) fn credentials_of(users: &[QueryUser]) -> Vec<[u8; 32]> {
-    users
-        .iter()
-        .map(|user| sha256(format!("{}:{}", user.name, user.password).as_bytes()))
-        .collect()
-}
-
-/// Basic auth against `credentials` (none: everyone is let in), as the query API does it.
-pub(crate) fn check_credentials(credentials: &[[u8; 32]], headers: &HeaderMap) -> bool {
-    if credentials.is_empty() {
-        return true;
-    }
-    let Some(encoded) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Basic "))
-    else {
-        return false;
-    };
-    let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(encoded.trim()) else {
-        return false;
-    };
-    let digest = sha256(&decoded);
-    credentials
-        .iter()
-        .fold(false, |found, known| found | (*known == digest))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,7 +91,7 @@ async fn query(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    if !authorized(&api, &headers) {
+    if !api.credentials.authorized(&headers) {
         let mut response = error_response(
             StatusCode::UNAUTHORIZED,
             "credentials required: HTTP basic auth with a [[query.users]] name and password",

@@ -10,6 +10,7 @@
 
 pub mod agents_table;
 pub mod api;
+pub mod auth;
 pub mod catalog;
 pub mod certs;
 pub mod cli;

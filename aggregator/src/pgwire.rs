@@ -10,13 +10,12 @@
 //!   in both protocols ([`ReadOnlyHook`], on [`crate::readonly`]);
 //! - the `[query]` limits: results stream under a deadline of `query.timeout_ms` from the
 //!   statement's start and fail past `query.max_result_rows` rows ([`Limited`]);
-//! - authentication: SCRAM-SHA-256 against `[[query.users]]` when there are users, none otherwise
-//!   (then the listener is on loopback, which config enforces).
+//! - authentication: SCRAM-SHA-256 against `[[query.users]]` ([`crate::auth::ScramUsers`]) when
+//!   there are users, none otherwise (then the listener is on loopback, which config enforces).
 //!
 //! Architecture invariant: nothing sent over this protocol can change stored data or the
 //! context's catalog; [`ReadOnlyHook`] is the first hook for every statement.
 
-use std::collections::HashMap;
 use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,10 +34,8 @@ use datafusion_postgres::{DfSessionService, QueryHook};
 use futures::{Sink, StreamExt};
 use pgwire::api::auth::noop::NoopStartupHandler;
 use pgwire::api::auth::sasl::SASLAuthStartupHandler;
-use pgwire::api::auth::sasl::scram::{ScramAuth, gen_salted_password};
-use pgwire::api::auth::{
-    AuthSource, DefaultServerParameterProvider, LoginInfo, Password, StartupHandler,
-};
+use pgwire::api::auth::sasl::scram::ScramAuth;
+use pgwire::api::auth::{AuthSource, DefaultServerParameterProvider, StartupHandler};
 use pgwire::api::portal::Portal;
 use pgwire::api::query::{ExtendedQueryHandler, SimpleQueryHandler};
 use pgwire::api::results::{QueryResponse, Response};
@@ -46,11 +43,10 @@ use pgwire::api::store::PortalStore;
 use pgwire::api::{ClientInfo, ClientPortalStore, PgWireServerHandlers};
 use pgwire::error::{ErrorInfo, PgWireError, PgWireResult};
 use pgwire::messages::{PgWireBackendMessage, PgWireFrontendMessage};
-use runnel_config::{QueryConfig, QueryUser};
+use runnel_config::QueryConfig;
 use tokio::sync::watch;
 
-/// SCRAM iterations (RFC 7677's minimum, PostgreSQL's default).
-const SCRAM_ITERATIONS: usize = 4096;
+use crate::auth::{SCRAM_ITERATIONS, ScramUsers};
 
 /// Serves the PostgreSQL protocol on `listener` until `shutdown`.
 pub async fn serve(
@@ -87,7 +83,7 @@ pub async fn serve(
 struct Handlers {
     service: Arc<Limited>,
     /// Salted passwords by user name; empty: no authentication.
-    users: Arc<Users>,
+    users: Arc<ScramUsers>,
 }
 
 impl Handlers {
@@ -104,7 +100,7 @@ impl Handlers {
                 timeout: Duration::from_millis(config.timeout_ms),
                 max_rows: config.max_result_rows,
             }),
-            users: Arc::new(Users::new(&config.users)),
+            users: Arc::new(ScramUsers::new(&config.users)),
         }
     }
 }
@@ -163,55 +159,6 @@ impl StartupHandler for Startup {
         match self {
             Startup::Trust(trust) => trust.on_startup(client, message).await,
             Startup::Scram(scram) => scram.on_startup(client, message).await,
-        }
-    }
-}
-
-/// The configured users' SCRAM salted passwords, computed once at start.
-struct Users {
-    by_name: HashMap<String, (Vec<u8>, Vec<u8>)>,
-}
-
-impl Debug for Users {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Users")
-            .field("names", &self.by_name.keys().collect::<Vec<_>>())
-            .finish()
-    }
-}
-
-impl Users {
-    fn new(users: &[QueryUser]) -> Users {
-        let by_name = users
-            .iter()
-            .map(|user| {
-                let salt: [u8; 16] = rand_salt();
-                let salted = gen_salted_password(&user.password, &salt, SCRAM_ITERATIONS);
-                (user.name.clone(), (salt.to_vec(), salted))
-            })
-            .collect();
-        Users { by_name }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.by_name.is_empty()
-    }
-}
-
-fn rand_salt() -> [u8; 16] {
-    let mut salt = [0u8; 16];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut salt)
-        .expect("the system random source works");
-    salt
-}
-
-#[async_trait]
-impl AuthSource for Users {
-    async fn get_password(&self, login: &LoginInfo) -> PgWireResult<Password> {
-        let user = login.user().unwrap_or_default();
-        match self.by_name.get(user) {
-            Some((salt, salted)) => Ok(Password::new(Some(salt.clone()), salted.clone())),
-            None => Err(PgWireError::InvalidPassword(user.to_owned())),
         }
     }
 }

@@ -20,6 +20,8 @@ use base64::Engine as _;
 use runnel_config::QueryUser;
 use serde::{Deserialize, Serialize};
 
+use crate::auth::Credentials;
+
 use super::rollout::{Rollout, Step};
 use super::selector::Selector;
 use super::{Fleet, FleetError, PushRequest};
@@ -30,7 +32,7 @@ const MAX_PUSH_BODY_BYTES: usize =
 
 struct FleetApi {
     fleet: Arc<Fleet>,
-    credentials: Vec<[u8; 32]>,
+    credentials: Credentials,
 }
 
 pub fn router(fleet: Arc<Fleet>, users: &[QueryUser]) -> axum::Router {
@@ -43,7 +45,7 @@ pub fn router(fleet: Arc<Fleet>, users: &[QueryUser]) -> axum::Router {
         .layer(axum::extract::DefaultBodyLimit::max(MAX_PUSH_BODY_BYTES))
         .with_state(Arc::new(FleetApi {
             fleet,
-            credentials: crate::api::credentials_of(users),
+            credentials: Credentials::new(users),
         }))
 }
 
@@ -196,7 +198,7 @@ async fn push(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    if !crate::api::check_credentials(&api.credentials, &headers) {
+    if !api.credentials.authorized(&headers) {
         return unauthorized();
     }
     let body: PushBody = match serde_json::from_slice(&body) {
@@ -219,7 +221,7 @@ async fn push(
 }
 
 async fn rollouts(State(api): State<Arc<FleetApi>>, headers: HeaderMap) -> Response {
-    if !crate::api::check_credentials(&api.credentials, &headers) {
+    if !api.credentials.authorized(&headers) {
         return unauthorized();
     }
     let rollouts = api.fleet.rollouts();
@@ -232,7 +234,7 @@ async fn rollout(
     headers: HeaderMap,
     Path(id): Path<u64>,
 ) -> Response {
-    if !crate::api::check_credentials(&api.credentials, &headers) {
+    if !api.credentials.authorized(&headers) {
         return unauthorized();
     }
     match api.fleet.rollout(id) {
@@ -246,7 +248,7 @@ async fn abort(
     headers: HeaderMap,
     Path(id): Path<u64>,
 ) -> Response {
-    if !crate::api::check_credentials(&api.credentials, &headers) {
+    if !api.credentials.authorized(&headers) {
         return unauthorized();
     }
     let fleet = Arc::clone(&api.fleet);
@@ -270,7 +272,7 @@ async fn agents(
     headers: HeaderMap,
     Query(query): Query<AgentsQuery>,
 ) -> Response {
-    if !crate::api::check_credentials(&api.credentials, &headers) {
+    if !api.credentials.authorized(&headers) {
         return unauthorized();
     }
     let selector = match query.selector.as_deref().map(Selector::parse).transpose() {
