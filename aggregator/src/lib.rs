@@ -24,6 +24,7 @@ pub mod pgwire;
 pub mod query;
 pub mod readonly;
 pub mod registry;
+pub mod render;
 pub mod schema;
 pub mod store;
 pub mod wal;

@@ -378,7 +378,7 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
         "columns": header.iter().map(|h| serde_json::json!({"name": h})).collect::<Vec<_>>(),
         "rows": rows,
     });
-    let mut out = crate::cli::render_table(&body);
+    let mut out = crate::render::render_table(&body);
     out.push('\n');
     out
 }

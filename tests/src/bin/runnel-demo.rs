@@ -160,7 +160,7 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     }
     println!("\n$ runnel-aggregator query \"{SAMPLE_QUERY}\"");
     let answer = query_json(&client, query, SAMPLE_QUERY).await?;
-    println!("{}\n", runnel_aggregator::cli::render_table(&answer));
+    println!("{}\n", runnel_aggregator::render::render_table(&answer));
 
     if args.once {
         let _ = stop_tx.send(true);
