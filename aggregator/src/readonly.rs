@@ -1,5 +1,6 @@
-//! The read-only check every SQL door runs before planning: the HTTP API and the CLI (through
-//! [`crate::query`]) and the PostgreSQL protocol, simple and extended ([`crate::pgwire`]).
+//! The read-only check every SQL door runs before planning: the HTTP API and the CLI (through the
+//! query engine, a [`Door::Stateless`]) and the PostgreSQL protocol, simple and extended (a
+//! [`Door::Session`]).
 //!
 //! [`check`] looks at one parsed statement and either lets it through or refuses it with a
 //! [`Refusal`] that names the kind of statement the way PostgreSQL does ("CREATE TABLE AS",
@@ -7,7 +8,9 @@
 //! It owns no state and must not plan or run anything: DataFusion's own read-only
 //! [`datafusion::prelude::SQLOptions`] stay behind it as a second line.
 //!
-//! Architecture invariant: there is one list of what runs; a door never keeps its own.
+//! Architecture invariant: there is one list of what runs; a door never keeps its own. This
+//! module depends on no other module of the aggregator (DataFusion's parser only), so every door
+//! can use it.
 
 use datafusion::execution::context::SessionState;
 use datafusion::sql::parser::Statement as DfStatement;
