@@ -193,7 +193,7 @@ pub struct SourceDeps {
     /// The agent's shutdown: every source generation stops on it too.
     pub shutdown: watch::Receiver<bool>,
     /// Connection state of the MQTT subscribers, for the status.
-    pub health: crate::mqtt::SourceHealth,
+    pub health: crate::sources::mqtt_subscriber::SourceHealth,
 }
 
 /// One generation of a source kind (the MQTT subscribers, or the MQTT listener), stoppable on
@@ -275,17 +275,19 @@ fn start_mqtt(config: &AgentConfig, deps: &SourceDeps) -> Generation {
     let (mut generation, stop_rx) = Generation::new();
     for mqtt_config in &config.mqtt {
         let shutdown = either(deps.shutdown.clone(), stop_rx.clone());
-        generation.tasks.push(tokio::spawn(crate::mqtt::run(
-            crate::mqtt::MqttSource {
-                config: mqtt_config.clone(),
-                agent_id: deps.agent_id.clone(),
-                buffer: deps.buffer.clone(),
-                max_event_bytes: config.http.max_event_bytes,
-                pipeline: deps.pipeline.clone(),
-                health: deps.health.clone(),
-            },
-            shutdown,
-        )));
+        generation
+            .tasks
+            .push(tokio::spawn(crate::sources::mqtt_subscriber::run(
+                crate::sources::mqtt_subscriber::MqttSource {
+                    config: mqtt_config.clone(),
+                    agent_id: deps.agent_id.clone(),
+                    buffer: deps.buffer.clone(),
+                    max_event_bytes: config.http.max_event_bytes,
+                    pipeline: deps.pipeline.clone(),
+                    health: deps.health.clone(),
+                },
+                shutdown,
+            )));
     }
     generation
 }
@@ -297,16 +299,16 @@ async fn start_listener(
     if !config.mqtt_listener.enabled {
         return Ok(None);
     }
-    let listener = crate::mqtt_listener::bind(&config.mqtt_listener).await?;
+    let listener = crate::sources::mqtt_listener::bind(&config.mqtt_listener).await?;
     let addr = listener
         .local_addr()
         .context("read MQTT listener address")?;
     let (mut generation, stop_rx) = Generation::new();
     generation
         .tasks
-        .push(tokio::spawn(crate::mqtt_listener::serve(
+        .push(tokio::spawn(crate::sources::mqtt_listener::serve(
             listener,
-            crate::mqtt_listener::MqttListener {
+            crate::sources::mqtt_listener::MqttListener {
                 config: config.mqtt_listener.clone(),
                 buffer: deps.buffer.clone(),
                 max_event_bytes: config.http.max_event_bytes,
@@ -408,7 +410,7 @@ impl Control {
 
     /// What runs now.
     /// Connection state of the MQTT subscribers.
-    pub fn source_health(&self) -> &crate::mqtt::SourceHealth {
+    pub fn source_health(&self) -> &crate::sources::mqtt_subscriber::SourceHealth {
         &self.deps.health
     }
 

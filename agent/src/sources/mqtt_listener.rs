@@ -5,7 +5,7 @@
 //! broker acknowledges a QoS 1 publish when it has it in memory, and our contract is that a PUBACK
 //! means the event is committed to the buffer (DESIGN.md guarantee 1). Each connection is one task
 //! that reads every packet already received, decodes the publishes exactly like the subscriber
-//! ([`crate::mqtt::prepare`]: same payload formats, topic templates, dead letters and size limit),
+//! ([`super::mqtt_subscriber::prepare`]: same payload formats, topic templates, dead letters and size limit),
 //! commits them in one `append_marked` call, and only then writes their PUBACKs, in order.
 //!
 //! While the buffer is full the task stops reading from its socket and retries the commit: the
@@ -41,8 +41,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use super::mqtt_subscriber::{Pending, WorkerState, digest, prepare};
 use crate::buffer::{AppendError, Buffer, EncodedEvent};
-use crate::mqtt::{Pending, WorkerState, digest, prepare};
 
 /// Largest MQTT packet accepted from a device: the wire format's event limit plus topic and
 /// header room (as for the subscriber). A larger packet closes its connection before its payload
