@@ -29,6 +29,7 @@ use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::union::UnionExec;
 use datafusion::prelude::{SQLOptions, SessionConfig, SessionContext};
 use futures::StreamExt;
+use runnel_common::streams::{AGENT_DROPS, ALERTS, DEAD_LETTERS};
 use runnel_config::QueryConfig;
 
 use crate::schema::EVENTS_SCHEMA;
@@ -160,12 +161,13 @@ impl QueryEngine {
         &self.ctx
     }
 
-    /// Creates the views over `events` (`dead_letters`, `agent_drops`). Separate from `new`
-    /// because planning SQL is async.
+    /// Creates the views over `events` (`dead_letters`, `agent_drops`, `alerts`, named as
+    /// [`runnel_common::streams`] names the streams). Separate from `new` because planning SQL is
+    /// async.
     pub async fn create_views(&self) -> anyhow::Result<()> {
-        self.ctx.sql(DEAD_LETTERS_VIEW).await?;
-        self.ctx.sql(AGENT_DROPS_VIEW).await?;
-        self.ctx.sql(ALERTS_VIEW).await?;
+        self.ctx.sql(&dead_letters_view()).await?;
+        self.ctx.sql(&agent_drops_view()).await?;
+        self.ctx.sql(&alerts_view()).await?;
         Ok(())
     }
 
@@ -234,24 +236,36 @@ impl QueryEngine {
 
 /// Alerts: events the agents' stateful rules emit on stream `alerts`, with their window values
 /// in `attrs`.
-pub const ALERTS_VIEW: &str = "CREATE VIEW alerts AS SELECT agent_id, seq, event_time, receive_time, \
-     name, event_id, score, attrs FROM events WHERE stream = 'alerts'";
+pub fn alerts_view() -> String {
+    format!(
+        "CREATE VIEW {ALERTS} AS SELECT agent_id, seq, event_time, receive_time, \
+         name, event_id, score, attrs FROM events WHERE stream = '{ALERTS}'"
+    )
+}
 
 /// Dead letters: input a source could not decode, kept with the reason and (capped) raw bytes.
 /// They are events on stream `dead_letters`; this view puts their attributes in columns.
-pub const DEAD_LETTERS_VIEW: &str = "CREATE VIEW dead_letters AS SELECT agent_id, seq, receive_time, source, \
-     json_get_str(attrs, 'reason') AS reason, json_get_str(attrs, 'topic') AS topic, \
-     json_get_int(attrs, 'raw_bytes') AS raw_bytes, json_get_bool(attrs, 'raw_truncated') AS raw_truncated, \
-     json_get_str(attrs, 'raw') AS raw \
-     FROM events WHERE stream = 'dead_letters'";
+pub fn dead_letters_view() -> String {
+    format!(
+        "CREATE VIEW {DEAD_LETTERS} AS SELECT agent_id, seq, receive_time, source, \
+         json_get_str(attrs, 'reason') AS reason, json_get_str(attrs, 'topic') AS topic, \
+         json_get_int(attrs, 'raw_bytes') AS raw_bytes, json_get_bool(attrs, 'raw_truncated') AS raw_truncated, \
+         json_get_str(attrs, 'raw') AS raw \
+         FROM events WHERE stream = '{DEAD_LETTERS}'"
+    )
+}
 
 /// Events agents dropped under a `drop_newest` / `drop_oldest` buffer policy: one row per agent
 /// commit, stream and reason. `SELECT stream, sum(n_events) FROM agent_drops GROUP BY stream` is
 /// exact: each report was committed in the same transaction as the drop it counts.
-pub const AGENT_DROPS_VIEW: &str = "CREATE VIEW agent_drops AS SELECT agent_id, seq, receive_time AS time, \
-     json_get_str(attrs, 'stream') AS stream, json_get_str(attrs, 'reason') AS reason, \
-     json_get_int(attrs, 'n_events') AS n_events \
-     FROM events WHERE stream = 'agent_drops'";
+pub fn agent_drops_view() -> String {
+    format!(
+        "CREATE VIEW {AGENT_DROPS} AS SELECT agent_id, seq, receive_time AS time, \
+         json_get_str(attrs, 'stream') AS stream, json_get_str(attrs, 'reason') AS reason, \
+         json_get_int(attrs, 'n_events') AS n_events \
+         FROM events WHERE stream = '{AGENT_DROPS}'"
+    )
+}
 
 /// A query whose rows are still coming: for results sent as they are produced.
 pub struct QueryStream {
