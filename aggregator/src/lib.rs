@@ -2,11 +2,14 @@
 //! before acknowledging, keeps them queryable in memory, flushes them to hour-partitioned
 //! Parquet, and answers SQL over all of it.
 //!
-//! Codemap: [`ingest`] (QUIC server, mTLS identity, chain order) -> [`wal`] (durable commit,
-//! high-water marks, one writer thread) -> [`store`] (recent Arrow rows + Parquet files) ->
-//! [`query`] (DataFusion) -> [`api`] (HTTP). [`ops`] serves health, readiness and status and
-//! talks to systemd; [`certs`] is the fleet PKI; [`cli`] the commands. [`fleet`] stores managed
-//! config documents and rolls them out to agents over the control stream (canary, gate, waves).
+//! Codemap: [`ingest`] (QUIC server, mTLS identity, chain order; connections in [`registry`]) ->
+//! [`wal`] (durable commit, high-water marks, one writer thread) -> [`store`] (recent Arrow
+//! rows and Parquet files) -> [`query`] (DataFusion, with [`catalog`], [`functions`],
+//! [`agents_table`] and [`federation`]) -> the doors: [`api`] (HTTP) and [`pgwire`] (PostgreSQL
+//! protocol), both behind [`readonly`] and [`auth`]. [`ops`] serves health, readiness and status
+//! and talks to systemd; [`metrics`] serves `/metrics`; [`certs`] is the fleet PKI; [`cli`] the
+//! commands, with [`render`] for their tables. [`fleet`] stores managed config documents and
+//! rolls them out to agents over the control stream (canary, gate, waves).
 
 pub mod agents_table;
 pub mod api;
