@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use runnel_service::logging::{self, LogFormat};
 
 /// Runnel edge agent: captures events over HTTP, buffers them durably in SQLite, and ships them
 /// to a runnel-aggregator over QUIC with mutual TLS.
@@ -17,12 +18,6 @@ pub struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -57,34 +52,13 @@ pub fn main() -> ExitCode {
     // provider, so one must be installed before any client is built).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    logging::init(cli.log_format);
     let result = match cli.command {
         Command::Run { config } => run(config),
         Command::Check { config } => check(config),
         Command::Status { config, url, json } => status(&config, url, json),
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("runnel-agent: error: {error:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RUNNEL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colours only on a terminal: journald and log files get plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    logging::exit("runnel-agent", result)
 }
 
 fn run(path: PathBuf) -> anyhow::Result<()> {
@@ -96,7 +70,7 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
     runtime.block_on(async {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
-            wait_for_signal().await;
+            logging::wait_for_signal("agent").await;
             tracing::info!("shutdown requested");
             let _ = stop_tx.send(true);
         });
@@ -186,28 +160,4 @@ fn status(config_path: &std::path::Path, url: Option<String>, json: bool) -> any
             .unwrap_or("no reason given")
     );
     Ok(())
-}
-
-/// Waits for SIGINT (Ctrl-C) or SIGTERM (systemd stop).
-pub async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(
-            tokio::signal::unix::SignalKind::terminate(),
-        ) {
-            Ok(term) => term,
-            Err(error) => {
-                tracing::warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the agent");
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }
