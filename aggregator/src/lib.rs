@@ -117,7 +117,7 @@ pub async fn run(
         ))
     });
 
-    let agents = Arc::new(ingest::ConnectedAgents::default());
+    let agents = Arc::new(registry::ConnectedAgents::default());
     engine.register_agents(Arc::clone(&agents), wal.clone())?;
     let fleet = Arc::new(fleet::Fleet::open(
         &config.data_dir,

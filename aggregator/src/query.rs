@@ -195,7 +195,7 @@ pub fn prepare_context(ctx: &SessionContext) -> anyhow::Result<()> {
 impl QueryEngine {
     pub fn register_agents(
         &self,
-        agents: Arc<crate::ingest::ConnectedAgents>,
+        agents: Arc<crate::registry::ConnectedAgents>,
         wal: crate::wal::Wal,
     ) -> anyhow::Result<()> {
         self.ctx.register_table(
@@ -214,7 +214,7 @@ impl QueryEngine {
     pub fn register_fleet(
         &self,
         fleet: Arc<crate::fleet::Fleet>,
-        agents: Arc<crate::ingest::ConnectedAgents>,
+        agents: Arc<crate::registry::ConnectedAgents>,
         wal: crate::wal::Wal,
     ) -> anyhow::Result<()> {
         self.ctx.deregister_table("agents")?;
