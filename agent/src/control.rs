@@ -3,7 +3,8 @@
 //! An apply checks the pushed files (count, sizes, SHA-256), writes them under
 //! `data_dir/managed/<version>-<hash>/`, lays the document over the bootstrap file and validates
 //! the result (`runnel_config::managed`), saves window state, builds the new pipeline (models
-//! load, rules compile), starts changed sources before it stops the old ones, saves the config
+//! load, rules compile), starts changed sources before it stops the old ones (through
+//! [`crate::sources::Sources`], which owns their lifecycle), saves the config
 //! as `data_dir/managed/last-good.toml` (temp file, fsync, rename), and only then swaps the
 //! pipeline and the buffer policy. Any failure before the swap leaves everything running as it
 //! was and is reported as `Failed` with the error.
@@ -27,10 +28,10 @@ use runnel_config::AgentConfig;
 use runnel_config::managed::{self, Bootstrap, ManagedDocument};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 use crate::buffer::{Buffer, Policy};
 use crate::pipeline::{BuildContext, Pipeline, PipelineHandle};
+use crate::sources::{SourceDeps, Sources};
 
 /// Directory under `data_dir` for managed configs.
 pub const MANAGED_DIR: &str = "managed";
@@ -184,155 +185,6 @@ pub fn load_last_good(bootstrap: &Bootstrap, data_dir: &Path) -> anyhow::Result<
     }))
 }
 
-/// Everything a source needs besides its config.
-#[derive(Clone)]
-pub struct SourceDeps {
-    pub agent_id: String,
-    pub buffer: Buffer,
-    pub pipeline: PipelineHandle,
-    /// The agent's shutdown: every source generation stops on it too.
-    pub shutdown: watch::Receiver<bool>,
-    /// Connection state of the MQTT subscribers, for the status.
-    pub health: crate::sources::mqtt_subscriber::SourceHealth,
-}
-
-/// One generation of a source kind (the MQTT subscribers, or the MQTT listener), stoppable on
-/// its own.
-struct Generation {
-    stop: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<()>>,
-}
-
-impl Generation {
-    fn new() -> (Generation, watch::Receiver<bool>) {
-        let (stop, stop_rx) = watch::channel(false);
-        (
-            Generation {
-                stop,
-                tasks: Vec::new(),
-            },
-            stop_rx,
-        )
-    }
-
-    /// Stops its tasks and waits for them (they finish their current commit first).
-    async fn stop(self) {
-        let _ = self.stop.send(true);
-        self.join().await;
-    }
-
-    async fn join(self) {
-        for task in self.tasks {
-            if let Err(error) = task.await {
-                tracing::error!(%error, "source task failed");
-            }
-        }
-    }
-}
-
-/// The sources a managed config may change: MQTT subscribers and the MQTT listener. The HTTP
-/// source is the bootstrap file's (it also serves the operator endpoints).
-pub struct Sources {
-    mqtt: Vec<runnel_config::MqttSourceConfig>,
-    mqtt_generation: Generation,
-    listener: runnel_config::MqttListenerConfig,
-    listener_generation: Option<Generation>,
-    listener_addr: Option<SocketAddr>,
-}
-
-impl Sources {
-    /// Starts the sources of `config`. Fails (and starts nothing) when the MQTT listener cannot
-    /// bind.
-    pub async fn start(config: &AgentConfig, deps: &SourceDeps) -> anyhow::Result<Sources> {
-        let listener = start_listener(config, deps).await?;
-        let (listener_generation, listener_addr) = match listener {
-            Some((generation, addr)) => (Some(generation), Some(addr)),
-            None => (None, None),
-        };
-        Ok(Sources {
-            mqtt: config.mqtt.clone(),
-            mqtt_generation: start_mqtt(config, deps),
-            listener: config.mqtt_listener.clone(),
-            listener_generation,
-            listener_addr,
-        })
-    }
-
-    pub fn mqtt_listener_addr(&self) -> Option<SocketAddr> {
-        self.listener_addr
-    }
-
-    /// Waits for every source to end (after the agent's shutdown).
-    pub async fn join(self) {
-        self.mqtt_generation.join().await;
-        if let Some(generation) = self.listener_generation {
-            generation.join().await;
-        }
-    }
-}
-
-fn start_mqtt(config: &AgentConfig, deps: &SourceDeps) -> Generation {
-    let (mut generation, stop_rx) = Generation::new();
-    for mqtt_config in &config.mqtt {
-        let shutdown = either(deps.shutdown.clone(), stop_rx.clone());
-        generation
-            .tasks
-            .push(tokio::spawn(crate::sources::mqtt_subscriber::run(
-                crate::sources::mqtt_subscriber::MqttSource {
-                    config: mqtt_config.clone(),
-                    agent_id: deps.agent_id.clone(),
-                    buffer: deps.buffer.clone(),
-                    max_event_bytes: config.http.max_event_bytes,
-                    pipeline: deps.pipeline.clone(),
-                    health: deps.health.clone(),
-                },
-                shutdown,
-            )));
-    }
-    generation
-}
-
-async fn start_listener(
-    config: &AgentConfig,
-    deps: &SourceDeps,
-) -> anyhow::Result<Option<(Generation, SocketAddr)>> {
-    if !config.mqtt_listener.enabled {
-        return Ok(None);
-    }
-    let listener = crate::sources::mqtt_listener::bind(&config.mqtt_listener).await?;
-    let addr = listener
-        .local_addr()
-        .context("read MQTT listener address")?;
-    let (mut generation, stop_rx) = Generation::new();
-    generation
-        .tasks
-        .push(tokio::spawn(crate::sources::mqtt_listener::serve(
-            listener,
-            crate::sources::mqtt_listener::MqttListener {
-                config: config.mqtt_listener.clone(),
-                buffer: deps.buffer.clone(),
-                max_event_bytes: config.http.max_event_bytes,
-                pipeline: deps.pipeline.clone(),
-            },
-            either(deps.shutdown.clone(), stop_rx),
-        )));
-    Ok(Some((generation, addr)))
-}
-
-/// A receiver that turns true when either `a` or `b` does.
-fn either(mut a: watch::Receiver<bool>, mut b: watch::Receiver<bool>) -> watch::Receiver<bool> {
-    let (tx, rx) = watch::channel(*a.borrow() || *b.borrow());
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = a.wait_for(|stop| *stop) => {}
-            _ = b.wait_for(|stop| *stop) => {}
-            _ = tx.closed() => return,
-        }
-        let _ = tx.send(true);
-    });
-    rx
-}
-
 /// The agent's config control: applies pushes, publishes what runs.
 pub struct Control {
     /// `None` when the agent was started from a config without its file ([`crate::run`]):
@@ -408,12 +260,12 @@ impl Control {
         }
     }
 
-    /// What runs now.
     /// Connection state of the MQTT subscribers.
     pub fn source_health(&self) -> &crate::sources::mqtt_subscriber::SourceHealth {
         &self.deps.health
     }
 
+    /// What runs now.
     pub fn current(&self) -> Arc<Current> {
         Arc::clone(&self.current.borrow())
     }
@@ -570,33 +422,10 @@ impl Control {
         let Some(sources) = sources_slot.as_mut() else {
             anyhow::bail!("the agent is shutting down");
         };
-        let mqtt_changed = sources.mqtt != config.mqtt;
-        let listener_changed = sources.listener != config.mqtt_listener;
-        let same_listen_addr = config.mqtt_listener.enabled
-            && sources.listener_generation.is_some()
-            && sources.listener.listen == config.mqtt_listener.listen
-            && config.mqtt_listener.listen.port() != 0;
-        let mut new_listener = None;
-        let mut stopped_old_listener = None;
-        if listener_changed {
-            if same_listen_addr {
-                // The old listener holds the port: it has to go first. If the new one then
-                // cannot bind, the old one comes back.
-                if let Some(old) = sources.listener_generation.take() {
-                    old.stop().await;
-                }
-                stopped_old_listener = Some(sources.listener.clone());
-            }
-            match start_listener(&config, &self.deps).await {
-                Ok(started) => new_listener = Some(started),
-                Err(error) => {
-                    if stopped_old_listener.is_some() {
-                        self.restore_listener(sources).await;
-                    }
-                    return Err(error.context("start the new MQTT listener"));
-                }
-            }
-        }
+        let publish = |addr| self.publish_listener(addr);
+        let staged = sources
+            .stage(&config, &current.config, &self.deps, &publish)
+            .await?;
 
         // The buffer policy before the last-good file: it can fail (an index to build), and a
         // saved config must be one that runs.
@@ -623,12 +452,9 @@ impl Control {
             }
         }
         if let Err(error) = saved {
-            if let Some(Some((generation, _))) = new_listener {
-                generation.stop().await;
-            }
-            if stopped_old_listener.is_some() {
-                self.restore_listener(sources).await;
-            }
+            sources
+                .abandon(staged, &current.config, &self.deps, &publish)
+                .await;
             return Err(error);
         }
 
@@ -636,27 +462,7 @@ impl Control {
         self.pipeline.replace(pipeline);
         self.block_timeout_ms
             .store(config.buffer.block_timeout_ms, Ordering::Relaxed);
-        if let Some(started) = new_listener {
-            let old = sources.listener_generation.take();
-            match started {
-                Some((generation, addr)) => {
-                    sources.listener_generation = Some(generation);
-                    sources.listener_addr = Some(addr);
-                }
-                None => sources.listener_addr = None,
-            }
-            sources.listener = config.mqtt_listener.clone();
-            if let Some(old) = old {
-                old.stop().await;
-            }
-            self.publish_listener(sources.listener_addr);
-        }
-        if mqtt_changed {
-            let new_generation = start_mqtt(&config, &self.deps);
-            let old = std::mem::replace(&mut sources.mqtt_generation, new_generation);
-            sources.mqtt = config.mqtt.clone();
-            old.stop().await;
-        }
+        sources.commit(staged, &config, &self.deps, &publish).await;
         let old_dir = current.files_dir.clone();
         let files_dir = self
             .context
@@ -677,24 +483,6 @@ impl Control {
             tracing::warn!(%error, dir = %old_dir.display(), "remove the previous config's files");
         }
         Ok(())
-    }
-
-    /// Starts the listener of the running config again after it was stopped for a new one
-    /// that did not start.
-    async fn restore_listener(&self, sources: &mut Sources) {
-        let current = self.current();
-        match start_listener(&current.config, &self.deps).await {
-            Ok(Some((generation, addr))) => {
-                sources.listener_generation = Some(generation);
-                sources.listener_addr = Some(addr);
-                self.publish_listener(Some(addr));
-            }
-            Ok(None) => {}
-            Err(error) => tracing::error!(
-                error = format!("{error:#}"),
-                "the previous MQTT listener could not be restarted"
-            ),
-        }
     }
 }
 
@@ -1171,9 +959,7 @@ key = "agent.key"
             .await
             .as_ref()
             .unwrap()
-            .mqtt_generation
-            .tasks
-            .len();
+            .n_mqtt_tasks();
         assert_eq!(old_task_count, 1);
         // Removing it waits for the old subscriber to stop; a subscriber that ignored its stop
         // signal would hold the apply past this deadline.
@@ -1188,7 +974,7 @@ key = "agent.key"
         assert_eq!(second.outcome, ConfigOutcome::Applied, "{second:?}");
         assert!(agent.control.current().config.mqtt.is_empty());
         let sources = agent.control.sources.lock().await;
-        assert!(sources.as_ref().unwrap().mqtt_generation.tasks.is_empty());
+        assert_eq!(sources.as_ref().unwrap().n_mqtt_tasks(), 0);
     }
 
     #[tokio::test]

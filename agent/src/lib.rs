@@ -114,14 +114,14 @@ async fn run_agent(
         .await
         .with_context(|| format!("bind sources.http.listen = {}", config.http.listen))?;
     let http_addr = listener.local_addr().context("read HTTP listen address")?;
-    let source_deps = control::SourceDeps {
+    let source_deps = sources::SourceDeps {
         agent_id: identity.agent_id.clone(),
         buffer: buffer.clone(),
         pipeline: pipeline.clone(),
         shutdown: shutdown.clone(),
         health: sources::mqtt_subscriber::SourceHealth::default(),
     };
-    let sources = match control::Sources::start(&config, &source_deps).await {
+    let sources = match sources::Sources::start(&config, &source_deps).await {
         Ok(sources) => sources,
         Err(error) if current.as_ref().is_some_and(|c| c.version > 0) => {
             // The last good managed config's sources do not start (its port is taken now):
@@ -143,7 +143,7 @@ async fn run_agent(
                     stream_priorities: config.buffer.stream_priorities.clone(),
                 })
                 .await?;
-            control::Sources::start(&config, &source_deps).await?
+            sources::Sources::start(&config, &source_deps).await?
         }
         Err(error) => return Err(error),
     };
