@@ -31,8 +31,8 @@ use runnel_common::wire::{
     Ack, AckMessage, AckOutcome, AgentMessage, AggregatorMessage, BatchMessage,
 };
 use runnel_config::IngestConfig;
+use runnel_service::tls;
 use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
@@ -54,16 +54,9 @@ const CLOSE_PROTOCOL_ERROR: u32 = 1;
 const CLOSE_SHUTDOWN: u32 = 2;
 
 pub fn server_config(config: &IngestConfig) -> anyhow::Result<quinn::ServerConfig> {
-    let ca = load_certs(&config.ca_cert)?;
-    let chain = load_certs(&config.cert)?;
-    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&config.key)
-        .with_context(|| format!("read ingest.key {}", config.key.display()))?;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in ca {
-        roots
-            .add(cert)
-            .with_context(|| format!("add CA from ingest.ca_cert {}", config.ca_cert.display()))?;
-    }
+    let roots = tls::root_store(&config.ca_cert, "ingest.ca_cert")?;
+    let chain = tls::load_certs(&config.cert).context("ingest.cert")?;
+    let key = tls::load_key(&config.key).context("ingest.key")?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::new(roots),
@@ -216,19 +209,6 @@ impl LogLimiter {
 static REFUSALS: std::sync::LazyLock<LogLimiter> =
     std::sync::LazyLock::new(|| LogLimiter::new(10_000));
 
-fn load_certs(path: &std::path::Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .with_context(|| format!("read certificates from {}", path.display()))?
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("parse PEM certificates in {}", path.display()))?;
-    anyhow::ensure!(
-        !certs.is_empty(),
-        "{} holds no PEM certificate",
-        path.display()
-    );
-    Ok(certs)
-}
-
 /// Runs the accept loop until `shutdown`.
 pub async fn serve(
     endpoint: quinn::Endpoint,
@@ -285,17 +265,8 @@ fn agent_id(connection: &quinn::Connection) -> anyhow::Result<Arc<str>> {
         .downcast::<Vec<CertificateDer<'static>>>()
         .map_err(|_| anyhow::anyhow!("peer identity is not a certificate chain"))?;
     let cert = certs.first().context("peer sent no certificate")?;
-    let (_, parsed) =
-        x509_parser::parse_x509_certificate(cert.as_ref()).context("parse agent certificate")?;
-    let cn = parsed
-        .subject()
-        .iter_common_name()
-        .next()
-        .context("agent certificate has no common name")?;
-    let cn = cn
-        .as_str()
-        .context("agent certificate common name is not text")?;
-    crate::certs::validate_agent_id(cn)?;
+    let cn = tls::common_name(cert).context("agent certificate")?;
+    crate::certs::validate_agent_id(&cn)?;
     Ok(Arc::from(cn))
 }
 

@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use axum::Json;
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use runnel_common::human;
@@ -197,25 +196,24 @@ pub struct StorageStatus {
 
 /// `/healthz`, `/readyz` and `/api/v1/status`, merged into the query API's router.
 pub fn router(ops: Arc<Ops>) -> axum::Router {
-    axum::Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route(STATUS_PATH, get(status))
-        .with_state(ops)
+    runnel_service::probes::router(Arc::clone(&ops)).merge(
+        axum::Router::new()
+            .route(STATUS_PATH, get(status))
+            .with_state(ops),
+    )
 }
 
-async fn healthz(State(ops): State<Arc<Ops>>) -> Response {
-    probe_answer(ops.health())
-}
+impl runnel_service::probes::Probes for Ops {
+    fn health(&self) -> Result<(), &'static str> {
+        Ops::health(self)
+    }
 
-async fn readyz(State(ops): State<Arc<Ops>>) -> Response {
-    probe_answer(ops.readiness())
-}
+    fn readiness(&self) -> Result<(), &'static str> {
+        Ops::readiness(self)
+    }
 
-fn probe_answer(outcome: Result<(), &'static str>) -> Response {
-    match outcome {
-        Ok(()) => (StatusCode::OK, "ok\n").into_response(),
-        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")).into_response(),
+    fn set_stopping(&self) {
+        Ops::set_stopping(self)
     }
 }
 
@@ -226,59 +224,16 @@ async fn status(State(ops): State<Arc<Ops>>) -> Response {
 // ---------------------------------------------------------------------------------------------
 // systemd
 
-/// Runs from readiness to shutdown: tells systemd (`Type=notify`) the aggregator is ready; when the
-/// unit has `WatchdogSec=`, pings the watchdog while the aggregator is healthy (when it is not, or the
-/// async runtime stalls, the pings stop and systemd restarts the service); on shutdown marks the
-/// aggregator stopping (`/readyz` answers 503) and tells systemd. Without `NOTIFY_SOCKET` (not under
-/// systemd) only the readiness flag changes.
+/// Tells systemd the aggregator is ready, pings its watchdog while the aggregator is healthy,
+/// and marks it stopping at shutdown ([`runnel_service::probes::supervise`]).
 ///
 /// It holds a WAL handle: await it before waiting for that writer thread to end.
-pub async fn supervise(ops: Arc<Ops>, mut shutdown: watch::Receiver<bool>) {
+pub async fn supervise(ops: Arc<Ops>, shutdown: watch::Receiver<bool>) {
     let status = format!(
         "ingest on {} (QUIC), SQL on {}",
         ops.listen.ingest, ops.listen.query
     );
-    notify(&[
-        sd_notify::NotifyState::Ready,
-        sd_notify::NotifyState::Status(&status),
-    ]);
-    let mut watchdog = sd_notify::watchdog_enabled().map(|timeout| {
-        let mut ticker = tokio::time::interval((timeout / 2).max(Duration::from_millis(100)));
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        ticker
-    });
-    let mut logged = false;
-    loop {
-        tokio::select! {
-            _ = tick(&mut watchdog) => match ops.health() {
-                Ok(()) => notify(&[sd_notify::NotifyState::Watchdog]),
-                Err(reason) if !logged => {
-                    tracing::error!(reason, "unhealthy: no more watchdog pings, systemd will restart the aggregator");
-                    logged = true;
-                }
-                Err(_) => {}
-            },
-            _ = shutdown.wait_for(|stop| *stop) => break,
-        }
-    }
-    ops.set_stopping();
-    notify(&[sd_notify::NotifyState::Stopping]);
-}
-
-/// The next watchdog tick; never, without a watchdog.
-async fn tick(watchdog: &mut Option<tokio::time::Interval>) {
-    match watchdog {
-        Some(ticker) => {
-            ticker.tick().await;
-        }
-        None => std::future::pending().await,
-    }
-}
-
-fn notify(states: &[sd_notify::NotifyState<'_>]) {
-    if let Err(error) = sd_notify::notify(states) {
-        tracing::warn!(%error, "cannot notify systemd (NOTIFY_SOCKET)");
-    }
+    runnel_service::probes::supervise(ops, "aggregator", &status, shutdown).await;
 }
 
 // ---------------------------------------------------------------------------------------------
