@@ -21,9 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use futures::stream::{FuturesUnordered, StreamExt};
 use runnel_common::limits::{MAX_CONTROL_FRAME_BYTES, MAX_FRAME_BYTES};
-use runnel_common::session::{
-    BatchDue, BufferHead, Control as ControlMessage, UplinkLimits, UplinkSession,
-};
+use runnel_common::session::{BatchDue, BufferHead, ControlAction, UplinkLimits, UplinkSession};
 use runnel_common::wire::{
     AckMessage, AgentMessage, AggregatorMessage, BatchMessage, ComponentHealth, Compression, Hello,
     MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Status,
@@ -366,7 +364,7 @@ async fn connection(
             Some(message) = control_rx.recv() => {
                 let message = message.context("read control stream")?;
                 match session.on_control(message).context("control stream")? {
-                    ControlMessage::ConfigPush(push) => {
+                    ControlAction::ConfigPush(push) => {
                         tracing::info!(version = push.version, hash = %push.hash, n_files = push.files.len(), "config push received");
                         let control = Arc::clone(&uplink.control);
                         applies.push(tokio::spawn(async move { control.apply(push).await }));

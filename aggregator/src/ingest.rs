@@ -37,10 +37,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
-use crate::registry::{AgentConnection, FleetEvent, NewConnection};
-// Temporary: `query` and `run` still name the registry through this module. Remove once they
-// import `crate::registry::ConnectedAgents` themselves.
-pub use crate::registry::ConnectedAgents;
+use crate::registry::{AgentConnection, ConnectedAgents, FleetEvent, NewConnection};
 use crate::wal::{CommitError, CommitOutcome, CommitRequest, Wal};
 
 /// How long an agent has to send its Hello after the handshake.

@@ -28,7 +28,9 @@ pub use ingest::{
     Accepted, IngestHandshake, IngestSequencer, IngestSession, Refusal, Report, WelcomeTerms,
     check_agent_message, negotiate_version,
 };
-pub use uplink::{Acked, BatchDue, BufferHead, Control, InFlight, UplinkLimits, UplinkSession};
+pub use uplink::{
+    Acked, BatchDue, BufferHead, ControlAction, InFlight, UplinkLimits, UplinkSession,
+};
 
 use crate::wire::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 

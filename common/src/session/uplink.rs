@@ -17,7 +17,7 @@ use crate::wire::{
 
 /// A control-stream message the agent's driver must act on.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Control {
+pub enum ControlAction {
     /// Apply this config, then answer with [`UplinkSession::config_result_message`].
     ConfigPush(ConfigPush),
 }
@@ -142,7 +142,10 @@ impl UplinkSession {
     }
 
     /// Handles a control-stream message after the Welcome.
-    pub fn on_control(&mut self, message: AggregatorMessage) -> Result<Control, ProtocolError> {
+    pub fn on_control(
+        &mut self,
+        message: AggregatorMessage,
+    ) -> Result<ControlAction, ProtocolError> {
         let Some(version) = self.protocol_version() else {
             return Err(ProtocolError::BeforeHandshake {
                 what: "a control message",
@@ -158,7 +161,7 @@ impl UplinkSession {
                         version,
                     });
                 }
-                Ok(Control::ConfigPush(push))
+                Ok(ControlAction::ConfigPush(push))
             }
         }
     }
@@ -562,7 +565,7 @@ mod tests {
         );
         assert_eq!(
             session.on_control(AggregatorMessage::ConfigPush(push())),
-            Ok(Control::ConfigPush(push()))
+            Ok(ControlAction::ConfigPush(push()))
         );
         let result = ConfigResult {
             version: 1,
