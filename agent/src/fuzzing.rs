@@ -67,12 +67,11 @@ pub fn mqtt(data: &[u8]) {
         Some(at) => (String::from_utf8_lossy(&rest[..at]), &rest[at + 1..]),
         None => (String::from_utf8_lossy(rest), &[][..]),
     };
-    let view = crate::sources::mqtt_subscriber::WorkerStateView {
+    let view = decode::mqtt::PublishFormat {
         payload: payload_format,
         template: Some("plant/{site}/{device}/telemetry"),
     };
-    let events =
-        crate::sources::mqtt_subscriber::decode_publish(&view, &topic, payload, &received());
+    let events = decode::mqtt::decode_publish(&view, &topic, payload, &received());
     for event in events {
         let _ = crate::buffer::EncodedEvent::encode(&event);
     }

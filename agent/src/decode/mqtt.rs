@@ -1,14 +1,25 @@
-//! The event time of MQTT JSON payloads. Devices name their time field in many ways (`ts` more
-//! often than anything else) and send it in seconds, milliseconds or finer; this module owns the
-//! names read by default, their precedence, and what each `time_unit` means for
-//! `[[sources.mqtt]]` and `[sources.mqtt_listener]` (`time_field`, `time_unit`). The rest of a
-//! payload maps like `POST /v1/events` ([`super::json`]).
+//! What an MQTT message becomes, for both MQTT sources (`[[sources.mqtt]]` and
+//! `[sources.mqtt_listener]`): its payload decoded by `payload` (`json`, `text`, `bytes`; what
+//! does not decode becomes a dead letter with the topic and the reason), its topic levels turned
+//! into fields by `topic_template`, and the digest of topic and payload that delivery marks
+//! record.
 //!
-//! Pure: no I/O and no clock. A time that is present but does not read is an error (the message
-//! becomes a dead letter with the key and what it must be), never a silent receive time.
+//! The event time of JSON payloads: devices name their time field in many ways (`ts` more often
+//! than anything else) and send it in seconds, milliseconds or finer; this module owns the names
+//! read by default, their precedence, and what each `time_unit` means (`time_field`,
+//! `time_unit`). The rest of a JSON payload maps like `POST /v1/events` ([`super::json`]).
+//!
+//! Pure: no I/O and no clock (the receive time comes in [`Received`]). A time that is present but
+//! does not read is an error (the message becomes a dead letter with the key and what it must
+//! be), never a silent receive time.
 
+use std::collections::BTreeMap;
+
+use runnel_common::{Event, SourceKind, Value};
+use runnel_config::MqttPayload;
 use serde_json::{Map, Value as Json};
 
+use super::Received;
 use super::json::TimeProblem;
 
 /// The fields read for the event time when a source names none, in this order: the first one
@@ -215,6 +226,133 @@ fn from_float(value: f64, unit: TimeUnit) -> Option<i64> {
     (ms.abs() <= MAX_ABS_MS).then_some(ms as i64)
 }
 
+/// 16 bytes of SHA-256 over topic and payload: what a delivery mark records of a message, so a
+/// redelivery of it is recognised.
+pub fn digest(topic: &str, payload: &[u8]) -> [u8; 16] {
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    context.update(&(topic.len() as u64).to_le_bytes());
+    context.update(topic.as_bytes());
+    context.update(payload);
+    let full = context.finish();
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&full.as_ref()[..16]);
+    out
+}
+
+/// Turns one MQTT message into events (or a dead letter), with the event time read by the
+/// default [`TimeRule`].
+pub fn decode_publish(
+    format: &PublishFormat<'_>,
+    topic: &str,
+    payload: &[u8],
+    received: &Received,
+) -> Vec<Event> {
+    decode_publish_with_time(format, &TimeRule::default(), topic, payload, received)
+}
+
+/// Turns one MQTT message into events (or a dead letter); JSON payloads get their event time by
+/// `time`.
+pub fn decode_publish_with_time(
+    format: &PublishFormat<'_>,
+    time: &TimeRule,
+    topic: &str,
+    payload: &[u8],
+    received: &Received,
+) -> Vec<Event> {
+    let topic_attrs = topic_fields(format.template, topic);
+    let last_level = topic.rsplit('/').next().unwrap_or(topic);
+    let mut events = match format.payload {
+        MqttPayload::Json => {
+            let read_time =
+                |object: &mut serde_json::Map<String, serde_json::Value>| time.read(object);
+            match super::json::decode_with_time(
+                payload,
+                received.receive_time_ms,
+                &received.stream,
+                &read_time,
+            ) {
+                Ok(events) => events,
+                Err(error) => {
+                    let reason = format!("payload on {topic}: {error}");
+                    let mut dead = super::dead_letter(SourceKind::Mqtt, &reason, payload, received);
+                    dead.attrs
+                        .insert("topic".into(), Value::String(topic.to_owned()));
+                    return vec![dead];
+                }
+            }
+        }
+        MqttPayload::Text => match std::str::from_utf8(payload) {
+            Ok(text) => vec![raw_event(received, Value::String(text.to_owned()))],
+            Err(error) => {
+                let reason = format!("payload on {topic} is not UTF-8: {error}");
+                let mut dead = super::dead_letter(SourceKind::Mqtt, &reason, payload, received);
+                dead.attrs
+                    .insert("topic".into(), Value::String(topic.to_owned()));
+                return vec![dead];
+            }
+        },
+        MqttPayload::Bytes => vec![raw_event(received, Value::Bytes(payload.to_vec()))],
+    };
+    for event in &mut events {
+        event.source = SourceKind::Mqtt;
+        if event.name.is_empty() {
+            event.name = last_level.to_owned();
+        }
+        event
+            .attrs
+            .insert("topic".into(), Value::String(topic.to_owned()));
+        for (key, value) in &topic_attrs {
+            event
+                .attrs
+                .entry(key.clone())
+                .or_insert_with(|| Value::String(value.clone()));
+        }
+    }
+    events
+}
+
+/// How a source reads its messages: the parts of its config that decoding needs.
+pub struct PublishFormat<'a> {
+    pub payload: MqttPayload,
+    pub template: Option<&'a str>,
+}
+
+fn raw_event(received: &Received, payload: Value) -> Event {
+    let mut attrs = BTreeMap::new();
+    attrs.insert("payload".to_owned(), payload);
+    Event {
+        attrs,
+        ..Event::new(
+            SourceKind::Mqtt,
+            received.stream.clone(),
+            "",
+            received.receive_time_ms,
+        )
+    }
+}
+
+/// `plant/{site}/{device}/telemetry` + `plant/berlin/press-4/telemetry` -> site, device.
+/// A topic that does not fit the template yields nothing.
+pub fn topic_fields(template: Option<&str>, topic: &str) -> Vec<(String, String)> {
+    let Some(template) = template else {
+        return Vec::new();
+    };
+    let pattern: Vec<&str> = template.split('/').collect();
+    let levels: Vec<&str> = topic.split('/').collect();
+    if pattern.len() != levels.len() {
+        return Vec::new();
+    }
+    let mut fields = Vec::new();
+    for (p, level) in pattern.iter().zip(&levels) {
+        match p.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
+            Some(name) => fields.push((name.to_owned(), (*level).to_owned())),
+            None if p == level => {}
+            None => return Vec::new(),
+        }
+    }
+    fields
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -360,5 +498,119 @@ mod tests {
             assert!(TimeUnit::from_config(spelling).is_some(), "{spelling}");
         }
         assert_eq!(TimeUnit::from_config("sec"), None);
+    }
+
+    fn received() -> Received {
+        Received {
+            receive_time_ms: 5,
+            stream: "telemetry".into(),
+            ..Received::default()
+        }
+    }
+
+    #[test]
+    fn templates_turn_levels_into_fields() {
+        let t = Some("plant/{site}/{device}/telemetry");
+        assert_eq!(
+            topic_fields(t, "plant/berlin/press-4/telemetry"),
+            vec![
+                ("site".into(), "berlin".into()),
+                ("device".into(), "press-4".into())
+            ]
+        );
+        assert!(topic_fields(t, "plant/berlin/press-4/alarms").is_empty());
+        assert!(topic_fields(t, "plant/berlin").is_empty());
+    }
+
+    #[test]
+    fn json_text_bytes_and_dead_letters() {
+        let view = |payload| PublishFormat {
+            payload,
+            template: Some("plant/{site}/{device}"),
+        };
+        let events = decode_publish(
+            &view(MqttPayload::Json),
+            "plant/b/p4",
+            br#"[{"temp":21.5},{"temp":22}]"#,
+            &received(),
+        );
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[0].name, "p4");
+        assert_eq!(events[0].source, SourceKind::Mqtt);
+        assert_eq!(events[0].attrs["site"], Value::String("b".into()));
+        assert_eq!(events[0].attrs["topic"], Value::String("plant/b/p4".into()));
+        assert_eq!(events[1].attrs["temp"], Value::Int(22));
+
+        let dead = decode_publish(
+            &view(MqttPayload::Json),
+            "plant/b/p4",
+            b"\x00\x01",
+            &received(),
+        );
+        assert_eq!(dead[0].stream, super::super::DEAD_LETTER_STREAM);
+        let Value::String(reason) = &dead[0].attrs["reason"] else {
+            panic!("reason")
+        };
+        assert!(
+            reason.starts_with("payload on plant/b/p4: invalid JSON"),
+            "{reason}"
+        );
+
+        let text = decode_publish(&view(MqttPayload::Text), "a", b"ON", &received());
+        assert_eq!(text[0].attrs["payload"], Value::String("ON".into()));
+        let not_text = decode_publish(&view(MqttPayload::Text), "a", b"\xff", &received());
+        assert_eq!(not_text[0].stream, super::super::DEAD_LETTER_STREAM);
+        let bytes = decode_publish(&view(MqttPayload::Bytes), "a", b"\xff", &received());
+        assert_eq!(bytes[0].attrs["payload"], Value::Bytes(vec![0xff]));
+    }
+
+    #[test]
+    fn digests_depend_on_topic_and_payload() {
+        assert_eq!(digest("a", b"x"), digest("a", b"x"));
+        assert_ne!(digest("a", b"x"), digest("b", b"x"));
+        assert_ne!(digest("ab", b""), digest("a", b"b"));
+    }
+
+    #[test]
+    fn named_time_fields_reach_the_event() {
+        let view = PublishFormat {
+            payload: MqttPayload::Json,
+            template: None,
+        };
+        let default_rule = TimeRule::default();
+        let events = decode_publish_with_time(
+            &view,
+            &default_rule,
+            "meters/m1",
+            br#"{"ts":1700000000123,"kwh":3}"#,
+            &received(),
+        );
+        assert_eq!(events[0].event_time_ms, 1_700_000_000_123);
+        assert_eq!(events[0].name, "m1");
+        assert!(!events[0].attrs.contains_key("ts"));
+        let in_seconds = TimeRule::from_config(Some("t"), "s");
+        let events = decode_publish_with_time(
+            &view,
+            &in_seconds,
+            "meters/m1",
+            br#"{"t":1700000000,"kwh":3}"#,
+            &received(),
+        );
+        assert_eq!(events[0].event_time_ms, 1_700_000_000_000);
+        let dead = decode_publish_with_time(
+            &view,
+            &in_seconds,
+            "meters/m1",
+            br#"{"t":"2023-11-14T22:13:20Z"}"#,
+            &received(),
+        );
+        assert_eq!(dead[0].stream, super::super::DEAD_LETTER_STREAM);
+        let Value::String(reason) = &dead[0].attrs["reason"] else {
+            panic!("reason")
+        };
+        assert!(
+            reason.contains("field `t` must be a number of Unix seconds"),
+            "{reason}"
+        );
     }
 }

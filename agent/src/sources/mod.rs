@@ -25,6 +25,7 @@ use crate::pipeline::PipelineHandle;
 
 pub mod http;
 pub mod mqtt_listener;
+mod mqtt_publish;
 pub mod mqtt_subscriber;
 
 /// Everything a source needs besides its config.

@@ -3,10 +3,11 @@
 //!
 //! Built on rumqttc's packet codec (`rumqttc::mqttbytes::v4`), not on a broker such as rumqttd: a
 //! broker acknowledges a QoS 1 publish when it has it in memory, and our contract is that a PUBACK
-//! means the event is committed to the buffer (DESIGN.md guarantee 1). Each connection is one task
-//! that reads every packet already received, decodes the publishes exactly like the subscriber
-//! ([`super::mqtt_subscriber::prepare`]: same payload formats, topic templates, dead letters and size limit),
-//! commits them in one `append_marked` call, and only then writes their PUBACKs, in order.
+//! means the event is committed to the buffer (ARCHITECTURE.md, "Guarantees", 1). Each connection
+//! is one task that reads every packet already received, decodes the publishes exactly like the
+//! subscriber ([`super::mqtt_publish::prepare`]: same payload formats, topic templates, dead
+//! letters and size limit), commits them in one `append_marked` call, and only then writes their
+//! PUBACKs, in order.
 //!
 //! While the buffer is full the task stops reading from its socket and retries the commit: the
 //! device sees no PUBACK and TCP pushes back on it. A device that reconnects resends unacknowledged
@@ -41,8 +42,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::mqtt_subscriber::{Pending, WorkerState, digest, prepare};
+use super::mqtt_publish::{Intake, Pending, prepare};
 use crate::buffer::{AppendError, Buffer, EncodedEvent};
+use crate::decode::mqtt::digest;
 
 /// Largest MQTT packet accepted from a device: the wire format's event limit plus topic and
 /// header room (as for the subscriber). A larger packet closes its connection before its payload
@@ -440,7 +442,7 @@ async fn serve_connection(
         "MQTT client connected"
     );
 
-    let state = WorkerState {
+    let state = Intake {
         name: format!("listener:{client_id}"),
         stream: shared.config.stream.clone(),
         payload: shared.config.payload,
@@ -598,7 +600,7 @@ fn packet_name(packet: &Packet) -> &'static str {
 /// A connected client, after its CONNACK.
 struct Session {
     /// Decoding settings, and the delivery-mark source `listener:{client_id}`.
-    state: WorkerState,
+    state: Intake,
     anonymous: bool,
     /// 1.5 × the client's keep-alive; `None` when it asked for none.
     idle_limit: Option<Duration>,

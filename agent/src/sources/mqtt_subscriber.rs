@@ -38,14 +38,14 @@ use anyhow::Context;
 use rumqttc::{
     AsyncClient, Event as MqttEvent, MqttOptions, Packet, Publish, QoS, SubscribeFilter,
 };
-use runnel_common::{Event, SourceKind, Value};
-use runnel_config::{MqttPayload, MqttSourceConfig};
+use runnel_config::MqttSourceConfig;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use crate::buffer::{AppendError, Buffer, DeliveryMark, EncodedEvent};
 use crate::decode::mqtt::TimeRule;
-use crate::decode::{self, Received};
 use crate::pipeline::PipelineHandle;
+
+use super::mqtt_publish::{Intake, Pending, prepare};
 
 /// Largest MQTT packet accepted from the broker: the wire format's event limit plus topic and
 /// header room. Larger packets close the connection (rumqttc), so they stay at the broker.
@@ -251,7 +251,7 @@ pub async fn run(source: MqttSource, mut shutdown: watch::Receiver<bool>) {
     // Never full: a message needs a permit first, and there are as many permits as slots.
     let (to_worker, from_loop) = mpsc::channel::<(Publish, OwnedSemaphorePermit)>(held_max);
     let worker = tokio::spawn(worker(
-        Arc::new(WorkerState {
+        Arc::new(Intake {
             name: config.name.clone(),
             stream: config.stream.clone(),
             payload: config.payload,
@@ -422,27 +422,8 @@ fn options(config: &MqttSourceConfig, client_id: &str) -> anyhow::Result<MqttOpt
     Ok(options)
 }
 
-pub(crate) struct WorkerState {
-    pub(crate) name: String,
-    pub(crate) stream: String,
-    pub(crate) payload: MqttPayload,
-    pub(crate) template: Option<String>,
-    /// Where JSON payloads carry their event time (`time_field`, `time_unit`).
-    pub(crate) time: TimeRule,
-    pub(crate) buffer: Buffer,
-    pub(crate) max_event_bytes: usize,
-    pub(crate) pipeline: PipelineHandle,
-}
-
-/// A decoded publish waiting for its commit.
-pub(crate) struct Pending {
-    pub(crate) publish: Publish,
-    pub(crate) events: Vec<EncodedEvent>,
-    pub(crate) mark: Option<DeliveryMark>,
-}
-
 async fn worker(
-    state: Arc<WorkerState>,
+    state: Arc<Intake>,
     client: AsyncClient,
     mut from_loop: mpsc::Receiver<(Publish, OwnedSemaphorePermit)>,
 ) {
@@ -466,80 +447,9 @@ async fn worker(
     }
 }
 
-/// Decodes a publish. A redelivery of a message already stored gets no events (it is only
-/// acknowledged).
-pub(crate) async fn prepare(state: &WorkerState, publish: Publish) -> Pending {
-    let mark = (publish.qos != QoS::AtMostOnce).then(|| DeliveryMark {
-        source: state.name.clone(),
-        delivery_id: u32::from(publish.pkid),
-        digest: digest(&publish.topic, &publish.payload),
-    });
-    if publish.dup
-        && let Some(mark) = &mark
-    {
-        match state.buffer.delivered(mark.clone()).await {
-            Ok(true) => {
-                tracing::debug!(source = %state.name, pkid = publish.pkid, "redelivery of a stored message; acknowledging only");
-                return Pending {
-                    publish,
-                    events: Vec::new(),
-                    mark: None,
-                };
-            }
-            Ok(false) => {}
-            Err(error) => {
-                tracing::warn!(source = %state.name, error = format!("{error:#}"), "delivery lookup failed; storing")
-            }
-        }
-    }
-    let received = Received {
-        receive_time_ms: crate::now_unix_ms(),
-        stream: state.stream.clone(),
-        ..Received::default()
-    };
-    let events = decode_publish_with_time(
-        &decode_publish_state(state),
-        &state.time,
-        &publish.topic,
-        &publish.payload,
-        &received,
-    );
-    let events = state.pipeline.process(events).await;
-    let mut encoded = Vec::with_capacity(events.len());
-    for event in events {
-        let e = match EncodedEvent::encode(&event) {
-            Ok(e) if e.0.len() <= state.max_event_bytes => e,
-            Ok(e) => {
-                let reason = format!(
-                    "event is {} bytes encoded, over sources.http.max_event_bytes ({})",
-                    e.0.len(),
-                    state.max_event_bytes
-                );
-                dead_letter_encoded(&reason, &publish.payload, &received)
-            }
-            Err(error) => dead_letter_encoded(
-                &format!("event does not encode: {error}"),
-                &publish.payload,
-                &received,
-            ),
-        };
-        encoded.push(e);
-    }
-    Pending {
-        publish,
-        events: encoded,
-        mark,
-    }
-}
-
-fn dead_letter_encoded(reason: &str, payload: &[u8], received: &Received) -> EncodedEvent {
-    let event = decode::dead_letter(SourceKind::Mqtt, reason, payload, received);
-    EncodedEvent::encode(&event).expect("a dead letter is small and always encodes")
-}
-
 /// Commits the events of every pending publish in one transaction, then acks them in order.
 /// Retries while the buffer is full: nothing is acknowledged that is not stored.
-async fn commit_and_ack(state: &WorkerState, client: &AsyncClient, batch: &mut Vec<Pending>) {
+async fn commit_and_ack(state: &Intake, client: &AsyncClient, batch: &mut Vec<Pending>) {
     let mut events: Vec<EncodedEvent> = batch
         .iter_mut()
         .flat_map(|p| std::mem::take(&mut p.events))
@@ -589,220 +499,9 @@ async fn commit_and_ack(state: &WorkerState, client: &AsyncClient, batch: &mut V
     }
 }
 
-/// 16 bytes of SHA-256 over topic and payload.
-pub(crate) fn digest(topic: &str, payload: &[u8]) -> [u8; 16] {
-    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
-    context.update(&(topic.len() as u64).to_le_bytes());
-    context.update(topic.as_bytes());
-    context.update(payload);
-    let full = context.finish();
-    let mut out = [0u8; 16];
-    out.copy_from_slice(&full.as_ref()[..16]);
-    out
-}
-
-/// Turns one MQTT message into events (or a dead letter), with the event time read by the
-/// default [`TimeRule`].
-pub fn decode_publish(
-    state_payload: &WorkerStateView<'_>,
-    topic: &str,
-    payload: &[u8],
-    received: &Received,
-) -> Vec<Event> {
-    decode_publish_with_time(
-        state_payload,
-        &TimeRule::default(),
-        topic,
-        payload,
-        received,
-    )
-}
-
-/// Turns one MQTT message into events (or a dead letter); JSON payloads get their event time by
-/// `time`.
-pub fn decode_publish_with_time(
-    state_payload: &WorkerStateView<'_>,
-    time: &TimeRule,
-    topic: &str,
-    payload: &[u8],
-    received: &Received,
-) -> Vec<Event> {
-    let topic_attrs = topic_fields(state_payload.template, topic);
-    let last_level = topic.rsplit('/').next().unwrap_or(topic);
-    let mut events = match state_payload.payload {
-        MqttPayload::Json => {
-            let read_time =
-                |object: &mut serde_json::Map<String, serde_json::Value>| time.read(object);
-            match decode::json::decode_with_time(
-                payload,
-                received.receive_time_ms,
-                &received.stream,
-                &read_time,
-            ) {
-                Ok(events) => events,
-                Err(error) => {
-                    let reason = format!("payload on {topic}: {error}");
-                    let mut dead =
-                        decode::dead_letter(SourceKind::Mqtt, &reason, payload, received);
-                    dead.attrs
-                        .insert("topic".into(), Value::String(topic.to_owned()));
-                    return vec![dead];
-                }
-            }
-        }
-        MqttPayload::Text => match std::str::from_utf8(payload) {
-            Ok(text) => vec![raw_event(received, Value::String(text.to_owned()))],
-            Err(error) => {
-                let reason = format!("payload on {topic} is not UTF-8: {error}");
-                let mut dead = decode::dead_letter(SourceKind::Mqtt, &reason, payload, received);
-                dead.attrs
-                    .insert("topic".into(), Value::String(topic.to_owned()));
-                return vec![dead];
-            }
-        },
-        MqttPayload::Bytes => vec![raw_event(received, Value::Bytes(payload.to_vec()))],
-    };
-    for event in &mut events {
-        event.source = SourceKind::Mqtt;
-        if event.name.is_empty() {
-            event.name = last_level.to_owned();
-        }
-        event
-            .attrs
-            .insert("topic".into(), Value::String(topic.to_owned()));
-        for (key, value) in &topic_attrs {
-            event
-                .attrs
-                .entry(key.clone())
-                .or_insert_with(|| Value::String(value.clone()));
-        }
-    }
-    events
-}
-
-/// The parts of a subscriber's config that decoding needs.
-pub struct WorkerStateView<'a> {
-    pub payload: MqttPayload,
-    pub template: Option<&'a str>,
-}
-
-fn decode_publish_state<'a>(state: &'a WorkerState) -> WorkerStateView<'a> {
-    WorkerStateView {
-        payload: state.payload,
-        template: state.template.as_deref(),
-    }
-}
-
-fn raw_event(received: &Received, payload: Value) -> Event {
-    let mut attrs = BTreeMap::new();
-    attrs.insert("payload".to_owned(), payload);
-    Event {
-        attrs,
-        ..Event::new(
-            SourceKind::Mqtt,
-            received.stream.clone(),
-            "",
-            received.receive_time_ms,
-        )
-    }
-}
-
-/// `plant/{site}/{device}/telemetry` + `plant/berlin/press-4/telemetry` -> site, device.
-/// A topic that does not fit the template yields nothing.
-pub fn topic_fields(template: Option<&str>, topic: &str) -> Vec<(String, String)> {
-    let Some(template) = template else {
-        return Vec::new();
-    };
-    let pattern: Vec<&str> = template.split('/').collect();
-    let levels: Vec<&str> = topic.split('/').collect();
-    if pattern.len() != levels.len() {
-        return Vec::new();
-    }
-    let mut fields = Vec::new();
-    for (p, level) in pattern.iter().zip(&levels) {
-        match p.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
-            Some(name) => fields.push((name.to_owned(), (*level).to_owned())),
-            None if p == level => {}
-            None => return Vec::new(),
-        }
-    }
-    fields
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn received() -> Received {
-        Received {
-            receive_time_ms: 5,
-            stream: "telemetry".into(),
-            ..Received::default()
-        }
-    }
-
-    #[test]
-    fn templates_turn_levels_into_fields() {
-        let t = Some("plant/{site}/{device}/telemetry");
-        assert_eq!(
-            topic_fields(t, "plant/berlin/press-4/telemetry"),
-            vec![
-                ("site".into(), "berlin".into()),
-                ("device".into(), "press-4".into())
-            ]
-        );
-        assert!(topic_fields(t, "plant/berlin/press-4/alarms").is_empty());
-        assert!(topic_fields(t, "plant/berlin").is_empty());
-    }
-
-    #[test]
-    fn json_text_bytes_and_dead_letters() {
-        let view = |payload| WorkerStateView {
-            payload,
-            template: Some("plant/{site}/{device}"),
-        };
-        let events = decode_publish(
-            &view(MqttPayload::Json),
-            "plant/b/p4",
-            br#"[{"temp":21.5},{"temp":22}]"#,
-            &received(),
-        );
-        assert_eq!(events.len(), 2);
-        assert_eq!(events[0].name, "p4");
-        assert_eq!(events[0].source, SourceKind::Mqtt);
-        assert_eq!(events[0].attrs["site"], Value::String("b".into()));
-        assert_eq!(events[0].attrs["topic"], Value::String("plant/b/p4".into()));
-        assert_eq!(events[1].attrs["temp"], Value::Int(22));
-
-        let dead = decode_publish(
-            &view(MqttPayload::Json),
-            "plant/b/p4",
-            b"\x00\x01",
-            &received(),
-        );
-        assert_eq!(dead[0].stream, decode::DEAD_LETTER_STREAM);
-        let Value::String(reason) = &dead[0].attrs["reason"] else {
-            panic!("reason")
-        };
-        assert!(
-            reason.starts_with("payload on plant/b/p4: invalid JSON"),
-            "{reason}"
-        );
-
-        let text = decode_publish(&view(MqttPayload::Text), "a", b"ON", &received());
-        assert_eq!(text[0].attrs["payload"], Value::String("ON".into()));
-        let not_text = decode_publish(&view(MqttPayload::Text), "a", b"\xff", &received());
-        assert_eq!(not_text[0].stream, decode::DEAD_LETTER_STREAM);
-        let bytes = decode_publish(&view(MqttPayload::Bytes), "a", b"\xff", &received());
-        assert_eq!(bytes[0].attrs["payload"], Value::Bytes(vec![0xff]));
-    }
-
-    #[test]
-    fn digests_depend_on_topic_and_payload() {
-        assert_eq!(digest("a", b"x"), digest("a", b"x"));
-        assert_ne!(digest("a", b"x"), digest("b", b"x"));
-        assert_ne!(digest("ab", b""), digest("a", b"b"));
-    }
 
     #[test]
     fn session_outcomes() {
@@ -866,49 +565,6 @@ mod tests {
         assert_eq!(health.session("plant").expect("record").n_sessions_lost, 1);
         // Sources are counted apart.
         assert_eq!(health.session("yard"), None);
-    }
-
-    #[test]
-    fn named_time_fields_reach_the_event() {
-        let view = WorkerStateView {
-            payload: MqttPayload::Json,
-            template: None,
-        };
-        let default_rule = TimeRule::default();
-        let events = decode_publish_with_time(
-            &view,
-            &default_rule,
-            "meters/m1",
-            br#"{"ts":1700000000123,"kwh":3}"#,
-            &received(),
-        );
-        assert_eq!(events[0].event_time_ms, 1_700_000_000_123);
-        assert_eq!(events[0].name, "m1");
-        assert!(!events[0].attrs.contains_key("ts"));
-        let in_seconds = TimeRule::from_config(Some("t"), "s");
-        let events = decode_publish_with_time(
-            &view,
-            &in_seconds,
-            "meters/m1",
-            br#"{"t":1700000000,"kwh":3}"#,
-            &received(),
-        );
-        assert_eq!(events[0].event_time_ms, 1_700_000_000_000);
-        let dead = decode_publish_with_time(
-            &view,
-            &in_seconds,
-            "meters/m1",
-            br#"{"t":"2023-11-14T22:13:20Z"}"#,
-            &received(),
-        );
-        assert_eq!(dead[0].stream, decode::DEAD_LETTER_STREAM);
-        let Value::String(reason) = &dead[0].attrs["reason"] else {
-            panic!("reason")
-        };
-        assert!(
-            reason.contains("field `t` must be a number of Unix seconds"),
-            "{reason}"
-        );
     }
 
     #[test]
