@@ -17,6 +17,7 @@ pub mod frame;
 pub mod fuzzing;
 pub mod human;
 pub mod limits;
+pub mod log_limit;
 pub mod session;
 pub mod streams;
 pub mod wire;

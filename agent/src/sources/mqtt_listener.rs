@@ -35,6 +35,7 @@ use rumqttc::mqttbytes::v4::{
     UnsubAck,
 };
 use rumqttc::mqttbytes::{self, Protocol, QoS};
+use runnel_common::log_limit::{LogLimit, LogLimiter};
 use runnel_config::MqttListenerConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -114,8 +115,8 @@ pub async fn serve(
         pipeline: source.pipeline,
         sessions: Sessions::default(),
         n_connections: AtomicU64::new(0),
-        warnings: LogLimiter::default(),
-        refusals: LogLimiter::default(),
+        warnings: warning_limiter(),
+        refusals: warning_limiter(),
     });
     let mut connections = JoinSet::new();
     loop {
@@ -942,37 +943,11 @@ impl Drop for Registration {
 }
 
 /// Lets through [`MAX_WARNINGS_PER_WINDOW`] log lines per [`WARNING_WINDOW`] and counts the rest.
-#[derive(Default)]
-struct LogLimiter {
-    state: std::sync::Mutex<LogLimiterState>,
-}
-
-#[derive(Default)]
-struct LogLimiterState {
-    window_start: Option<std::time::Instant>,
-    n_logged: u32,
-    n_suppressed: u64,
-}
-
-impl LogLimiter {
-    /// `Some(n)`: log now, mentioning the `n` lines suppressed since the last one logged.
-    fn allow(&self, now: std::time::Instant) -> Option<u64> {
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        if state
-            .window_start
-            .is_none_or(|start| now.saturating_duration_since(start) >= WARNING_WINDOW)
-        {
-            state.window_start = Some(now);
-            state.n_logged = 0;
-        }
-        if state.n_logged < MAX_WARNINGS_PER_WINDOW {
-            state.n_logged += 1;
-            Some(std::mem::take(&mut state.n_suppressed))
-        } else {
-            state.n_suppressed += 1;
-            None
-        }
-    }
+fn warning_limiter() -> LogLimiter {
+    LogLimiter::new(LogLimit {
+        max_lines: MAX_WARNINGS_PER_WINDOW,
+        window: WARNING_WINDOW,
+    })
 }
 
 #[cfg(test)]
@@ -1800,7 +1775,7 @@ mod tests {
 
     #[test]
     fn log_limiter_counts_what_it_suppresses() {
-        let limiter = LogLimiter::default();
+        let limiter = warning_limiter();
         let t0 = std::time::Instant::now();
         for _ in 0..MAX_WARNINGS_PER_WINDOW {
             assert_eq!(limiter.allow(t0), Some(0));
