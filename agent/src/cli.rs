@@ -48,9 +48,7 @@ enum Command {
 }
 
 pub fn main() -> ExitCode {
-    // Every TLS client in the process uses rustls on ring (reqwest is built without a default
-    // provider, so one must be installed before any client is built).
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    runnel_service::tls::install_ring_provider();
     let cli = Cli::parse();
     logging::init(cli.log_format);
     let result = match cli.command {

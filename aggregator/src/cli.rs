@@ -1,10 +1,12 @@
-//! The `runnel-aggregator` command line: `serve`, `certs`, `query`.
+//! The `runnel-aggregator` command line: `serve`, `certs`, `query`, `status`, and the fleet's
+//! `config`, `rollout` and `agents` (in `fleet::cli`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use runnel_service::logging::{self, LogFormat};
 
 /// Runnel aggregator: stores what the fleet of runnel-agents sends, without loss or duplicates,
 /// and answers SQL over it.
@@ -16,12 +18,6 @@ pub struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -122,11 +118,9 @@ pub enum Format {
 }
 
 pub fn main() -> ExitCode {
-    // Every TLS client in the process uses rustls on ring (reqwest is built without a default
-    // provider, so one must be installed before any client is built).
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    runnel_service::tls::install_ring_provider();
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    logging::init(cli.log_format);
     let result = match cli.command {
         Command::Serve { config } => serve(config),
         Command::Certs(command) => certs(command),
@@ -141,28 +135,7 @@ pub fn main() -> ExitCode {
         Command::Rollout(command) => crate::fleet::cli::rollout(command),
         Command::Agents { selector, remote } => crate::fleet::cli::agents(selector, remote),
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("runnel-aggregator: error: {error:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("RUNNEL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colours only on a terminal: journald and log files get plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    logging::exit("runnel-aggregator", result)
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -178,7 +151,7 @@ fn serve(path: PathBuf) -> anyhow::Result<()> {
     let result = runtime.block_on(async {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
-            wait_for_signal().await;
+            logging::wait_for_signal("aggregator").await;
             tracing::info!("shutdown requested");
             let _ = stop_tx.send(true);
         });
@@ -308,21 +281,4 @@ fn query(url: &str, format: Format, user: Option<&str>, sql: &str) -> anyhow::Re
     };
     println!("{text}");
     Ok(())
-}
-
-/// Waits for SIGINT (Ctrl-C) or SIGTERM (systemd stop).
-pub async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(error) => {
-            tracing::warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the aggregator");
-            let _ = ctrl_c.await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term.recv() => {}
-    }
 }

@@ -8,40 +8,19 @@
 //!
 //! Names follow Prometheus conventions: `_total` counters, `_seconds`, `_bytes`.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use runnel_common::exposition::Exposition;
 
 use crate::ops::Ops;
 
-/// Seconds buckets from 1 ms to 30 s: a point query to a query at its time limit.
-const SECONDS_BUCKETS: &[f64] = &[
-    0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-];
-
-static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
-
-/// Installs the process's metrics recorder (once). `None` when another recorder was installed
-/// first (an aggregator embedded in a process that records elsewhere, such as the demo): `/metrics` then shows only
-/// the scrape-time series.
-pub fn install() -> Option<&'static PrometheusHandle> {
-    HANDLE
-        .get_or_init(|| {
-            let recorder = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
-                .expect("buckets are not empty")
-                .build_recorder();
-            let handle = recorder.handle();
-            metrics::set_global_recorder(recorder).ok().map(|()| handle)
-        })
-        .as_ref()
-}
+/// The process's recorder; see [`runnel_service::metrics::install`].
+pub use runnel_service::metrics::install;
 
 /// Records `runnel_aggregator_query_duration_seconds` for one query at one door (`interface`:
 /// `http`, `pgwire`) when dropped; for streamed answers that is when the first batch is ready.

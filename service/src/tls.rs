@@ -9,6 +9,13 @@ use anyhow::Context;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
+/// Makes rustls on ring the process's default provider, for every TLS client that does not
+/// bring its own (reqwest is built without a default provider, so one must be installed before
+/// any client is built). Call it first thing in `main`; later calls change nothing.
+pub fn install_ring_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Every certificate in the PEM file at `path` (at least one).
 pub fn load_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     let certs = CertificateDer::pem_file_iter(path)

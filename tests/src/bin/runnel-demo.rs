@@ -188,7 +188,7 @@ async fn demo(args: Args) -> anyhow::Result<()> {
         );
         println!("Live progress (a line when something moved):");
         let progress = tokio::spawn(print_progress(client.clone(), http, query));
-        runnel_aggregator::cli::wait_for_signal().await;
+        runnel_service::logging::wait_for_signal("demo").await;
         progress.abort();
         println!("stopping...");
         let _ = stop_tx.send(true);
