@@ -22,6 +22,7 @@ use std::thread::JoinHandle;
 
 use anyhow::Context;
 use runnel_common::Event;
+use runnel_common::streams::AGENT_DROPS;
 use runnel_config::{BufferConfig, WhenFull};
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -44,12 +45,9 @@ impl EncodedEvent {
     }
 }
 
-/// Stream of the agent's own drop reports: one event per (stream, reason) and commit that
-/// dropped events, committed in the same transaction as the drop, so the aggregator's counts
-/// are exact. Never dropped or evicted itself.
-pub const DROP_REPORT_STREAM: &str = "agent_drops";
-
-/// Priority of drop reports: above anything a config can set, so never evicted.
+/// Priority of drop reports (stream [`AGENT_DROPS`]: one event per stream, reason and commit that
+/// dropped events, committed in the same transaction as the drop, so the aggregator's counts are
+/// exact): above anything a config can set, so never dropped or evicted themselves.
 const DROP_REPORT_PRIORITY: i64 = 1000;
 
 /// Why events were dropped; the `reason` of a drop report.
@@ -973,7 +971,7 @@ fn delete_rows(
 }
 
 fn stream_priority(priorities: &std::collections::BTreeMap<String, u8>, stream: &str) -> i64 {
-    if stream == DROP_REPORT_STREAM {
+    if stream == AGENT_DROPS {
         return DROP_REPORT_PRIORITY;
     }
     i64::from(
@@ -1099,7 +1097,7 @@ fn drop_report(stream: &str, reason: DropReason, n: u64) -> EncodedEvent {
         attrs,
         ..Event::new(
             runnel_common::SourceKind::Internal,
-            DROP_REPORT_STREAM,
+            AGENT_DROPS,
             "events_dropped",
             crate::now_unix_ms(),
         )
@@ -1323,7 +1321,7 @@ mod tests {
         let events = buffer.read_after(0, 1000, 1 << 30).await.unwrap();
         let mut reports: Vec<(String, String, i64)> = events
             .iter()
-            .filter(|e| e.stream == DROP_REPORT_STREAM)
+            .filter(|e| e.stream == AGENT_DROPS)
             .map(|e| {
                 let text = |k: &str| match &e.attrs[k] {
                     Value::String(s) => s.clone(),

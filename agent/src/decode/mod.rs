@@ -3,21 +3,19 @@
 //!
 //! Request-level problems (not JSON at all, over a size limit, a wrong envelope) are errors the
 //! source answers with (HTTP 400/413). Problems of one item inside a valid envelope become a
-//! dead letter ([`dead_letter`]): an event on stream [`DEAD_LETTER_STREAM`] that keeps the reason
+//! dead letter ([`dead_letter`]): an event on stream [`DEAD_LETTERS`] that keeps the reason
 //! and the raw bytes, is shipped like any event, and is queryable as `dead_letters` at the
 //! aggregator. Nothing is silently lost.
 
 use std::collections::BTreeMap;
 
+use runnel_common::streams::DEAD_LETTERS;
 use runnel_common::{Event, SourceKind, Value};
 
 pub mod json;
 pub mod mqtt;
 pub mod segment;
 pub mod snowplow;
-
-/// Stream of dead letters.
-pub const DEAD_LETTER_STREAM: &str = "dead_letters";
 
 /// Raw bytes kept in a dead letter at most. Enough to see what went wrong; a dead letter must not
 /// become a way around the event size limit.
@@ -60,7 +58,7 @@ pub fn dead_letter(source: SourceKind, reason: &str, raw: &[u8], received: &Rece
         attrs,
         ..Event::new(
             source,
-            DEAD_LETTER_STREAM,
+            DEAD_LETTERS,
             "dead_letter",
             received.receive_time_ms,
         )
@@ -78,7 +76,7 @@ mod tests {
             ..Received::default()
         };
         let event = dead_letter(SourceKind::Mqtt, "not JSON", b"\xff\x00", &received);
-        assert_eq!(event.stream, DEAD_LETTER_STREAM);
+        assert_eq!(event.stream, DEAD_LETTERS);
         assert_eq!(event.attrs["raw"], Value::Bytes(vec![0xff, 0]));
         assert_eq!(event.attrs["reason"], Value::String("not JSON".into()));
         let big = vec![b'a'; MAX_DEAD_LETTER_RAW_BYTES + 10];

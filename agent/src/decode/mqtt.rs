@@ -547,7 +547,7 @@ mod tests {
             b"\x00\x01",
             &received(),
         );
-        assert_eq!(dead[0].stream, super::super::DEAD_LETTER_STREAM);
+        assert_eq!(dead[0].stream, runnel_common::streams::DEAD_LETTERS);
         let Value::String(reason) = &dead[0].attrs["reason"] else {
             panic!("reason")
         };
@@ -559,7 +559,7 @@ mod tests {
         let text = decode_publish(&view(MqttPayload::Text), "a", b"ON", &received());
         assert_eq!(text[0].attrs["payload"], Value::String("ON".into()));
         let not_text = decode_publish(&view(MqttPayload::Text), "a", b"\xff", &received());
-        assert_eq!(not_text[0].stream, super::super::DEAD_LETTER_STREAM);
+        assert_eq!(not_text[0].stream, runnel_common::streams::DEAD_LETTERS);
         let bytes = decode_publish(&view(MqttPayload::Bytes), "a", b"\xff", &received());
         assert_eq!(bytes[0].attrs["payload"], Value::Bytes(vec![0xff]));
     }
@@ -604,7 +604,7 @@ mod tests {
             br#"{"t":"2023-11-14T22:13:20Z"}"#,
             &received(),
         );
-        assert_eq!(dead[0].stream, super::super::DEAD_LETTER_STREAM);
+        assert_eq!(dead[0].stream, runnel_common::streams::DEAD_LETTERS);
         let Value::String(reason) = &dead[0].attrs["reason"] else {
             panic!("reason")
         };

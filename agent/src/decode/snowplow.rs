@@ -596,7 +596,7 @@ fn hex_digit(byte: u8) -> Option<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decode::DEAD_LETTER_STREAM;
+    use runnel_common::streams::DEAD_LETTERS;
 
     const RECEIVE_TIME_MS: i64 = 1_769_860_900_000;
 
@@ -632,7 +632,7 @@ mod tests {
     }
 
     fn reason(event: &Event) -> &str {
-        assert_eq!(event.stream, DEAD_LETTER_STREAM, "{event:#?}");
+        assert_eq!(event.stream, DEAD_LETTERS, "{event:#?}");
         assert_eq!(event.name, "dead_letter");
         assert_eq!(event.source, SourceKind::Snowplow);
         let Value::String(reason) = &event.attrs["reason"] else {

@@ -31,8 +31,8 @@ use crate::buffer::{Buffer, EncodedEvent};
 
 /// Streams the agent makes itself; rules, models and windows never see them.
 const AGENT_STREAMS: [&str; 2] = [
-    crate::decode::DEAD_LETTER_STREAM,
-    crate::buffer::DROP_REPORT_STREAM,
+    runnel_common::streams::DEAD_LETTERS,
+    runnel_common::streams::AGENT_DROPS,
 ];
 
 /// How often the timer task closes windows whose time has passed.

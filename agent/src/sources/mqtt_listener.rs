@@ -1257,7 +1257,7 @@ mod tests {
         assert_eq!(stored[0].stream, "telemetry");
         assert_eq!(*attr(&stored[0], "temp"), Value::Int(180));
         assert_eq!(*attr(&stored[0], "site"), Value::String("hamburg".into()));
-        assert_eq!(stored[1].stream, crate::decode::DEAD_LETTER_STREAM);
+        assert_eq!(stored[1].stream, runnel_common::streams::DEAD_LETTERS);
         assert_eq!(stored[1].source, SourceKind::Mqtt);
         assert_eq!(
             *attr(&stored[1], "topic"),
@@ -1303,7 +1303,7 @@ mod tests {
             stored[1].event_time_ms, stored[1].receive_time_ms,
             "no time field: the receive time"
         );
-        assert_eq!(stored[2].stream, crate::decode::DEAD_LETTER_STREAM);
+        assert_eq!(stored[2].stream, runnel_common::streams::DEAD_LETTERS);
         let Value::String(reason) = attr(&stored[2], "reason") else {
             panic!("reason is a string")
         };

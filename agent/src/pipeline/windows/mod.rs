@@ -23,9 +23,6 @@ use super::BuildContext;
 use super::actions::{Fired, RuleActions};
 use super::expr::{Expr, Vars, to_cel};
 
-/// The stream alerts are emitted on (the aggregator's `alerts` view reads it).
-pub const ALERTS_STREAM: &str = "alerts";
-
 /// The file window state is saved to, in `data_dir`.
 pub const STATE_FILE: &str = "windows.state";
 
@@ -311,7 +308,7 @@ impl Window {
             }
             let mut alert = Event::new(
                 SourceKind::Internal,
-                ALERTS_STREAM,
+                runnel_common::streams::ALERTS,
                 &*self.name,
                 window.end_ms,
             );
