@@ -18,12 +18,13 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use runnel_common::batch;
 use runnel_common::frame;
 use runnel_common::limits::{MAX_CONTROL_FRAME_BYTES, MAX_FRAME_BYTES};
+use runnel_common::log_limit::{LogLimit, LogLimiter};
 use runnel_common::session::{
     IngestHandshake, IngestSequencer, IngestSession, Report, WelcomeTerms,
 };
@@ -158,53 +159,15 @@ fn bind_udp(listen: std::net::SocketAddr) -> anyhow::Result<std::net::UdpSocket>
     Ok(socket.into())
 }
 
-/// Logs at most one line per `interval_ms` for each key (remote IP and reason), counting what it
-/// held back: a misconfigured agent retrying its handshake must not flood the log, nor hide a
-/// different problem from another peer.
-pub struct LogLimiter {
-    interval_ms: u64,
-    /// Last time logged and lines held back since, by key.
-    entries: std::sync::Mutex<std::collections::HashMap<String, (u64, u64)>>,
-}
-
-/// Keys remembered at most; past that the memory is cleared (a flood of distinct peers is then
-/// logged once each again, still bounded by the rate they can open handshakes).
-const MAX_LOG_LIMITER_KEYS: usize = 1024;
-
-impl LogLimiter {
-    pub fn new(interval_ms: u64) -> LogLimiter {
-        LogLimiter {
-            interval_ms,
-            entries: std::sync::Mutex::default(),
-        }
-    }
-
-    /// `Some(n_suppressed_since_last)` when a line for `key` may be logged now.
-    pub fn allow(&self, key: &str, now_ms: u64) -> Option<u64> {
-        let mut entries = self
-            .entries
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((last_ms, n_suppressed)) = entries.get_mut(key) {
-            if now_ms.saturating_sub(*last_ms) < self.interval_ms {
-                *n_suppressed += 1;
-                return None;
-            }
-            let held_back = std::mem::take(n_suppressed);
-            *last_ms = now_ms;
-            return Some(held_back);
-        }
-        if entries.len() >= MAX_LOG_LIMITER_KEYS {
-            entries.clear();
-        }
-        entries.insert(key.to_owned(), (now_ms, 0));
-        Some(0)
-    }
-}
-
-/// Refused handshakes: one log line per peer address and reason every 10 seconds at most.
-static REFUSALS: std::sync::LazyLock<LogLimiter> =
-    std::sync::LazyLock::new(|| LogLimiter::new(10_000));
+/// Refused handshakes: one log line per peer address and reason every 10 seconds at most, with
+/// the count held back, so an agent retrying a bad handshake cannot flood the log nor hide
+/// another peer's refusal.
+static REFUSALS: std::sync::LazyLock<LogLimiter> = std::sync::LazyLock::new(|| {
+    LogLimiter::new(LogLimit {
+        max_lines: 1,
+        window: Duration::from_secs(10),
+    })
+});
 
 /// Runs the accept loop until `shutdown`.
 pub async fn serve(
@@ -240,9 +203,8 @@ pub async fn serve(
                     }
                 }
                 Err(error) => {
-                    let now_ms = u64::try_from(crate::wal::now_unix_ms()).unwrap_or(0);
                     let key = format!("{} {error}", remote.ip());
-                    if let Some(n_suppressed) = REFUSALS.allow(&key, now_ms) {
+                    if let Some(n_suppressed) = REFUSALS.allow_key(&key, Instant::now()) {
                         tracing::warn!(%remote, %error, n_suppressed, "agent connection refused during the TLS handshake");
                     }
                 }
@@ -617,20 +579,6 @@ async fn read_frame<T: DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn log_limiter_is_per_key_and_counts_what_it_holds_back() {
-        let limiter = LogLimiter::new(1000);
-        assert_eq!(limiter.allow("a", 5_000), Some(0));
-        assert_eq!(limiter.allow("a", 5_500), None);
-        assert_eq!(limiter.allow("a", 5_900), None);
-        assert_eq!(
-            limiter.allow("b", 5_900),
-            Some(0),
-            "another key is not held back"
-        );
-        assert_eq!(limiter.allow("a", 6_000), Some(2));
-    }
 
     /// The ingest socket gets the receive buffer asked for, or the kernel's cap.
     #[test]
