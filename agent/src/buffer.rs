@@ -34,14 +34,23 @@ const OP_QUEUE_DEPTH: usize = 4096;
 /// Most events in one group commit. Bounds transaction size and reply latency.
 const MAX_GROUP_EVENTS: usize = 50_000;
 
-/// An event encoded for storage (postcard, `seq` = 0).
+/// An event encoded for storage.
 #[derive(Debug, Clone)]
-pub struct EncodedEvent(pub Vec<u8>, pub String);
+pub struct EncodedEvent {
+    /// The event in postcard, `seq` = 0 (the buffer assigns it); its length is the event's size
+    /// for every byte limit.
+    pub bytes: Vec<u8>,
+    /// The event's stream, kept apart for the drop policies' stream priorities.
+    pub stream: String,
+}
 
 impl EncodedEvent {
-    /// Encodes an event for storage; the second field is its stream (for drop policies).
+    /// Encodes an event for storage.
     pub fn encode(event: &Event) -> Result<EncodedEvent, postcard::Error> {
-        postcard::to_stdvec(event).map(|data| EncodedEvent(data, event.stream.clone()))
+        postcard::to_stdvec(event).map(|bytes| EncodedEvent {
+            bytes,
+            stream: event.stream.clone(),
+        })
     }
 }
 
@@ -563,7 +572,7 @@ impl Writer {
                 n_deleted.push(n_events);
             }
             for PendingAppend { events, marks, .. } in appends.iter() {
-                let n_bytes: u64 = events.iter().map(|e| e.0.len() as u64).sum();
+                let n_bytes: u64 = events.iter().map(|e| e.bytes.len() as u64).sum();
                 if head.n_bytes + n_bytes > max_bytes {
                     let made_room = match when_full {
                         WhenFull::Block => {
@@ -579,7 +588,7 @@ impl Writer {
                             let needed = head.n_bytes + n_bytes - max_bytes;
                             let ceiling = events
                                 .iter()
-                                .map(|e| stream_priority(priorities, &e.1))
+                                .map(|e| stream_priority(priorities, &e.stream))
                                 .max()
                                 .unwrap_or(0);
                             evict(&tx, head, read_mark, needed, ceiling, &mut drops)? >= needed
@@ -591,7 +600,7 @@ impl Writer {
                             _ => DropReason::BufferFullDropNewest,
                         };
                         for event in events {
-                            *drops.entry((event.1.clone(), reason)).or_default() += 1;
+                            *drops.entry((event.stream.clone(), reason)).or_default() += 1;
                         }
                         // The source's delivery is settled: a redelivery must not be stored either.
                         insert_marks(&tx, marks, MAX_DELIVERY_MARKS)?;
@@ -623,12 +632,12 @@ impl Writer {
                     .filter(|open| open.seq > read_mark);
                 let n_events = open.map_or(0, |open| open.n_events) + n;
                 let report = drop_report(&key.0, key.1, n_events);
-                let n_bytes = report.0.len() as u64;
+                let n_bytes = report.bytes.len() as u64;
                 let updated = match open {
                     Some(open) => {
                         let n_rows = tx
                             .prepare_cached("UPDATE events SET data = ?1 WHERE seq = ?2")?
-                            .execute(params![report.0, open.seq])?;
+                            .execute(params![report.bytes, open.seq])?;
                         (n_rows == 1).then(|| {
                             head.n_bytes = head.n_bytes - open.n_bytes + n_bytes;
                             open.seq
@@ -994,9 +1003,9 @@ fn insert_events(
     let (mut first_seq, mut last_seq) = (0, 0);
     for event in events {
         insert.execute(params![
-            event.0,
-            event.1,
-            stream_priority(priorities, &event.1)
+            event.bytes,
+            event.stream,
+            stream_priority(priorities, &event.stream)
         ])?;
         last_seq = u64::try_from(tx.last_insert_rowid()).unwrap_or(0);
         if first_seq == 0 {
@@ -1263,7 +1272,7 @@ mod tests {
     #[tokio::test]
     async fn full_buffer_refuses_and_recovers() {
         let dir = tempfile::tempdir().unwrap();
-        let one = event(1).0.len() as u64;
+        let one = event(1).bytes.len() as u64;
         let (buffer, _thread) = Buffer::open(&config(dir.path(), one * 2)).unwrap();
         buffer.append(vec![event(1), event(2)]).await.unwrap();
         assert!(matches!(
@@ -1305,13 +1314,13 @@ mod tests {
         let (buffer, _thread) = Buffer::open(&config(dir.path(), 1 << 20)).unwrap();
         buffer.append((0..10).map(event).collect()).await.unwrap();
         assert_eq!(buffer.read_after(0, 100, 1).await.unwrap().len(), 1);
-        let one = event(1).0.len();
+        let one = event(1).bytes.len();
         assert_eq!(buffer.read_after(0, 100, one * 3).await.unwrap().len(), 3);
         assert_eq!(buffer.read_after(0, 4, 1 << 20).await.unwrap().len(), 4);
     }
 
     fn on_stream(stream: &str) -> EncodedEvent {
-        let mut event = postcard::from_bytes::<Event>(&event(1).0).unwrap();
+        let mut event = postcard::from_bytes::<Event>(&event(1).bytes).unwrap();
         event.stream = stream.into();
         EncodedEvent::encode(&event).unwrap()
     }
@@ -1340,7 +1349,7 @@ mod tests {
     #[tokio::test]
     async fn drop_newest_accepts_discards_and_reports() {
         let dir = tempfile::tempdir().unwrap();
-        let one = on_stream("web").0.len() as u64;
+        let one = on_stream("web").bytes.len() as u64;
         let config = BufferConfig {
             when_full: WhenFull::DropNewest,
             ..config(dir.path(), one * 2)
@@ -1374,7 +1383,7 @@ mod tests {
         let config = config(dir.path(), 1 << 30);
         let (buffer, _thread) = Buffer::open(&config).unwrap();
         let padded = |n: i64| {
-            let mut event: Event = postcard::from_bytes(&event(n).0).unwrap();
+            let mut event: Event = postcard::from_bytes(&event(n).bytes).unwrap();
             event
                 .attrs
                 .insert("pad".into(), Value::String("x".repeat(1000)));
@@ -1409,7 +1418,7 @@ mod tests {
     #[tokio::test]
     async fn drop_reports_add_up_in_one_row_until_the_uplink_reads_it() {
         let dir = tempfile::tempdir().unwrap();
-        let one = on_stream("web").0.len() as u64;
+        let one = on_stream("web").bytes.len() as u64;
         let config = BufferConfig {
             when_full: WhenFull::DropNewest,
             ..config(dir.path(), one * 2)
@@ -1443,7 +1452,7 @@ mod tests {
     #[tokio::test]
     async fn drop_oldest_evicts_lowest_priority_first_and_never_upwards() {
         let dir = tempfile::tempdir().unwrap();
-        let size = |s: &str| on_stream(s).0.len() as u64;
+        let size = |s: &str| on_stream(s).bytes.len() as u64;
         let config = BufferConfig {
             when_full: WhenFull::DropOldest,
             stream_priorities: [("pings".to_string(), 10), ("orders".to_string(), 200)].into(),
@@ -1481,7 +1490,7 @@ mod tests {
     #[tokio::test]
     async fn drop_oldest_never_evicts_what_the_uplink_has_read() {
         let dir = tempfile::tempdir().unwrap();
-        let one = on_stream("web").0.len() as u64;
+        let one = on_stream("web").bytes.len() as u64;
         let config = BufferConfig {
             when_full: WhenFull::DropOldest,
             ..config(dir.path(), one * 2)
@@ -1517,7 +1526,7 @@ mod tests {
     #[tokio::test]
     async fn block_returns_the_events_for_a_retry() {
         let dir = tempfile::tempdir().unwrap();
-        let one = event(1).0.len() as u64;
+        let one = event(1).bytes.len() as u64;
         let (buffer, _thread) = Buffer::open(&config(dir.path(), one)).unwrap();
         buffer.append(vec![event(1)]).await.unwrap();
         let Err(AppendError::Full { events, .. }) = buffer.append(vec![event(2), event(3)]).await

@@ -278,13 +278,13 @@ async fn commit(
                 &format!("event {event_idx}: {error}"),
             )
         })?;
-        if e.0.len() <= max_event_bytes {
+        if e.bytes.len() <= max_event_bytes {
             encoded.push(e);
             continue;
         }
         let reason = format!(
             "event {event_idx} is {} bytes encoded, over the limit of {max_event_bytes} (sources.http.max_event_bytes)",
-            e.0.len()
+            e.bytes.len()
         );
         match oversized {
             Oversized::Refuse => {

@@ -86,11 +86,11 @@ pub(crate) async fn prepare(state: &Intake, publish: Publish) -> Pending {
     let mut encoded = Vec::with_capacity(events.len());
     for event in events {
         let e = match EncodedEvent::encode(&event) {
-            Ok(e) if e.0.len() <= state.max_event_bytes => e,
+            Ok(e) if e.bytes.len() <= state.max_event_bytes => e,
             Ok(e) => {
                 let reason = format!(
                     "event is {} bytes encoded, over sources.http.max_event_bytes ({})",
-                    e.0.len(),
+                    e.bytes.len(),
                     state.max_event_bytes
                 );
                 dead_letter_encoded(&reason, &publish.payload, &received)

@@ -434,7 +434,7 @@ async fn worker(
         let mut n_batch_bytes = 0usize;
         while let Some((publish, permit)) = next.take() {
             let pending = prepare(&state, publish).await;
-            n_batch_bytes += pending.events.iter().map(|e| e.0.len()).sum::<usize>();
+            n_batch_bytes += pending.events.iter().map(|e| e.bytes.len()).sum::<usize>();
             batch.push(pending);
             permits.push(permit);
             if batch.len() < MAX_PUBLISHES_PER_COMMIT && n_batch_bytes < MAX_COMMIT_BYTES {

@@ -377,7 +377,7 @@ fn stored_blobs(events: &[String]) -> anyhow::Result<Vec<Vec<u8>>> {
         )
         .context("the agent's decoder rejects a generated event")?;
         for event in &decoded {
-            blobs.push(runnel_agent::buffer::EncodedEvent::encode(event)?.0);
+            blobs.push(runnel_agent::buffer::EncodedEvent::encode(event)?.bytes);
         }
     }
     Ok(blobs)
