@@ -111,9 +111,11 @@ pub enum AppendError {
     Closed,
 }
 
-/// What the buffer holds right now, published after every commit.
+/// What the buffer holds right now (events, bytes) and the last sequence number it assigned,
+/// published after every commit. The uplink derives the session's
+/// [`runnel_common::session::BufferHead`] from it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Head {
+pub struct Contents {
     /// Highest sequence number committed.
     pub last_seq: u64,
     pub n_events: u64,
@@ -237,7 +239,7 @@ pub struct Reconciled {
 #[derive(Clone)]
 pub struct Buffer {
     ops: mpsc::Sender<Op>,
-    head: watch::Receiver<Head>,
+    contents: watch::Receiver<Contents>,
     stats: Arc<Stats>,
 }
 
@@ -255,19 +257,19 @@ impl BufferThread {
 impl Buffer {
     pub fn open(config: &BufferConfig) -> anyhow::Result<(Buffer, BufferThread)> {
         let mut writer = Writer::open(config)?;
-        let head = writer.head;
-        let (head_tx, head_rx) = watch::channel(head);
+        let contents = writer.contents;
+        let (contents_tx, contents_rx) = watch::channel(contents);
         let (ops_tx, ops_rx) = mpsc::channel(OP_QUEUE_DEPTH);
         let stats = Arc::new(Stats::default());
         let thread_stats = Arc::clone(&stats);
         let handle = std::thread::Builder::new()
             .name("buffer-writer".into())
-            .spawn(move || writer.run(ops_rx, head_tx, &thread_stats))
+            .spawn(move || writer.run(ops_rx, contents_tx, &thread_stats))
             .context("spawn buffer writer thread")?;
         Ok((
             Buffer {
                 ops: ops_tx,
-                head: head_rx,
+                contents: contents_rx,
                 stats,
             },
             BufferThread(handle),
@@ -368,8 +370,8 @@ impl Buffer {
         self.call(|reply| Op::SetPolicy { policy, reply }).await
     }
 
-    pub fn head(&self) -> watch::Receiver<Head> {
-        self.head.clone()
+    pub fn contents(&self) -> watch::Receiver<Contents> {
+        self.contents.clone()
     }
 
     pub fn stats(&self) -> &Stats {
@@ -408,7 +410,7 @@ struct Writer {
     max_bytes: u64,
     when_full: WhenFull,
     priorities: std::collections::BTreeMap<String, u8>,
-    head: Head,
+    contents: Contents,
     /// Highest sequence number handed to the uplink since it last (re)connected. Rows at or below
     /// it may be in flight and are never evicted: evicting them would count as dropped events
     /// the aggregator then stores anyway.
@@ -462,7 +464,7 @@ impl Writer {
             )
             .with_context(|| format!("read buffer state from {}", path.display()))?;
         let last_seq = last_assigned_seq(&conn)?;
-        let head = Head {
+        let contents = Contents {
             last_seq,
             n_events,
             n_bytes,
@@ -474,14 +476,19 @@ impl Writer {
             max_bytes: config.max_bytes,
             when_full: config.when_full,
             priorities: config.stream_priorities.clone(),
-            head,
+            contents,
             read_mark: 0,
             open_reports: std::collections::HashMap::new(),
             n_commits_since_shrink: 0,
         })
     }
 
-    fn run(&mut self, mut ops: mpsc::Receiver<Op>, head_tx: watch::Sender<Head>, stats: &Stats) {
+    fn run(
+        &mut self,
+        mut ops: mpsc::Receiver<Op>,
+        contents_tx: watch::Sender<Contents>,
+        stats: &Stats,
+    ) {
         let mut appends: Vec<PendingAppend> = Vec::new();
         let mut deletes: Vec<PendingDelete> = Vec::new();
         let mut others: Vec<Op> = Vec::new();
@@ -527,7 +534,7 @@ impl Writer {
                 if had_deletes {
                     self.n_commits_since_shrink += 1;
                     if self.n_commits_since_shrink >= SHRINK_EVERY_COMMITS
-                        || self.head.n_events == 0
+                        || self.contents.n_events == 0
                     {
                         self.n_commits_since_shrink = 0;
                         self.shrink();
@@ -537,7 +544,7 @@ impl Writer {
             for op in others.drain(..) {
                 self.handle(op);
             }
-            head_tx.send_replace(self.head);
+            contents_tx.send_replace(self.contents);
         }
         tracing::debug!(path = %self.path.display(), "buffer writer stopped");
     }
@@ -551,12 +558,12 @@ impl Writer {
     ) {
         let mut n_deleted: Vec<u64> = Vec::with_capacity(deletes.len());
         let mut outcomes: Vec<Result<Appended, AppendError>> = Vec::with_capacity(appends.len());
-        let head_before = self.head;
+        let contents_before = self.contents;
         let mut drops: std::collections::BTreeMap<(String, DropReason), u64> =
             std::collections::BTreeMap::new();
         let Writer {
             conn,
-            head,
+            contents,
             priorities,
             open_reports,
             ..
@@ -567,17 +574,17 @@ impl Writer {
             let tx = conn.transaction()?;
             for delete in deletes.iter() {
                 let (n_events, n_bytes) = delete_rows(&tx, delete.after_seq, delete.last_seq)?;
-                head.n_events -= n_events;
-                head.n_bytes -= n_bytes;
+                contents.n_events -= n_events;
+                contents.n_bytes -= n_bytes;
                 n_deleted.push(n_events);
             }
             for PendingAppend { events, marks, .. } in appends.iter() {
                 let n_bytes: u64 = events.iter().map(|e| e.bytes.len() as u64).sum();
-                if head.n_bytes + n_bytes > max_bytes {
+                if contents.n_bytes + n_bytes > max_bytes {
                     let made_room = match when_full {
                         WhenFull::Block => {
                             outcomes.push(Err(AppendError::Full {
-                                buffered_bytes: head.n_bytes,
+                                buffered_bytes: contents.n_bytes,
                                 max_bytes,
                                 events: Vec::new(),
                             }));
@@ -585,13 +592,13 @@ impl Writer {
                         }
                         WhenFull::DropNewest => false,
                         WhenFull::DropOldest => {
-                            let needed = head.n_bytes + n_bytes - max_bytes;
+                            let needed = contents.n_bytes + n_bytes - max_bytes;
                             let ceiling = events
                                 .iter()
                                 .map(|e| stream_priority(priorities, &e.stream))
                                 .max()
                                 .unwrap_or(0);
-                            evict(&tx, head, read_mark, needed, ceiling, &mut drops)? >= needed
+                            evict(&tx, contents, read_mark, needed, ceiling, &mut drops)? >= needed
                         }
                     };
                     if !made_room {
@@ -612,10 +619,10 @@ impl Writer {
                         continue;
                     }
                 }
-                let (first_seq, last_seq) = insert_events(&tx, head, priorities, events)?;
+                let (first_seq, last_seq) = insert_events(&tx, contents, priorities, events)?;
                 insert_marks(&tx, marks, MAX_DELIVERY_MARKS)?;
-                head.n_events += events.len() as u64;
-                head.n_bytes += n_bytes;
+                contents.n_events += events.len() as u64;
+                contents.n_bytes += n_bytes;
                 outcomes.push(Ok(Appended {
                     first_seq,
                     last_seq,
@@ -639,7 +646,7 @@ impl Writer {
                             .prepare_cached("UPDATE events SET data = ?1 WHERE seq = ?2")?
                             .execute(params![report.bytes, open.seq])?;
                         (n_rows == 1).then(|| {
-                            head.n_bytes = head.n_bytes - open.n_bytes + n_bytes;
+                            contents.n_bytes = contents.n_bytes - open.n_bytes + n_bytes;
                             open.seq
                         })
                     }
@@ -648,9 +655,9 @@ impl Writer {
                 let seq = match updated {
                     Some(seq) => seq,
                     None => {
-                        let (_, seq) = insert_events(&tx, head, priorities, &[report])?;
-                        head.n_events += 1;
-                        head.n_bytes += n_bytes;
+                        let (_, seq) = insert_events(&tx, contents, priorities, &[report])?;
+                        contents.n_events += 1;
+                        contents.n_bytes += n_bytes;
                         seq
                     }
                 };
@@ -716,7 +723,7 @@ impl Writer {
             }
             Err(error) => {
                 // Nothing of this group is committed: refuse all of it, so no source acks it.
-                self.head = head_before;
+                self.contents = contents_before;
                 tracing::warn!(%error, n_requests = appends.len(), "buffer commit failed");
                 for PendingDelete { reply, .. } in deletes.drain(..) {
                     let _ = reply.send(Err(anyhow::anyhow!("buffer delete failed: {error}")));
@@ -921,8 +928,8 @@ impl Writer {
         let tx = self.conn.transaction()?;
         let (n_events, n_bytes) = delete_rows(&tx, after_seq, last_seq)?;
         tx.commit()?;
-        self.head.n_events -= n_events;
-        self.head.n_bytes -= n_bytes;
+        self.contents.n_events -= n_events;
+        self.contents.n_bytes -= n_bytes;
         Ok(n_events)
     }
 
@@ -930,7 +937,7 @@ impl Writer {
         // A new connection: nothing above the mark is in flight any more.
         self.read_mark = high_water_mark;
         let mut renumbered_by = 0;
-        if high_water_mark > self.head.last_seq {
+        if high_water_mark > self.contents.last_seq {
             // The aggregator has stored sequence numbers this buffer never assigned: the buffer
             // was reset (deleted, restored from an old backup) while the agent kept its
             // certificate. Move everything pending above the mark so it is not mistaken for a
@@ -938,7 +945,7 @@ impl Writer {
             renumbered_by = high_water_mark;
             let tx = self.conn.transaction()?;
             tx.execute("UPDATE events SET seq = seq + ?1", params![renumbered_by])?;
-            let new_last = self.head.last_seq + renumbered_by;
+            let new_last = self.contents.last_seq + renumbered_by;
             tx.execute(
                 "INSERT OR REPLACE INTO sqlite_sequence (name, seq) VALUES ('events', ?1)",
                 params![new_last],
@@ -946,11 +953,11 @@ impl Writer {
             tx.commit()?;
             tracing::warn!(
                 high_water_mark,
-                last_assigned_seq = self.head.last_seq,
+                last_assigned_seq = self.contents.last_seq,
                 renumbered_by,
                 "aggregator knows sequence numbers this buffer never assigned (buffer reset?); renumbered pending events"
             );
-            self.head.last_seq = new_last;
+            self.contents.last_seq = new_last;
             return Ok(Reconciled {
                 n_deleted: 0,
                 renumbered_by,
@@ -994,7 +1001,7 @@ fn stream_priority(priorities: &std::collections::BTreeMap<String, u8>, stream: 
 /// Inserts events; returns the first and last sequence number assigned.
 fn insert_events(
     tx: &rusqlite::Transaction<'_>,
-    head: &mut Head,
+    contents: &mut Contents,
     priorities: &std::collections::BTreeMap<String, u8>,
     events: &[EncodedEvent],
 ) -> rusqlite::Result<(u64, u64)> {
@@ -1012,7 +1019,7 @@ fn insert_events(
             first_seq = last_seq;
         }
     }
-    head.last_seq = head.last_seq.max(last_seq);
+    contents.last_seq = contents.last_seq.max(last_seq);
     Ok((first_seq, last_seq))
 }
 
@@ -1047,7 +1054,7 @@ fn insert_marks(
 /// lowest priority and oldest first. Returns the bytes freed; counts evictions in `drops`.
 fn evict(
     tx: &rusqlite::Transaction<'_>,
-    head: &mut Head,
+    contents: &mut Contents,
     read_mark: u64,
     needed: u64,
     ceiling: i64,
@@ -1076,8 +1083,8 @@ fn evict(
             }
             delete.execute(params![seq])?;
             freed += n_bytes;
-            head.n_events -= 1;
-            head.n_bytes -= n_bytes;
+            contents.n_events -= 1;
+            contents.n_bytes -= n_bytes;
             *drops
                 .entry((stream, DropReason::BufferFullEvicted))
                 .or_default() += 1;
@@ -1237,8 +1244,8 @@ mod tests {
         // Sequence numbers never repeat, even after the table was emptied.
         let (buffer, thread) = Buffer::open(&config(dir.path(), 1 << 20)).unwrap();
         assert_eq!(
-            *buffer.head().borrow(),
-            Head {
+            *buffer.contents().borrow(),
+            Contents {
                 last_seq: 3,
                 n_events: 0,
                 n_bytes: 0
@@ -1398,7 +1405,7 @@ mod tests {
         let wal = dir.path().join("buffer.sqlite-wal");
         let full = file_bytes(&config.path) + file_bytes(&wal);
         assert!(full > 4_000_000, "4,000 events of 1 KB: {full} bytes");
-        // The last append's reply, not `head()`: the writer publishes its head after replying.
+        // The last append's reply, not `contents()`: the writer publishes its contents after replying.
         buffer.delete_range(0, last).await.unwrap();
         // The writer shrinks the file right after the commit that emptied it, after replying and
         // before it takes the next request: once any later request is answered, it is done.
@@ -1433,8 +1440,8 @@ mod tests {
             let appended = buffer.append(vec![on_stream("web")]).await.unwrap();
             assert_eq!(appended.n_dropped, 1);
         }
-        let head = *buffer.head().borrow();
-        assert_eq!(head.n_events, 3, "two events and one report");
+        let contents = *buffer.contents().borrow();
+        assert_eq!(contents.n_events, 3, "two events and one report");
         // The uplink reads everything: the next drop starts a new row.
         let read = buffer.read_raw(0, 1000, 1 << 30).await.unwrap();
         assert_eq!(read.expect("rows to read").n_events, 3);

@@ -4,7 +4,7 @@
 //! (`READY=1` once every component is up, `WATCHDOG=1` while the buffer's writer lives,
 //! `STOPPING=1` on shutdown); and the client behind `runnel-agent status`.
 //!
-//! It only reads state the components already keep (buffer head and counters, the uplink's
+//! It only reads state the components already keep (buffer contents and counters, the uplink's
 //! connection state); it must not change anything, and nothing here is on an event's path.
 
 use std::collections::BTreeMap;
@@ -100,10 +100,10 @@ impl Ops {
         self.stopping.store(true, Ordering::Relaxed);
     }
 
-    /// Liveness: the buffer's writer thread runs (it publishes the head; when it ends the
+    /// Liveness: the buffer's writer thread runs (it publishes its contents; when it ends the
     /// channel closes). Without it nothing can be accepted or shipped: restart.
     pub fn health(&self) -> Result<(), &'static str> {
-        match self.buffer.head().has_changed() {
+        match self.buffer.contents().has_changed() {
             Ok(_) => Ok(()),
             Err(_) => Err("the buffer's writer thread has stopped"),
         }
@@ -157,7 +157,7 @@ impl Ops {
     }
 
     pub async fn status(&self) -> AgentStatus {
-        let head = *self.buffer.head().borrow();
+        let contents = *self.buffer.contents().borrow();
         let stats = self.buffer.stats();
         let now_ms = crate::now_unix_ms();
         let (oldest, buffer_error) =
@@ -202,12 +202,12 @@ impl Ops {
             },
             buffer: BufferStatus {
                 path: config.buffer.path.display().to_string(),
-                n_events: head.n_events,
-                n_bytes: head.n_bytes,
+                n_events: contents.n_events,
+                n_bytes: contents.n_bytes,
                 max_bytes: config.buffer.max_bytes,
                 when_full: config.buffer.when_full.as_str().into(),
                 synchronous: config.buffer.synchronous.as_str().into(),
-                last_seq: head.last_seq,
+                last_seq: contents.last_seq,
                 oldest_unshipped_seq: oldest.map(|o| o.seq),
                 oldest_unshipped_age_ms: oldest
                     .map(|o| u64::try_from(now_ms.saturating_sub(o.receive_time_ms)).unwrap_or(0)),

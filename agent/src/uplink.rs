@@ -32,7 +32,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
-use crate::buffer::{Buffer, Head};
+use crate::buffer::{Buffer, Contents};
 use crate::tls::Identity;
 
 /// How long to wait for in-flight acks when shutting down, so a clean stop does not resend.
@@ -225,7 +225,7 @@ async fn connection(
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         config_hash: uplink.control.current().hash.clone(),
         labels: uplink.labels.clone(),
-        last_assigned_seq: uplink.buffer.head().borrow().last_seq,
+        last_assigned_seq: uplink.buffer.contents().borrow().last_seq,
     };
     write_frame(
         &mut control_send,
@@ -283,7 +283,7 @@ async fn connection(
     });
     let mut applies = FuturesUnordered::new();
 
-    let mut head_rx = uplink.buffer.head();
+    let mut contents_rx = uplink.buffer.contents();
     let mut shutdown = shutdown;
     let mut acks = FuturesUnordered::new();
     let mut heartbeat = tokio::time::interval(Duration::from_millis(u64::from(
@@ -292,7 +292,7 @@ async fn connection(
     let mut draining_since: Option<Instant> = None;
     loop {
         let now = Instant::now();
-        session.on_buffer_head(buffer_head(&head_rx.borrow_and_update()), now);
+        session.on_buffer_head(buffer_head(&contents_rx.borrow_and_update()), now);
         if draining_since.is_none() {
             while session.batch_due(now) == BatchDue::Now {
                 let after_seq = session.dispatched_seq();
@@ -302,8 +302,8 @@ async fn connection(
                     .await?;
                 let Some(read) = read else {
                     // Everything pending was removed from the buffer meanwhile.
-                    let head_seq = head_rx.borrow().last_seq;
-                    session.on_batch_sent(head_seq, 0, now);
+                    let last_seq = contents_rx.borrow().last_seq;
+                    session.on_batch_sent(last_seq, 0, now);
                     break;
                 };
                 let (last_seq, n_events) = (read.last_seq, read.n_events);
@@ -341,7 +341,7 @@ async fn connection(
             return Ok(());
         }
         tokio::select! {
-            changed = head_rx.changed() => changed.context("buffer stopped")?,
+            changed = contents_rx.changed() => changed.context("buffer stopped")?,
             _ = sleep_until(due_at) => {}
             Some(ack) = acks.next() => {
                 let ack = ack?;
@@ -395,8 +395,8 @@ const STATUS_OLDEST_TIMEOUT: Duration = Duration::from_secs(2);
 /// The agent's status for the fleet registry.
 async fn status(uplink: &Uplink) -> Status {
     let current = uplink.control.current();
-    let head_rx = uplink.buffer.head();
-    let head = *head_rx.borrow();
+    let contents_rx = uplink.buffer.contents();
+    let contents = *contents_rx.borrow();
     let stats = uplink.buffer.stats();
     // A status without the age beats none: a failed or slow read reports 0 and says so.
     let (oldest_unshipped_age_ms, buffer_detail) =
@@ -413,7 +413,7 @@ async fn status(uplink: &Uplink) -> Status {
                 "oldest event unknown: the buffer did not answer".to_owned(),
             ),
         };
-    let buffer_alive = head_rx.has_changed().is_ok();
+    let buffer_alive = contents_rx.has_changed().is_ok();
     let config = &current.config;
     let mut sources = vec!["http".to_owned()];
     let mut sources_healthy = true;
@@ -466,8 +466,8 @@ async fn status(uplink: &Uplink) -> Status {
         config_version: current.version,
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         components,
-        n_buffered_events: head.n_events,
-        buffered_bytes: head.n_bytes,
+        n_buffered_events: contents.n_events,
+        buffered_bytes: contents.n_bytes,
         oldest_unshipped_age_ms,
         drops: stats.dropped_by_reason(),
         counters: std::collections::BTreeMap::from([
@@ -487,10 +487,10 @@ async fn status(uplink: &Uplink) -> Status {
     }
 }
 
-fn buffer_head(head: &Head) -> BufferHead {
+fn buffer_head(contents: &Contents) -> BufferHead {
     BufferHead {
-        last_seq: head.last_seq,
-        avg_event_bytes: head.n_bytes.checked_div(head.n_events).unwrap_or(0) as usize,
+        last_seq: contents.last_seq,
+        avg_event_bytes: contents.n_bytes.checked_div(contents.n_events).unwrap_or(0) as usize,
     }
 }
 

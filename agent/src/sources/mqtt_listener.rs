@@ -1449,7 +1449,7 @@ mod tests {
                 Ok(Some(Packet::PubAck(ack))) => acked.push(ack.pkid),
                 Ok(other) => panic!("expected PUBACK, got {other:?}"),
                 Err(_) => {
-                    let head = harness.buffer.head().borrow().last_seq;
+                    let head = harness.buffer.contents().borrow().last_seq;
                     harness
                         .buffer
                         .delete_range(last_deleted, head)
