@@ -20,6 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use runnel_common::human;
 use runnel_config::AgentConfig;
+use runnel_service::probes::Probes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -94,32 +95,6 @@ impl Ops {
     /// Every component is up: the buffer is open and every source started.
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::Relaxed);
-    }
-
-    pub fn set_stopping(&self) {
-        self.stopping.store(true, Ordering::Relaxed);
-    }
-
-    /// Liveness: the buffer's writer thread runs (it publishes its contents; when it ends the
-    /// channel closes). Without it nothing can be accepted or shipped: restart.
-    pub fn health(&self) -> Result<(), &'static str> {
-        match self.buffer.contents().has_changed() {
-            Ok(_) => Ok(()),
-            Err(_) => Err("the buffer's writer thread has stopped"),
-        }
-    }
-
-    /// Readiness: alive, started, and not shutting down. An unreachable aggregator does not
-    /// make the agent unready: buffering through an outage is its job.
-    pub fn readiness(&self) -> Result<(), &'static str> {
-        self.health()?;
-        if self.stopping.load(Ordering::Relaxed) {
-            return Err("shutting down");
-        }
-        if !self.ready.load(Ordering::Relaxed) {
-            return Err("starting");
-        }
-        Ok(())
     }
 
     /// Connection and broker-session state of every configured MQTT subscriber.
@@ -346,17 +321,31 @@ pub fn router(ops: Arc<Ops>) -> axum::Router {
     )
 }
 
-impl runnel_service::probes::Probes for Ops {
+impl Probes for Ops {
+    /// Liveness: the buffer's writer thread runs (it publishes its contents; when it ends the
+    /// channel closes). Without it nothing can be accepted or shipped: restart.
     fn health(&self) -> Result<(), &'static str> {
-        Ops::health(self)
+        match self.buffer.contents().has_changed() {
+            Ok(_) => Ok(()),
+            Err(_) => Err("the buffer's writer thread has stopped"),
+        }
     }
 
+    /// Readiness: alive, started, and not shutting down. An unreachable aggregator does not
+    /// make the agent unready: buffering through an outage is its job.
     fn readiness(&self) -> Result<(), &'static str> {
-        Ops::readiness(self)
+        self.health()?;
+        if self.stopping.load(Ordering::Relaxed) {
+            return Err("shutting down");
+        }
+        if !self.ready.load(Ordering::Relaxed) {
+            return Err("starting");
+        }
+        Ok(())
     }
 
     fn set_stopping(&self) {
-        Ops::set_stopping(self)
+        self.stopping.store(true, Ordering::Relaxed);
     }
 }
 

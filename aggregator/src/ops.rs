@@ -19,6 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use runnel_common::human;
 use runnel_config::AggregatorConfig;
+use runnel_service::probes::Probes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -81,35 +82,8 @@ impl Ops {
         self.ready.store(true, Ordering::Relaxed);
     }
 
-    pub fn set_stopping(&self) {
-        self.stopping.store(true, Ordering::Relaxed);
-    }
-
     pub fn set_ingest_stopped(&self) {
         self.ingest_running.store(false, Ordering::Relaxed);
-    }
-
-    /// Liveness: the WAL writer thread takes requests. Without it nothing can be acknowledged.
-    pub fn health(&self) -> Result<(), &'static str> {
-        if !self.wal.is_open() {
-            return Err("the WAL writer thread has stopped");
-        }
-        Ok(())
-    }
-
-    /// Readiness: alive, started, ingest accepting, not shutting down.
-    pub fn readiness(&self) -> Result<(), &'static str> {
-        self.health()?;
-        if self.stopping.load(Ordering::Relaxed) {
-            return Err("shutting down");
-        }
-        if !self.ready.load(Ordering::Relaxed) {
-            return Err("starting");
-        }
-        if !self.ingest_running.load(Ordering::Relaxed) {
-            return Err("ingest has stopped accepting connections");
-        }
-        Ok(())
     }
 
     pub fn status(&self) -> AggregatorStatus {
@@ -203,17 +177,32 @@ pub fn router(ops: Arc<Ops>) -> axum::Router {
     )
 }
 
-impl runnel_service::probes::Probes for Ops {
+impl Probes for Ops {
+    /// Liveness: the WAL writer thread takes requests. Without it nothing can be acknowledged.
     fn health(&self) -> Result<(), &'static str> {
-        Ops::health(self)
+        if !self.wal.is_open() {
+            return Err("the WAL writer thread has stopped");
+        }
+        Ok(())
     }
 
+    /// Readiness: alive, started, ingest accepting, not shutting down.
     fn readiness(&self) -> Result<(), &'static str> {
-        Ops::readiness(self)
+        self.health()?;
+        if self.stopping.load(Ordering::Relaxed) {
+            return Err("shutting down");
+        }
+        if !self.ready.load(Ordering::Relaxed) {
+            return Err("starting");
+        }
+        if !self.ingest_running.load(Ordering::Relaxed) {
+            return Err("ingest has stopped accepting connections");
+        }
+        Ok(())
     }
 
     fn set_stopping(&self) {
-        Ops::set_stopping(self)
+        self.stopping.store(true, Ordering::Relaxed);
     }
 }
 
