@@ -397,18 +397,26 @@ async fn cors(State(state): State<Arc<SourceState>>, request: Request, next: Nex
 
 /// Reads the body up to `max_bytes`, refusing larger ones with a JSON 413 that names the key
 /// (before reading, when Content-Length already says so).
+///
+/// The 413 says `Connection: close`: the rest of the body is never read, so the server closes
+/// the connection after answering, and a keep-alive client must not send its next request on
+/// it (it would fail with "connection closed before message completed").
 async fn read_body(
     headers: &HeaderMap,
     body: axum::body::Body,
     max_bytes: usize,
 ) -> Result<axum::body::Bytes, Response> {
     let too_large = || {
-        error_response(
+        let mut response = error_response(
             StatusCode::PAYLOAD_TOO_LARGE,
             &format!(
                 "request body is over the limit of {max_bytes} bytes (sources.http.max_body_bytes); send fewer events per request"
             ),
-        )
+        );
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        response
     };
     let declared = headers
         .get(header::CONTENT_LENGTH)
