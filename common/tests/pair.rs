@@ -215,6 +215,13 @@ struct Flight<T> {
 }
 
 /// One connection between the agent and the aggregator.
+/// Which way a message travels on a link.
+#[derive(Debug, Clone, Copy)]
+enum Direction {
+    ToAggregator,
+    ToAgent,
+}
+
 #[derive(Debug)]
 struct Link {
     /// False once a loss or a reset killed the path: nothing more gets through.
@@ -543,21 +550,7 @@ impl World {
             self.lose_path(link);
             return;
         }
-        let copies =
-            if !body.is_control() && self.chaos() && self.rng.f64() < self.knobs.p_duplicate {
-                self.stats.n_messages_duplicated += 1;
-                2
-            } else {
-                1
-            };
-        for _ in 0..copies {
-            let mut at = self.arrival();
-            if body.is_control() {
-                at = at.max(self.links[link].last_control_to_aggregator);
-                self.links[link].last_control_to_aggregator = at;
-            }
-            let order = self.next_order;
-            self.next_order += 1;
+        for (at, order) in self.arrivals(link, body.is_control(), Direction::ToAggregator) {
             self.links[link].to_aggregator.push(Flight {
                 at,
                 order,
@@ -580,27 +573,47 @@ impl World {
             self.lose_path(link);
             return;
         }
-        let copies =
-            if !body.is_control() && self.chaos() && self.rng.f64() < self.knobs.p_duplicate {
-                self.stats.n_messages_duplicated += 1;
-                2
-            } else {
-                1
-            };
-        for _ in 0..copies {
-            let mut at = self.arrival();
-            if body.is_control() {
-                at = at.max(self.links[link].last_control_to_agent);
-                self.links[link].last_control_to_agent = at;
-            }
-            let order = self.next_order;
-            self.next_order += 1;
+        for (at, order) in self.arrivals(link, body.is_control(), Direction::ToAgent) {
             self.links[link].to_agent.push(Flight {
                 at,
                 order,
                 body: body.clone(),
             });
         }
+    }
+
+    /// When each copy of a message sent now arrives, with its tie-breaking order: one copy, or
+    /// two when a batch or an ack is duplicated; a control message never overtakes an earlier
+    /// one in its direction (control streams are ordered).
+    fn arrivals(
+        &mut self,
+        link: usize,
+        control: bool,
+        direction: Direction,
+    ) -> Vec<(Instant, u64)> {
+        let copies = if !control && self.chaos() && self.rng.f64() < self.knobs.p_duplicate {
+            self.stats.n_messages_duplicated += 1;
+            2
+        } else {
+            1
+        };
+        (0..copies)
+            .map(|_| {
+                let mut at = self.arrival();
+                if control {
+                    let state = &mut self.links[link];
+                    let last = match direction {
+                        Direction::ToAggregator => &mut state.last_control_to_aggregator,
+                        Direction::ToAgent => &mut state.last_control_to_agent,
+                    };
+                    at = at.max(*last);
+                    *last = at;
+                }
+                let order = self.next_order;
+                self.next_order += 1;
+                (at, order)
+            })
+            .collect()
     }
 
     /// A lost message: the path is dead, and each side notices at its idle timeout.
