@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -20,7 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use runnel_common::human;
 use runnel_config::AgentConfig;
-use runnel_service::probes::Probes;
+use runnel_service::probes::{Lifecycle, Probes};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -52,10 +52,9 @@ pub struct Listen {
 pub struct Ops {
     started: Instant,
     started_unix_ms: i64,
-    /// Set once every source is started; the HTTP listener answers from then on.
-    ready: AtomicBool,
-    /// Set when shutdown begins: a load balancer should stop sending events.
-    stopping: AtomicBool,
+    /// Ready once every source is started (the HTTP listener answers from then on); stopping
+    /// when shutdown begins.
+    lifecycle: Lifecycle,
     agent_id: String,
     listen: Listen,
     config: AgentConfig,
@@ -81,8 +80,7 @@ impl Ops {
         Ops {
             started: Instant::now(),
             started_unix_ms: crate::now_unix_ms(),
-            ready: AtomicBool::new(false),
-            stopping: AtomicBool::new(false),
+            lifecycle: Lifecycle::default(),
             agent_id: agent_id.to_owned(),
             listen,
             config: config.clone(),
@@ -94,7 +92,7 @@ impl Ops {
 
     /// Every component is up: the buffer is open and every source started.
     pub fn set_ready(&self) {
-        self.ready.store(true, Ordering::Relaxed);
+        self.lifecycle.set_ready();
     }
 
     /// Connection and broker-session state of every configured MQTT subscriber.
@@ -331,21 +329,10 @@ impl Probes for Ops {
         }
     }
 
-    /// Readiness: alive, started, and not shutting down. An unreachable aggregator does not
-    /// make the agent unready: buffering through an outage is its job.
-    fn readiness(&self) -> Result<(), &'static str> {
-        self.health()?;
-        if self.stopping.load(Ordering::Relaxed) {
-            return Err("shutting down");
-        }
-        if !self.ready.load(Ordering::Relaxed) {
-            return Err("starting");
-        }
-        Ok(())
-    }
-
-    fn set_stopping(&self) {
-        self.stopping.store(true, Ordering::Relaxed);
+    // Readiness is the default one: alive, started, not shutting down. An unreachable
+    // aggregator does not make the agent unready: buffering through an outage is its job.
+    fn lifecycle(&self) -> &Lifecycle {
+        &self.lifecycle
     }
 }
 

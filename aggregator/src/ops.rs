@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use runnel_common::human;
 use runnel_config::AggregatorConfig;
-use runnel_service::probes::Probes;
+use runnel_service::probes::{Lifecycle, Probes};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -44,8 +44,8 @@ pub struct Listen {
 pub struct Ops {
     started: Instant,
     started_unix_ms: i64,
-    ready: AtomicBool,
-    stopping: AtomicBool,
+    /// Ready once the WAL is open and ingest listens; stopping when shutdown begins.
+    lifecycle: Lifecycle,
     /// Cleared when the ingest accept loop ends.
     ingest_running: AtomicBool,
     listen: Listen,
@@ -66,8 +66,7 @@ impl Ops {
         Ops {
             started: Instant::now(),
             started_unix_ms: crate::wal::now_unix_ms(),
-            ready: AtomicBool::new(false),
-            stopping: AtomicBool::new(false),
+            lifecycle: Lifecycle::default(),
             ingest_running: AtomicBool::new(true),
             listen,
             config: config.clone(),
@@ -79,7 +78,7 @@ impl Ops {
 
     /// The WAL is open (and replayed) and ingest listens.
     pub fn set_ready(&self) {
-        self.ready.store(true, Ordering::Relaxed);
+        self.lifecycle.set_ready();
     }
 
     pub fn set_ingest_stopped(&self) {
@@ -189,20 +188,15 @@ impl Probes for Ops {
     /// Readiness: alive, started, ingest accepting, not shutting down.
     fn readiness(&self) -> Result<(), &'static str> {
         self.health()?;
-        if self.stopping.load(Ordering::Relaxed) {
-            return Err("shutting down");
-        }
-        if !self.ready.load(Ordering::Relaxed) {
-            return Err("starting");
-        }
+        self.lifecycle.check()?;
         if !self.ingest_running.load(Ordering::Relaxed) {
             return Err("ingest has stopped accepting connections");
         }
         Ok(())
     }
 
-    fn set_stopping(&self) {
-        self.stopping.store(true, Ordering::Relaxed);
+    fn lifecycle(&self) -> &Lifecycle {
+        &self.lifecycle
     }
 }
 

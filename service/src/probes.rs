@@ -3,6 +3,7 @@
 //! says of itself through [`Probes`]. Reads state, changes none but the stopping flag.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::extract::State;
@@ -11,15 +12,49 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::sync::watch;
 
+/// Where a service is in its life: starting, ready, stopping. Part of every readiness answer.
+#[derive(Debug, Default)]
+pub struct Lifecycle {
+    /// Set once every component is up.
+    ready: AtomicBool,
+    /// Set when shutdown begins: a load balancer should stop sending traffic.
+    stopping: AtomicBool,
+}
+
+impl Lifecycle {
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Relaxed);
+    }
+
+    pub fn set_stopping(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+    }
+
+    /// `Err("shutting down")` once stopping, `Err("starting")` before ready, else `Ok`.
+    pub fn check(&self) -> Result<(), &'static str> {
+        if self.stopping.load(Ordering::Relaxed) {
+            return Err("shutting down");
+        }
+        if !self.ready.load(Ordering::Relaxed) {
+            return Err("starting");
+        }
+        Ok(())
+    }
+}
+
 /// What a service says of itself.
 pub trait Probes: Send + Sync + 'static {
     /// `Ok` while the process can do its work; the reason otherwise. Watchdog pings stop while
     /// it is not, so systemd restarts the service.
     fn health(&self) -> Result<(), &'static str>;
-    /// `Ok` when the process takes traffic (started, not stopping); the reason otherwise.
-    fn readiness(&self) -> Result<(), &'static str>;
-    /// Marks the process stopping: readiness fails from now on.
-    fn set_stopping(&self);
+    /// Its starting / ready / stopping state.
+    fn lifecycle(&self) -> &Lifecycle;
+    /// `Ok` when the process takes traffic; the reason otherwise. By default: healthy, and
+    /// the [`Lifecycle`] says ready and not stopping.
+    fn readiness(&self) -> Result<(), &'static str> {
+        self.health()?;
+        self.lifecycle().check()
+    }
 }
 
 /// `GET /healthz` and `GET /readyz`: 200 `ok`, or 503 with the reason.
@@ -80,7 +115,7 @@ pub async fn supervise<P: Probes>(
             _ = shutdown.wait_for(|stop| *stop) => break,
         }
     }
-    probes.set_stopping();
+    probes.lifecycle().set_stopping();
     notify(&[sd_notify::NotifyState::Stopping]);
 }
 
@@ -97,5 +132,20 @@ async fn tick(watchdog: &mut Option<tokio::time::Interval>) {
 fn notify(states: &[sd_notify::NotifyState<'_>]) {
     if let Err(error) = sd_notify::notify(states) {
         tracing::warn!(%error, "cannot notify systemd (NOTIFY_SOCKET)");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lifecycle_starts_then_is_ready_then_stops() {
+        let lifecycle = Lifecycle::default();
+        assert_eq!(lifecycle.check(), Err("starting"));
+        lifecycle.set_ready();
+        assert_eq!(lifecycle.check(), Ok(()));
+        lifecycle.set_stopping();
+        assert_eq!(lifecycle.check(), Err("shutting down"));
     }
 }
