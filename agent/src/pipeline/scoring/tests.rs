@@ -158,19 +158,7 @@ fn zipmap_false_exports_score_the_probability_of_class_1_by_default() {
         assert_close(name, &model.infer(&rows).expect("infer"), &expected);
 
         // Through the config path, as the agent loads it.
-        let mut events: Vec<Event> = rows
-            .chunks(width)
-            .map(|row| {
-                let attrs: Vec<(String, Value)> = row
-                    .iter()
-                    .enumerate()
-                    .map(|(i, v)| (format!("f{i}"), Value::Float(f64::from(*v))))
-                    .collect();
-                let attrs: Vec<(&str, Value)> =
-                    attrs.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-                event_with(&attrs)
-            })
-            .collect();
+        let mut events: Vec<Event> = rows.chunks(width).map(event_of_row).collect();
         let mut config = model_config(name, path.clone(), width);
         config.class = Some(ClassLabel::Int(1));
         Scoring::build(&[config])
@@ -484,6 +472,17 @@ fn event_with(attrs: &[(&str, Value)]) -> Event {
     event
 }
 
+/// An event whose attributes `f0`, `f1`, ... hold one row of model inputs.
+fn event_of_row(row: &[f32]) -> Event {
+    let attrs: Vec<(String, Value)> = row
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (format!("f{i}"), Value::Float(f64::from(*v))))
+        .collect();
+    let attrs: Vec<(&str, Value)> = attrs.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+    event_with(&attrs)
+}
+
 #[test]
 fn inputs_map_fields_defaults_and_transforms() {
     let input = |field: EventField, transform: Transform| ModelInput {
@@ -567,20 +566,7 @@ async fn scoring_writes_the_value_and_leaves_others_alone() {
     config.output_field = OutputField::Attr("fraud_p".into());
     config.batch_size = 7;
     let scoring = Scoring::build(&[config]).expect("load");
-    let events: Vec<Event> = rows
-        .chunks(width)
-        .take(40)
-        .map(|row| {
-            let attrs: Vec<(String, Value)> = row
-                .iter()
-                .enumerate()
-                .map(|(i, v)| (format!("f{i}"), Value::Float(f64::from(*v))))
-                .collect();
-            let attrs: Vec<(&str, Value)> =
-                attrs.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-            event_with(&attrs)
-        })
-        .collect();
+    let events: Vec<Event> = rows.chunks(width).take(40).map(event_of_row).collect();
     let scored = scoring.score(events).await;
     assert_eq!(scored.len(), 40);
     let probabilities = reference["outputs"]["output_probability"]
