@@ -89,8 +89,8 @@ build_one() {
       summary="Runnel aggregator: lossless QUIC ingest from runnel-agents, SQL over the events"
       description=" Accepts batches from a fleet of runnel-agents over QUIC with mutual TLS, commits
  them to a SQLite write-ahead log before it acknowledges them, never stores an event twice,
- writes hourly Parquet files and answers SQL (Apache DataFusion) over HTTP. Runs as the
- hardened systemd service runnel-aggregator.service."
+ writes an hour-partitioned Delta Lake table and answers SQL (Apache DataFusion) over HTTP.
+ Runs as the hardened systemd service runnel-aggregator.service."
       ;;
   esac
   local binary="$bin_dir/$name"
