@@ -17,6 +17,7 @@ pub mod auth;
 pub mod catalog;
 pub mod certs;
 pub mod cli;
+pub mod faults;
 pub mod federation;
 pub mod fleet;
 pub mod functions;
@@ -52,17 +53,24 @@ pub async fn run(
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("create aggregator.data_dir {}", config.data_dir.display()))?;
     let files = store::open_files(&config.storage)?;
-    let store = Arc::new(store::EventStore::new(
-        Arc::clone(&files.store),
-        config.storage.max_recent_rows,
-    ));
+    let store = Arc::new(store::EventStore::new(config.storage.max_recent_rows));
+    let table_version = store.open_table(&files).await?;
+    tracing::info!(table = %files.table_url, version = table_version, "events table opened");
     let (wal, wal_thread, recovered) = wal::Wal::open(
         &config.storage.wal_path,
         config.storage.synchronous.as_pragma(),
         Arc::clone(&store) as Arc<dyn wal::CommittedBatches>,
     )?;
-    store.open_catalog(&wal).await?;
-    store.remove_unrecorded_files().await?;
+    store::convert::previous_layout(&store, &wal, &files, None).await?;
+    // Before any query or flush: WAL batches a crash left behind after their commit are dropped.
+    let reconciled = store.reconcile(&wal).await?;
+    if reconciled.n_batches > 0 {
+        tracing::info!(
+            n_batches = reconciled.n_batches,
+            n_rows = reconciled.n_rows,
+            "dropped WAL batches the events table already holds (a crash came after their commit)"
+        );
+    }
     let engine = Arc::new(query::QueryEngine::new(
         &config.query,
         Arc::clone(&store),
@@ -188,7 +196,10 @@ pub async fn run(
     }
     // A last flush makes the next start faster; skipping it loses nothing (the WAL replays).
     match store.flush(&wal).await {
-        Ok(flushed) => tracing::info!(n_rows = flushed.n_rows, "flushed to Parquet at shutdown"),
+        Ok(flushed) => tracing::info!(
+            n_rows = flushed.n_rows,
+            "flushed to the events table at shutdown"
+        ),
         Err(error) => tracing::warn!(
             error = format!("{error:#}"),
             "flush at shutdown failed; the WAL will replay"
@@ -209,8 +220,8 @@ pub async fn run(
     Ok(())
 }
 
-/// Flushes recent rows to Parquet every `interval`, or sooner when memory holds too many; then
-/// compacts small files and applies retention (`storage.*`).
+/// Flushes recent rows to the table every `interval`, or sooner when memory holds too many; then
+/// compacts small files, applies retention and vacuums (`storage.*`).
 async fn flush_loop(
     store: Arc<store::EventStore>,
     wal: wal::Wal,
@@ -218,6 +229,10 @@ async fn flush_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let interval = Duration::from_millis(storage.flush_interval_ms);
+    let grace = Duration::from_secs(storage.vacuum_grace_minutes.saturating_mul(60));
+    // Often enough that a file outlives its grace by at most about as long again.
+    let vacuum_every = grace.min(Duration::from_secs(600));
+    let mut last_vacuum = std::time::Instant::now();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
@@ -234,17 +249,20 @@ async fn flush_loop(
         match flushed {
             Ok(flushed) if flushed.n_rows > 0 => {
                 tracing::info!(
-                    n_files = flushed.n_files,
                     n_rows = flushed.n_rows,
                     n_batches = flushed.n_batches,
-                    "flushed to Parquet"
+                    version = flushed.version,
+                    "flushed to the events table"
                 );
             }
             Ok(_) => {}
             // Rows stay in memory and in the WAL; the next tick retries.
-            Err(error) => tracing::warn!(error = format!("{error:#}"), "flush to Parquet failed"),
+            Err(error) => tracing::warn!(
+                error = format!("{error:#}"),
+                "flush to the events table failed"
+            ),
         }
-        match store.compact(&wal, storage.compact_min_files).await {
+        match store.compact(storage.compact_min_files).await {
             Ok(done) if done.n_files_removed > 0 => tracing::info!(
                 n_files_merged = done.n_files_removed,
                 n_files_written = done.n_files_added,
@@ -259,7 +277,7 @@ async fn flush_loop(
                 .unwrap_or(i64::MAX / 3_600_000)
                 .saturating_mul(3_600_000);
             let cutoff_ms = wal::now_unix_ms().saturating_sub(retention_ms);
-            match store.expire(&wal, cutoff_ms).await {
+            match store.expire(cutoff_ms).await {
                 Ok(done) if done.n_files_removed > 0 => tracing::info!(
                     n_files = done.n_files_removed,
                     n_rows = done.n_rows,
@@ -268,6 +286,18 @@ async fn flush_loop(
                 ),
                 Ok(_) => {}
                 Err(error) => tracing::warn!(error = format!("{error:#}"), "retention failed"),
+            }
+        }
+        if last_vacuum.elapsed() >= vacuum_every {
+            last_vacuum = std::time::Instant::now();
+            match store.vacuum(grace).await {
+                Ok(n) if n > 0 => tracing::info!(
+                    n_files = n,
+                    vacuum_grace_minutes = storage.vacuum_grace_minutes,
+                    "deleted files no table version references"
+                ),
+                Ok(_) => {}
+                Err(error) => tracing::warn!(error = format!("{error:#}"), "vacuum failed"),
             }
         }
     }

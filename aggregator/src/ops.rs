@@ -115,6 +115,7 @@ impl Ops {
                     Some(s3) => s3.url(),
                     None => storage.events_dir.display().to_string(),
                 },
+                table_version: summary.table_version,
                 n_files: summary.n_files,
                 n_rows: summary.n_file_rows,
                 n_bytes: summary.n_file_bytes,
@@ -160,6 +161,9 @@ pub struct WalStatus {
 #[serde(default)]
 pub struct StorageStatus {
     pub events_dir: String,
+    /// The Delta table version queries read (-1 before it is open).
+    pub table_version: i64,
+    /// Files, rows and bytes of that version.
     pub n_files: u64,
     pub n_rows: u64,
     pub n_bytes: u64,

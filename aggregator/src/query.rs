@@ -1,8 +1,9 @@
 //! SQL over the fleet's events with Apache DataFusion.
 //!
 //! Table `events` is [`EventsTable`]: each scan takes a [`Snapshot`] of the store (recent rows in
-//! memory plus recorded Parquet files) and unions a memory scan with a Parquet scan, so a query
-//! sees every stored event exactly once while flushes go on.
+//! memory plus one version of the Delta table) and unions a memory scan with a table scan (with
+//! partition pruning and file statistics, [`crate::store::table::scan`]), so a query sees every
+//! stored event exactly once while flushes go on.
 //!
 //! Safety: every statement passes [`crate::readonly::check_sql`] before planning (the same check
 //! the PostgreSQL protocol runs) and is then planned with DDL, DML and other statements disallowed,
@@ -18,10 +19,6 @@ use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::datasource::MemTable;
-use datafusion::datasource::file_format::parquet::ParquetFormat;
-use datafusion::datasource::listing::{
-    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
-};
 use datafusion::error::Result as DfResult;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::logical_expr::{Expr, TableType};
@@ -39,8 +36,6 @@ use crate::store::EventStore;
 #[derive(Debug)]
 pub struct EventsTable {
     store: Arc<EventStore>,
-    /// Directory URL of the Parquet files (`file:///...` for a local directory).
-    root: String,
 }
 
 impl std::fmt::Debug for EventStore {
@@ -69,19 +64,8 @@ impl TableProvider for EventsTable {
         let snapshot = self.store.snapshot();
         let memory = MemTable::try_new(EVENTS_SCHEMA.clone(), vec![snapshot.recent])?;
         let mut plans = vec![memory.scan(state, projection, filters, limit).await?];
-        if !snapshot.files.is_empty() {
-            let urls = snapshot
-                .files
-                .iter()
-                .map(|file| ListingTableUrl::parse(format!("{}/{}", self.root, file.path)))
-                .collect::<DfResult<Vec<_>>>()?;
-            let options = ListingOptions::new(Arc::new(ParquetFormat::default()))
-                .with_file_extension(".parquet");
-            let config = ListingTableConfig::new_with_multi_paths(urls)
-                .with_listing_options(options)
-                .with_schema(EVENTS_SCHEMA.clone());
-            let files = ListingTable::try_new(config)?;
-            plans.push(files.scan(state, projection, filters, limit).await?);
+        if let Some(table) = &snapshot.table {
+            plans.push(crate::store::table::scan(state, table, projection, filters, limit).await?);
         }
         UnionExec::try_new(plans)
     }
@@ -146,8 +130,7 @@ impl QueryEngine {
             let url = datafusion::execution::object_store::ObjectStoreUrl::parse(url)?;
             ctx.register_object_store(url.as_ref(), Arc::clone(store));
         }
-        let root = files.root_url.clone();
-        ctx.register_table("events", Arc::new(EventsTable { store, root }))?;
+        ctx.register_table("events", Arc::new(EventsTable { store }))?;
         crate::catalog::install(&ctx)?;
         Ok(QueryEngine {
             ctx,
@@ -502,10 +485,7 @@ mod tests {
     }
 
     async fn engine() -> QueryEngine {
-        let store = Arc::new(EventStore::new(
-            Arc::new(datafusion::object_store::memory::InMemory::new()),
-            1000,
-        ));
+        let store = Arc::new(EventStore::new(1000));
         let events = vec![
             event(1, "web", &[("url", Value::String("/a".into()))]),
             event(2, "web", &[("url", Value::String("/b".into()))]),
@@ -527,7 +507,12 @@ mod tests {
                 ],
             ),
         ];
-        store.insert(1, crate::schema::to_record_batches("edge-1", 0, &events));
+        store.insert(
+            1,
+            "edge-1",
+            4,
+            crate::schema::to_record_batches("edge-1", 0, &events),
+        );
         let config = runnel_config::parse_aggregator(
             "[ingest]\nca_cert = \"c\"\ncert = \"c\"\nkey = \"k\"",
             std::path::Path::new("aggregator.toml"),

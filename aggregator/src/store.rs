@@ -1,50 +1,57 @@
 //! Event storage the query engine reads: recent rows in memory (Arrow record batches, queryable
-//! the moment their WAL transaction commits) plus Parquet files partitioned by event hour.
+//! the moment their WAL transaction commits) plus a Delta Lake table ([`table`]) partitioned by
+//! event date and hour, which other engines read too (docs/STORAGE.md).
 //!
-//! Layout under `storage.events_dir` (Hive style, readable by DuckDB, Spark, Trino):
-//! `date=YYYY-MM-DD/hour=HH/part-<first WAL batch id>-<last WAL batch id>.parquet`.
+//! A flush moves rows from memory to the table: one Delta commit adds the files and records each
+//! agent's high-water mark as a transaction identifier; then, under the lock, the store swaps to
+//! the new table version and drops the rows; then their WAL batches are deleted. A query takes
+//! its snapshot (rows and table version) under the same lock, so it sees each row exactly once.
 //!
-//! A flush moves rows from memory to Parquet in three steps: write the files (not yet visible to
-//! queries), record them and delete their WAL batches in one transaction, then swap under the
-//! lock: add the files, drop the rows. A query takes its snapshot under the same lock, so it sees
-//! each row exactly once. Files on disk but not recorded are from an interrupted flush; their
-//! rows are still in the WAL, so they are deleted at startup.
+//! After a crash the WAL may still hold batches the table already has (the crash came between
+//! the commit and the delete) or the outcome of a commit may be unknown (an error after the
+//! request left). [`EventStore::reconcile`] settles both before anything is written again: it
+//! reads the table's mark of every agent with rows in memory and drops what the table holds.
+//! Replaying a WAL therefore never commits an event twice.
 //!
-//! Compaction merges the small files of an hour partition into one, and retention drops the
-//! partitions older than `storage.retention_hours`; both change the file catalog ([`catalog`], a
-//! table in the WAL's database) in one transaction and swap the store's file list under the lock, so
-//! a query sees either the old files or the new ones. Objects are written before and deleted
-//! after the catalog changes: a crash in between leaves an unrecorded file, removed at startup.
+//! Compaction (a Delta optimize commit per partition), retention (a delete commit of whole
+//! partitions) and vacuum (files no version references, after a grace period) run in the same
+//! task as flushes, one at a time; each swaps the store to the version it committed.
 //!
 //! Architecture invariant: only `object_store` touches the files, so the same code serves a
 //! local directory and S3-compatible storage.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
-use datafusion::arrow::array::RecordBatch;
-use datafusion::arrow::compute::concat_batches;
-use datafusion::object_store::path::Path as ObjectPath;
-use datafusion::object_store::{ObjectStore, ObjectStoreExt, PutPayload};
-use datafusion::parquet::arrow::ArrowWriter;
-use datafusion::parquet::basic::{Compression, ZstdLevel};
-use datafusion::parquet::file::properties::WriterProperties;
-use futures::TryStreamExt;
+use datafusion::arrow::array::{RecordBatch, UInt64Array};
+use datafusion::arrow::compute::filter_record_batch;
+use datafusion::arrow::compute::kernels::cmp::gt;
+use datafusion::object_store::ObjectStore;
+use deltalake_core::DeltaTable;
 use runnel_common::Event;
 use tokio::sync::Notify;
 
-use crate::schema::EVENTS_SCHEMA;
+use crate::schema::HOUR_MS;
 use crate::wal::{self, CommittedBatches, Wal};
 
 mod catalog;
+pub mod convert;
+pub mod table;
 
-/// Where the Parquet files live: a local directory (`storage.events_dir`) or an S3 bucket
-/// (`storage.url`), as one `object_store` rooted at the events root.
+pub use table::TableView;
+
+/// Where the table lives: a local directory (`storage.events_dir`) or an S3 bucket
+/// (`storage.url`).
 pub struct Files {
-    /// The store, with paths relative to the events root.
+    /// The store, with paths relative to the events root (the previous layout's files).
     pub store: Arc<dyn ObjectStore>,
-    /// The events root as a URL DataFusion reads: `file:///...` or `s3://bucket/prefix`.
+    /// The store whose root is the file system's or the bucket's (what Delta opens).
+    pub root_store: Arc<dyn ObjectStore>,
+    /// The table's URL: `file:///.../events/` or `s3://bucket/prefix/`.
+    pub table_url: url::Url,
+    /// The events root as a URL: `file:///...` or `s3://bucket/prefix`.
     pub root_url: String,
     /// A store DataFusion must be told about (`s3://bucket` and the bucket's store); None for
     /// the local file system, which it knows.
@@ -52,10 +59,14 @@ pub struct Files {
 }
 
 impl Files {
-    /// A local root that queries never reach (unit tests of the query engine).
+    /// A root that queries never reach (unit tests of the query engine).
     pub fn local_for_tests() -> Files {
+        let store: Arc<dyn ObjectStore> =
+            Arc::new(datafusion::object_store::memory::InMemory::new());
         Files {
-            store: Arc::new(datafusion::object_store::memory::InMemory::new()),
+            store: Arc::clone(&store),
+            root_store: store,
+            table_url: url::Url::parse("memory:///nonexistent/").expect("a valid URL"),
             root_url: "file:///nonexistent".to_owned(),
             register: None,
         }
@@ -68,10 +79,20 @@ pub fn open_files(storage: &runnel_config::StorageConfig) -> anyhow::Result<File
         let dir = &storage.events_dir;
         std::fs::create_dir_all(dir)
             .with_context(|| format!("create storage.events_dir {}", dir.display()))?;
-        let store = datafusion::object_store::local::LocalFileSystem::new_with_prefix(dir)
+        let dir = std::fs::canonicalize(dir)
+            .with_context(|| format!("resolve storage.events_dir {}", dir.display()))?;
+        let store = datafusion::object_store::local::LocalFileSystem::new_with_prefix(&dir)
             .with_context(|| format!("open storage.events_dir {}", dir.display()))?;
+        let table_url = url::Url::from_directory_path(&dir).map_err(|()| {
+            anyhow::anyhow!(
+                "storage.events_dir {} is not an absolute path",
+                dir.display()
+            )
+        })?;
         return Ok(Files {
             store: Arc::new(store),
+            root_store: Arc::new(datafusion::object_store::local::LocalFileSystem::new()),
+            table_url,
             root_url: format!("file://{}", dir.display()),
             register: None,
         });
@@ -107,14 +128,18 @@ pub fn open_files(storage: &runnel_config::StorageConfig) -> anyhow::Result<File
             s3.prefix.as_str(),
         ))
     };
+    let table_url = url::Url::parse(&format!("{}/", s3.url()))
+        .with_context(|| format!("storage.url {} is not a valid URL", s3.url()))?;
     Ok(Files {
         store,
+        root_store: Arc::clone(&bucket),
+        table_url,
         root_url: s3.url(),
         register: Some((format!("s3://{}", s3.bucket), bucket)),
     })
 }
 
-/// A Parquet file that holds flushed events.
+/// A Parquet file of the previous layout (see [`convert`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParquetFile {
     /// Object path relative to the events root.
@@ -124,28 +149,58 @@ pub struct ParquetFile {
     pub n_bytes: u64,
 }
 
-#[derive(Default)]
-struct Inner {
-    /// Rows not yet in Parquet, by WAL batch id, each split by event hour.
-    recent: BTreeMap<i64, Vec<(i64, RecordBatch)>>,
-    n_recent_rows: usize,
-    files: Vec<ParquetFile>,
+/// Rows of one committed WAL batch, waiting in memory for a flush.
+struct Recent {
+    agent_id: Arc<str>,
+    last_seq: u64,
+    /// By event hour.
+    batches: Vec<(i64, RecordBatch)>,
 }
 
-/// What a query reads: a consistent cut of memory and files.
+impl Recent {
+    fn n_rows(&self) -> usize {
+        self.batches.iter().map(|(_, b)| b.num_rows()).sum()
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Rows not yet in the table, by WAL batch id.
+    recent: BTreeMap<i64, Recent>,
+    n_recent_rows: usize,
+    /// The table version queries read, and its files' totals.
+    view: Option<TableView>,
+    files: FileTotals,
+    /// WAL batches the table holds whose delete from the WAL has not committed yet.
+    stale: Vec<i64>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct FileTotals {
+    n_files: u64,
+    n_rows: u64,
+    n_bytes: u64,
+}
+
+/// What a query reads: a consistent cut of memory and table.
 pub struct Snapshot {
     pub recent: Vec<RecordBatch>,
-    pub files: Vec<ParquetFile>,
+    /// None until the table is opened (unit tests of the query engine never open one).
+    pub table: Option<TableView>,
 }
 
 pub struct EventStore {
     inner: Mutex<Inner>,
-    object_store: Arc<dyn ObjectStore>,
+    /// The table, for the one task that writes (flush, compaction, retention, vacuum).
+    table: tokio::sync::Mutex<Option<DeltaTable>>,
+    /// Set when what the table holds may differ from what this store believes (startup, or a
+    /// commit whose outcome is unknown): [`EventStore::reconcile`] runs before the next write.
+    unsure: AtomicBool,
     max_recent_rows: usize,
     flush_wanted: Notify,
 }
 
-/// What the store holds: rows in memory (each also in the WAL, by batch) and Parquet files.
+/// What the store holds: rows in memory (each also in the WAL, by batch) and table files.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct StoreSummary {
     pub n_recent_rows: u64,
@@ -153,6 +208,8 @@ pub struct StoreSummary {
     pub n_files: u64,
     pub n_file_rows: u64,
     pub n_file_bytes: u64,
+    /// The table version queries read (-1 before the table is open).
+    pub table_version: i64,
 }
 
 /// Files smaller than this are compacted; a merged file holds at most about this much.
@@ -161,31 +218,36 @@ pub const COMPACT_TARGET_BYTES: u64 = 32 * 1024 * 1024;
 /// What one compaction or retention pass did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Rewritten {
-    pub n_files_removed: usize,
-    pub n_files_added: usize,
+    pub n_files_removed: u64,
+    pub n_files_added: u64,
     pub n_rows: u64,
 }
 
 /// What one flush did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Flushed {
-    pub n_files: usize,
     pub n_rows: u64,
     pub n_batches: usize,
+    /// The table version the flush committed (None when there was nothing to write).
+    pub version: Option<i64>,
+}
+
+/// What [`EventStore::reconcile`] found already in the table.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Reconciled {
+    pub n_batches: usize,
+    pub n_rows: u64,
 }
 
 impl EventStore {
-    pub fn new(object_store: Arc<dyn ObjectStore>, max_recent_rows: usize) -> EventStore {
+    pub fn new(max_recent_rows: usize) -> EventStore {
         EventStore {
             inner: Mutex::default(),
-            object_store,
+            table: tokio::sync::Mutex::new(None),
+            unsure: AtomicBool::new(true),
             max_recent_rows,
             flush_wanted: Notify::new(),
         }
-    }
-
-    pub fn object_store(&self) -> &Arc<dyn ObjectStore> {
-        &self.object_store
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -195,31 +257,52 @@ impl EventStore {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Adds rows of a committed WAL batch. Asks for a flush when memory holds too many rows.
-    pub fn insert(&self, batch_id: i64, batches: Vec<(i64, RecordBatch)>) {
-        let n_rows: usize = batches.iter().map(|(_, b)| b.num_rows()).sum();
+    /// Opens (or creates) the Delta table and serves its current version.
+    pub async fn open_table(&self, files: &Files) -> anyhow::Result<i64> {
+        let table = table::open(Arc::clone(&files.root_store), &files.table_url).await?;
+        let version = self.serve(&table)?;
+        *self.table.lock().await = Some(table);
+        Ok(version)
+    }
+
+    /// Makes queries read `table`'s version. Returns it.
+    fn serve(&self, table: &DeltaTable) -> anyhow::Result<i64> {
+        let view = TableView::of(table)?;
+        let files = table::files(&view.snapshot);
+        let totals = FileTotals {
+            n_files: files.len() as u64,
+            n_rows: files.iter().map(|f| f.n_rows).sum(),
+            n_bytes: files.iter().map(|f| f.n_bytes).sum(),
+        };
+        let version = view.version();
+        let mut inner = self.lock();
+        inner.view = Some(view);
+        inner.files = totals;
+        Ok(version)
+    }
+
+    /// Adds rows of a committed WAL batch of `agent_id` whose last event is `last_seq`. Asks for
+    /// a flush when memory holds too many rows.
+    pub fn insert(
+        &self,
+        batch_id: i64,
+        agent_id: &str,
+        last_seq: u64,
+        batches: Vec<(i64, RecordBatch)>,
+    ) {
+        let recent = Recent {
+            agent_id: Arc::from(agent_id),
+            last_seq,
+            batches,
+        };
+        let n_rows = recent.n_rows();
         let mut inner = self.lock();
         inner.n_recent_rows += n_rows;
-        let previous = inner.recent.insert(batch_id, batches);
+        let previous = inner.recent.insert(batch_id, recent);
         debug_assert!(previous.is_none(), "WAL batch ids are unique");
         if inner.n_recent_rows >= self.max_recent_rows {
             self.flush_wanted.notify_one();
         }
-    }
-
-    /// Reads the file catalog from the WAL's database (creating it on a new one) and serves
-    /// those files. Returns how many there are.
-    pub async fn open_catalog(&self, wal: &Wal) -> anyhow::Result<usize> {
-        let files = wal
-            .transaction(|tx| {
-                catalog::create(tx)?;
-                catalog::load(tx)
-            })
-            .await
-            .context("open the Parquet file catalog")?;
-        let n_files = files.len();
-        self.lock().files = files;
-        Ok(n_files)
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -228,10 +311,9 @@ impl EventStore {
             recent: inner
                 .recent
                 .values()
-                .flatten()
-                .map(|(_, b)| b.clone())
+                .flat_map(|r| r.batches.iter().map(|(_, b)| b.clone()))
                 .collect(),
-            files: inner.files.clone(),
+            table: inner.view.clone(),
         }
     }
 
@@ -245,9 +327,10 @@ impl EventStore {
         StoreSummary {
             n_recent_rows: inner.n_recent_rows as u64,
             n_recent_batches: inner.recent.len() as u64,
-            n_files: inner.files.len() as u64,
-            n_file_rows: inner.files.iter().map(|f| f.n_rows).sum(),
-            n_file_bytes: inner.files.iter().map(|f| f.n_bytes).sum(),
+            n_files: inner.files.n_files,
+            n_file_rows: inner.files.n_rows,
+            n_file_bytes: inner.files.n_bytes,
+            table_version: inner.view.as_ref().map_or(-1, TableView::version),
         }
     }
 
@@ -256,309 +339,260 @@ impl EventStore {
         self.flush_wanted.notified().await;
     }
 
-    /// Deletes Parquet files that no committed flush recorded (leftovers of a crash mid-flush).
-    pub async fn remove_unrecorded_files(&self) -> anyhow::Result<usize> {
-        let recorded: BTreeSet<String> = self.lock().files.iter().map(|f| f.path.clone()).collect();
-        let listed: Vec<_> = self
-            .object_store
-            .list(None)
-            .try_collect()
-            .await
-            .context("list event files")?;
-        let mut n_removed = 0;
-        for meta in listed {
-            let path = meta.location.to_string();
-            if path.ends_with(".parquet") && !recorded.contains(&path) {
-                tracing::warn!(
-                    path,
-                    "removing Parquet file of an interrupted flush (its rows are in the WAL)"
-                );
-                self.object_store
-                    .delete(&meta.location)
-                    .await
-                    .with_context(|| format!("delete {path}"))?;
-                n_removed += 1;
-            }
-        }
-        Ok(n_removed)
+    /// Drops from memory and from the WAL every row the table already holds, by the table's
+    /// mark of each agent with rows in memory. Runs at startup and after a commit whose outcome
+    /// is unknown; a no-op otherwise.
+    pub async fn reconcile(&self, wal: &Wal) -> anyhow::Result<Reconciled> {
+        let mut guard = self.table.lock().await;
+        let table = guard.as_mut().context("the events table is not open")?;
+        self.reconcile_locked(table, wal).await
     }
 
-    /// Moves everything now in memory to Parquet. See the module docs for the protocol.
-    pub async fn flush(&self, wal: &Wal) -> anyhow::Result<Flushed> {
-        let taken: Vec<(i64, Vec<(i64, RecordBatch)>)> = self
+    async fn reconcile_locked(
+        &self,
+        table: &mut DeltaTable,
+        wal: &Wal,
+    ) -> anyhow::Result<Reconciled> {
+        if !self.unsure.load(Ordering::Acquire) {
+            return Ok(Reconciled::default());
+        }
+        table
+            .update_state()
+            .await
+            .context("read the events table's latest version")?;
+        self.serve(table)?;
+        let agents: BTreeSet<Arc<str>> = self
             .lock()
             .recent
-            .iter()
-            .map(|(id, b)| (*id, b.clone()))
+            .values()
+            .map(|r| Arc::clone(&r.agent_id))
             .collect();
-        let (Some(first_id), Some(last_id)) =
-            (taken.first().map(|t| t.0), taken.last().map(|t| t.0))
-        else {
-            return Ok(Flushed::default());
-        };
-        let mut by_hour: BTreeMap<i64, Vec<RecordBatch>> = BTreeMap::new();
-        for (_, batches) in &taken {
-            for (hour, batch) in batches {
-                by_hour.entry(*hour).or_default().push(batch.clone());
+        let mut marks: HashMap<Arc<str>, u64> = HashMap::new();
+        for agent in agents {
+            if let Some(seq) = table::committed_seq(table, &agent).await? {
+                marks.insert(agent, seq);
             }
         }
-        let mut files = Vec::with_capacity(by_hour.len());
-        for (hour_ms, batches) in by_hour {
-            let path = file_path(hour_ms, first_id, last_id);
-            let (bytes, n_rows) = tokio::task::spawn_blocking(move || encode_parquet(&batches))
-                .await
-                .context("Parquet encoder task")??;
-            let n_bytes = bytes.len() as u64;
-            self.object_store
-                .put(&ObjectPath::from(path.as_str()), PutPayload::from(bytes))
-                .await
-                .with_context(|| format!("write {path}"))?;
-            files.push(ParquetFile {
-                path,
-                hour_ms,
-                n_rows,
-                n_bytes,
-            });
-        }
-        let batch_ids: Vec<i64> = taken.iter().map(|(id, _)| *id).collect();
-        let (recorded, moved) = (files.clone(), batch_ids.clone());
-        wal.transaction(move |tx| {
-            catalog::record(tx, &recorded, &[], wal::now_unix_ms())?;
-            wal::delete_batches(tx, &moved)
-        })
-        .await
-        .context("record flushed files")?;
-
-        let flushed = Flushed {
-            n_files: files.len(),
-            n_rows: files.iter().map(|f| f.n_rows).sum(),
-            n_batches: batch_ids.len(),
-        };
-        let mut inner = self.lock();
-        for id in &batch_ids {
-            if let Some(batches) = inner.recent.remove(id) {
-                inner.n_recent_rows -= batches.iter().map(|(_, b)| b.num_rows()).sum::<usize>();
+        let mut done = Reconciled::default();
+        let stale: Vec<i64> = {
+            let mut inner = self.lock();
+            let mut stale = Vec::new();
+            let mut n_removed_rows = 0;
+            for (id, recent) in inner.recent.iter_mut() {
+                let Some(&mark) = marks.get(&recent.agent_id) else {
+                    continue;
+                };
+                if recent.last_seq <= mark {
+                    stale.push(*id);
+                    continue;
+                }
+                // Partly in the table (only when another writer stored some of it): keep the
+                // rest. Batches hold one agent's events in sequence order.
+                for (_, batch) in recent.batches.iter_mut() {
+                    let before = batch.num_rows();
+                    *batch = keep_after(batch, mark)?;
+                    n_removed_rows += before - batch.num_rows();
+                }
             }
+            for id in &stale {
+                if let Some(recent) = inner.recent.remove(id) {
+                    n_removed_rows += recent.n_rows();
+                }
+            }
+            inner.n_recent_rows -= n_removed_rows;
+            done.n_rows = n_removed_rows as u64;
+            done.n_batches = stale.len();
+            inner.stale.extend(stale.iter().copied());
+            inner.stale.clone()
+        };
+        if !stale.is_empty() {
+            self.delete_stale(wal, stale).await?;
         }
-        inner.files.extend(files);
-        Ok(flushed)
+        self.unsure.store(false, Ordering::Release);
+        Ok(done)
     }
-}
 
-impl EventStore {
+    /// Deletes WAL batches the table holds.
+    async fn delete_stale(&self, wal: &Wal, ids: Vec<i64>) -> anyhow::Result<()> {
+        let deleted = ids.clone();
+        wal.transaction(move |tx| wal::delete_batches(tx, &ids))
+            .await
+            .context("delete WAL batches the table holds")?;
+        self.lock().stale.retain(|id| !deleted.contains(id));
+        Ok(())
+    }
+
+    /// Moves everything now in memory to the table. See the module docs for the protocol.
+    pub async fn flush(&self, wal: &Wal) -> anyhow::Result<Flushed> {
+        let mut guard = self.table.lock().await;
+        let table = guard.as_mut().context("the events table is not open")?;
+        self.reconcile_locked(table, wal).await?;
+        let stale = self.lock().stale.clone();
+        if !stale.is_empty() {
+            self.delete_stale(wal, stale).await?;
+        }
+        let mut ids = Vec::new();
+        let mut marks: BTreeMap<Arc<str>, u64> = BTreeMap::new();
+        let mut batches = Vec::new();
+        {
+            let inner = self.lock();
+            for (id, recent) in &inner.recent {
+                ids.push(*id);
+                let mark = marks.entry(Arc::clone(&recent.agent_id)).or_default();
+                *mark = (*mark).max(recent.last_seq);
+                for (hour_ms, batch) in &recent.batches {
+                    if batch.num_rows() > 0 {
+                        batches.push(table::to_table_batch(batch, *hour_ms)?);
+                    }
+                }
+            }
+        }
+        if ids.is_empty() {
+            return Ok(Flushed::default());
+        }
+        let n_rows: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
+        crate::faults::point("flush.before_commit");
+        let committed = match table::append(table.clone(), batches, &marks, Vec::new()).await {
+            Ok(committed) => committed,
+            Err(error) => {
+                // The commit may have landed before the error: check the table first next time.
+                self.unsure.store(true, Ordering::Release);
+                return Err(error);
+            }
+        };
+        crate::faults::point("flush.after_commit");
+        *table = committed;
+        let version = {
+            let view = TableView::of(table)?;
+            let files = table::files(&view.snapshot);
+            let version = view.version();
+            let mut inner = self.lock();
+            for id in &ids {
+                if let Some(recent) = inner.recent.remove(id) {
+                    inner.n_recent_rows -= recent.n_rows();
+                }
+            }
+            inner.view = Some(view);
+            inner.files = FileTotals {
+                n_files: files.len() as u64,
+                n_rows: files.iter().map(|f| f.n_rows).sum(),
+                n_bytes: files.iter().map(|f| f.n_bytes).sum(),
+            };
+            inner.stale.extend(ids.iter().copied());
+            version
+        };
+        // The rows are in the table; if this delete fails, the next flush (or the next start)
+        // deletes them.
+        self.delete_stale(wal, ids.clone()).await?;
+        Ok(Flushed {
+            n_rows,
+            n_batches: ids.len(),
+            version: Some(version),
+        })
+    }
+
     /// Merges the small files (under [`COMPACT_TARGET_BYTES`]) of every hour partition that has
-    /// at least `min_files` of them, in groups of up to about that many bytes.
-    pub async fn compact(&self, wal: &Wal, min_files: usize) -> anyhow::Result<Rewritten> {
+    /// at least `min_files` of them: one optimize commit per partition.
+    pub async fn compact(&self, min_files: usize) -> anyhow::Result<Rewritten> {
         let mut done = Rewritten::default();
         if min_files < 2 {
             return Ok(done);
         }
-        let mut by_hour: BTreeMap<i64, Vec<ParquetFile>> = BTreeMap::new();
-        for file in self.lock().files.iter() {
-            if file.n_bytes < COMPACT_TARGET_BYTES && batch_range(&file.path).is_some() {
-                by_hour.entry(file.hour_ms).or_default().push(file.clone());
+        let mut guard = self.table.lock().await;
+        let table = guard.as_mut().context("the events table is not open")?;
+        let mut small: BTreeMap<i64, (usize, u64)> = BTreeMap::new();
+        if let Some(view) = self.lock().view.clone() {
+            for file in table::files(&view.snapshot) {
+                if file.n_bytes < COMPACT_TARGET_BYTES {
+                    let entry = small.entry(file.hour_ms).or_default();
+                    entry.0 += 1;
+                    entry.1 += file.n_rows;
+                }
             }
         }
-        for (hour_ms, mut small) in by_hour {
-            if small.len() < min_files {
+        for (hour_ms, (n_files, n_rows)) in small {
+            if n_files < min_files {
                 continue;
             }
-            small.sort_by_key(|f| batch_range(&f.path));
-            let mut groups: Vec<Vec<ParquetFile>> = vec![Vec::new()];
-            let mut n_group_bytes = 0;
-            for file in small {
-                if n_group_bytes + file.n_bytes > COMPACT_TARGET_BYTES
-                    && groups.last().is_some_and(|g| g.len() >= 2)
-                {
-                    groups.push(Vec::new());
-                    n_group_bytes = 0;
-                }
-                n_group_bytes += file.n_bytes;
-                groups.last_mut().expect("one group at least").push(file);
-            }
-            for group in groups.into_iter().filter(|g| g.len() >= 2) {
-                let merged = self.merge(hour_ms, &group).await?;
-                let removed: Vec<String> = group.iter().map(|f| f.path.clone()).collect();
-                done.n_rows += merged.n_rows;
-                done.n_files_added += 1;
-                done.n_files_removed += removed.len();
-                self.replace(wal, vec![merged], removed).await?;
-            }
+            crate::faults::point("compact.before_commit");
+            let (compacted, (removed, added)) =
+                table::compact_partition(table.clone(), hour_ms, COMPACT_TARGET_BYTES).await?;
+            crate::faults::point("compact.after_commit");
+            *table = compacted;
+            self.serve(table)?;
+            done.n_files_removed += removed;
+            done.n_files_added += added;
+            done.n_rows += n_rows;
         }
         Ok(done)
     }
 
-    /// Drops every file of an hour that ended at or before `cutoff_ms`.
-    pub async fn expire(&self, wal: &Wal, cutoff_ms: i64) -> anyhow::Result<Rewritten> {
-        let expired: Vec<ParquetFile> = self
-            .lock()
-            .files
-            .iter()
+    /// Removes every partition of an hour that ended at or before `cutoff_ms`: one commit.
+    pub async fn expire(&self, cutoff_ms: i64) -> anyhow::Result<Rewritten> {
+        let mut guard = self.table.lock().await;
+        let table = guard.as_mut().context("the events table is not open")?;
+        let Some(view) = self.lock().view.clone() else {
+            return Ok(Rewritten::default());
+        };
+        let expired: Vec<table::TableFile> = table::files(&view.snapshot)
+            .into_iter()
             .filter(|f| f.hour_ms + HOUR_MS <= cutoff_ms)
-            .cloned()
             .collect();
         if expired.is_empty() {
             return Ok(Rewritten::default());
         }
-        let done = Rewritten {
-            n_files_removed: expired.len(),
+        crate::faults::point("expire.before_commit");
+        *table = table::expire(table.clone(), cutoff_ms).await?;
+        crate::faults::point("expire.after_commit");
+        self.serve(table)?;
+        Ok(Rewritten {
+            n_files_removed: expired.len() as u64,
             n_files_added: 0,
             n_rows: expired.iter().map(|f| f.n_rows).sum(),
-        };
-        self.replace(
-            wal,
-            Vec::new(),
-            expired.into_iter().map(|f| f.path).collect(),
-        )
-        .await?;
-        Ok(done)
-    }
-
-    /// Reads `group` (one hour partition, in batch order) and writes it as one file.
-    async fn merge(&self, hour_ms: i64, group: &[ParquetFile]) -> anyhow::Result<ParquetFile> {
-        let mut inputs = Vec::with_capacity(group.len());
-        for file in group {
-            let bytes = self
-                .object_store
-                .get(&ObjectPath::from(file.path.as_str()))
-                .await
-                .with_context(|| format!("read {}", file.path))?
-                .bytes()
-                .await
-                .with_context(|| format!("read {}", file.path))?;
-            inputs.push(bytes);
-        }
-        let first = group
-            .iter()
-            .filter_map(|f| batch_range(&f.path))
-            .map(|r| r.0)
-            .min();
-        let last = group
-            .iter()
-            .filter_map(|f| batch_range(&f.path))
-            .map(|r| r.1)
-            .max();
-        let (Some(first), Some(last)) = (first, last) else {
-            anyhow::bail!("compaction group without batch ranges");
-        };
-        let path = file_path(hour_ms, first, last);
-        let (bytes, n_rows) = tokio::task::spawn_blocking(move || {
-            let mut batches = Vec::new();
-            for input in inputs {
-                let reader =
-                    datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
-                        input,
-                    )?
-                    .build()?;
-                for batch in reader {
-                    batches.push(batch?);
-                }
-            }
-            encode_parquet(&batches)
-        })
-        .await
-        .context("compaction task")??;
-        let n_bytes = bytes.len() as u64;
-        self.object_store
-            .put(&ObjectPath::from(path.as_str()), PutPayload::from(bytes))
-            .await
-            .with_context(|| format!("write {path}"))?;
-        Ok(ParquetFile {
-            path,
-            hour_ms,
-            n_rows,
-            n_bytes,
         })
     }
 
-    /// Catalog first (one transaction), then the swap, then the objects.
-    async fn replace(
+    /// Deletes the files no table version references that are older than `grace`. Returns how
+    /// many.
+    pub async fn vacuum(&self, grace: std::time::Duration) -> anyhow::Result<usize> {
+        let mut guard = self.table.lock().await;
+        let table = guard.as_mut().context("the events table is not open")?;
+        let grace = chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::MAX);
+        let (vacuumed, n_deleted) = table::vacuum(table.clone(), grace).await?;
+        *table = vacuumed;
+        self.serve(table)?;
+        Ok(n_deleted)
+    }
+
+    /// Runs `work` with the open table, and serves the version it leaves (the previous
+    /// layout's conversion).
+    pub(crate) async fn with_table<T>(
         &self,
-        wal: &Wal,
-        added: Vec<ParquetFile>,
-        removed: Vec<String>,
-    ) -> anyhow::Result<()> {
-        let (recorded, forgotten) = (added.clone(), removed.clone());
-        wal.transaction(move |tx| catalog::record(tx, &recorded, &forgotten, wal::now_unix_ms()))
-            .await
-            .context("record replaced files")?;
-        {
-            let mut inner = self.lock();
-            inner.files.retain(|f| !removed.contains(&f.path));
-            inner.files.extend(added);
-        }
-        for path in removed {
-            // A failure leaves an unrecorded file, removed at the next start.
-            if let Err(error) = self
-                .object_store
-                .delete(&ObjectPath::from(path.as_str()))
-                .await
-            {
-                tracing::warn!(path, %error, "could not delete a replaced Parquet file");
-            }
-        }
-        Ok(())
+        work: impl AsyncFnOnce(&mut DeltaTable) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        let mut guard = self.table.lock().await;
+        let table = guard.as_mut().context("the events table is not open")?;
+        let result = work(table).await;
+        self.serve(table)?;
+        result
     }
+}
+
+/// The rows of `batch` (one agent's, in `events`' schema) with a sequence number above `mark`.
+fn keep_after(batch: &RecordBatch, mark: u64) -> anyhow::Result<RecordBatch> {
+    let seq = batch.column_by_name("seq").context("a batch without seq")?;
+    let keep = gt(seq, &UInt64Array::new_scalar(mark)).context("compare seq")?;
+    filter_record_batch(batch, &keep).context("filter rows")
 }
 
 impl CommittedBatches for EventStore {
     fn committed(&self, batch_id: i64, agent_id: &str, received_ms: i64, events: &[Event]) {
+        let last_seq = events.iter().map(|e| e.seq).max().unwrap_or(0);
         self.insert(
             batch_id,
+            agent_id,
+            last_seq,
             crate::schema::to_record_batches(agent_id, received_ms, events),
         );
-    }
-}
-
-const HOUR_MS: i64 = 3_600_000;
-
-/// The WAL batch ids in a file name made by [`file_path`].
-fn batch_range(path: &str) -> Option<(i64, i64)> {
-    let name = path.rsplit('/').next()?;
-    let range = name.strip_prefix("part-")?.strip_suffix(".parquet")?;
-    let (first, last) = range.split_once('-')?;
-    Some((first.parse().ok()?, last.parse().ok()?))
-}
-
-/// `date=YYYY-MM-DD/hour=HH/part-<first>-<last>.parquet`
-fn file_path(hour_ms: i64, first_batch_id: i64, last_batch_id: i64) -> String {
-    let hour = chrono::DateTime::from_timestamp_millis(hour_ms).unwrap_or_default();
-    format!(
-        "date={}/hour={}/part-{first_batch_id:012}-{last_batch_id:012}.parquet",
-        hour.format("%Y-%m-%d"),
-        hour.format("%H")
-    )
-}
-
-fn encode_parquet(batches: &[RecordBatch]) -> anyhow::Result<(Vec<u8>, u64)> {
-    let batch = concat_batches(&EVENTS_SCHEMA, batches).context("concatenate batches")?;
-    let properties = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(
-            ZstdLevel::try_new(3).context("zstd level")?,
-        ))
-        .build();
-    let mut bytes = Vec::new();
-    let mut writer = ArrowWriter::try_new(&mut bytes, EVENTS_SCHEMA.clone(), Some(properties))
-        .context("Parquet writer")?;
-    writer.write(&batch).context("write Parquet")?;
-    writer.close().context("finish Parquet")?;
-    Ok((bytes, batch.num_rows() as u64))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn file_paths_are_hive_partitioned() {
-        assert_eq!(
-            file_path(1_769_860_800_000, 1, 22),
-            "date=2026-01-31/hour=12/part-000000000001-000000000022.parquet"
-        );
-        assert_eq!(
-            batch_range("date=2026-01-31/hour=12/part-000000000001-000000000022.parquet"),
-            Some((1, 22))
-        );
-        assert_eq!(batch_range("date=2026-01-31/hour=12/other.parquet"), None);
     }
 }

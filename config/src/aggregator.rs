@@ -81,7 +81,10 @@ pub struct StorageConfig {
     /// An hour partition with this many small files gets them merged into one. 0 turns
     /// compaction off.
     pub compact_min_files: usize,
-    /// Where the Parquet files go when not in `events_dir`: an S3 bucket (`storage.url`).
+    /// Minutes a file no table version references is kept before it is deleted (vacuum), so
+    /// a reader that started on an older version of the table still finishes.
+    pub vacuum_grace_minutes: u64,
+    /// Where the Delta table goes when not in `events_dir`: an S3 bucket (`storage.url`).
     pub s3: Option<S3Config>,
 }
 
@@ -422,6 +425,11 @@ struct RawStorage {
     /// Merge the small Parquet files (under 32 MiB) of an hour partition once it has this many
     /// (checked after every flush). 0 turns compaction off; otherwise at least 2. Default: 8.
     compact_min_files: Option<u64>,
+    /// Minutes a data file that no table version references any more (replaced by compaction,
+    /// removed by retention, or left by an interrupted flush) is kept before it is deleted, so
+    /// that a reader that started on an older version still finishes (checked every few
+    /// minutes). Allowed: 1 to 43200 (30 days). Default: 60.
+    vacuum_grace_minutes: Option<u64>,
     /// Object store URL for the Parquet files instead of `events_dir`: "s3://bucket/prefix"
     /// (S3 or an S3-compatible store; see `[storage.s3]`). Default: none (`events_dir`).
     url: Option<String>,
@@ -684,6 +692,14 @@ impl RawStorage {
                 "must be 0 (compaction off) or at least 2: one file has nothing to merge with",
             ));
         }
+        let vacuum_grace_minutes = checker.int(
+            "storage.vacuum_grace_minutes",
+            self.vacuum_grace_minutes,
+            60,
+            1,
+            Some(43_200),
+            Unit::Plain,
+        )?;
         let s3 = validate_object_store(checker, self.url, self.s3, self.events_dir.is_some())?;
         Ok(StorageConfig {
             wal_path,
@@ -693,6 +709,7 @@ impl RawStorage {
             max_recent_rows,
             retention_hours,
             compact_min_files,
+            vacuum_grace_minutes,
             s3,
         })
     }

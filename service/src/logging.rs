@@ -12,11 +12,16 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the process's tracing subscriber: stderr, `RUNNEL_LOG` as the filter (`info` when
-/// unset or invalid), colours only on a terminal (journald and log files get plain text).
+/// The filter when `RUNNEL_LOG` is unset or invalid: Runnel's own `info`, and only warnings from
+/// the Delta Lake libraries, which log every snapshot and scan at `info`.
+pub const DEFAULT_FILTER: &str = "info,buoyant_kernel=warn,deltalake_core=warn";
+
+/// Installs the process's tracing subscriber: stderr, `RUNNEL_LOG` as the filter
+/// ([`DEFAULT_FILTER`] when unset or invalid), colours only on a terminal (journald and log files
+/// get plain text).
 pub fn init(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RUNNEL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_FILTER));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -1,6 +1,7 @@
-//! Parquet files on S3 (`storage.url = "s3://bucket/prefix"`): events are flushed into the
-//! bucket under the same Hive layout as a local `events_dir`, queries read them back, and a
-//! restart (SIGKILL) of the aggregator keeps every row exactly once.
+//! The events table on S3 (`storage.url = "s3://bucket/prefix"`): events are flushed into a
+//! Delta table in the bucket (commits with conditional PUTs, data under the same partition
+//! layout as a local `events_dir`), queries read them back, and a restart (SIGKILL) of the
+//! aggregator keeps every row exactly once.
 //!
 //! The store comes from `RUNNEL_TEST_S3_URL`, an S3-compatible endpoint that accepts any
 //! credentials and unsigned bucket creation (`.ci/run` starts moto's server for it). The test
@@ -46,7 +47,7 @@ async fn counts(query: std::net::SocketAddr) -> anyhow::Result<(i64, i64)> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn parquet_files_live_in_an_s3_bucket_and_survive_a_restart() {
+async fn the_events_table_lives_in_an_s3_bucket_and_survives_a_restart() {
     let Ok(endpoint) = std::env::var(S3_URL_ENV) else {
         eprintln!("{S3_URL_ENV} is not set: skipping the S3 storage test (.ci/run sets it)");
         return;
@@ -108,9 +109,14 @@ async fn parquet_files_live_in_an_s3_bucket_and_survive_a_restart() {
     .await
     .unwrap_or_else(|error| panic!("flush to S3: {error:#}\n{}", fleet.dir.report()));
     let keys = list_keys(&endpoint, &bucket).await.unwrap();
+    let (log, data): (Vec<&String>, Vec<&String>) = keys
+        .iter()
+        .partition(|key| key.starts_with("fleet/events/_delta_log/"));
     assert!(
-        !keys.is_empty()
-            && keys.iter().all(|key| {
+        log.iter()
+            .any(|key| key.ends_with("00000000000000000001.json"))
+            && !data.is_empty()
+            && data.iter().all(|key| {
                 key.starts_with("fleet/events/date=")
                     && key.contains("/hour=")
                     && key.ends_with(".parquet")

@@ -1,5 +1,7 @@
-//! The Parquet lifecycle: small files of an hour partition are compacted into one without losing
-//! or repeating a row, and retention deletes only the partitions older than configured.
+//! The table's lifecycle: small files of an hour partition are compacted (an optimize commit)
+//! without losing or repeating a row, and retention removes only the partitions older than
+//! configured (a delete commit). Files leave the disk only after the vacuum grace period
+//! (`aggregator/tests/delta_store.rs` tests that part).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -19,30 +21,35 @@ fn rfc3339(unix_ms: i64) -> String {
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
-/// Parquet files under `events_dir`, as paths relative to it.
+/// The data files the latest version of the Delta table at `events_dir` references, as paths
+/// relative to it: every `add` minus every `remove` of the JSON commits in `_delta_log/`, read
+/// the way any Delta reader replays the log (checkpoints only summarise these commits).
 fn parquet_files(events_dir: &Path) -> Vec<String> {
-    fn walk(dir: &Path, root: &Path, out: &mut Vec<String>) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                walk(&path, root, out);
-            } else if path.extension().is_some_and(|e| e == "parquet") {
-                out.push(
-                    path.strip_prefix(root)
-                        .expect("under the root")
-                        .display()
-                        .to_string(),
-                );
+    let log = events_dir.join("_delta_log");
+    let mut commits: Vec<PathBuf> = std::fs::read_dir(&log)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "json"))
+                .collect()
+        })
+        .unwrap_or_default();
+    commits.sort();
+    let mut live = std::collections::BTreeSet::new();
+    for commit in commits {
+        let text = std::fs::read_to_string(&commit).expect("a readable commit");
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let action: Value = serde_json::from_str(line).expect("a JSON action");
+            if let Some(path) = action["add"]["path"].as_str() {
+                live.insert(path.to_owned());
+            }
+            if let Some(path) = action["remove"]["path"].as_str() {
+                live.remove(path);
             }
         }
     }
-    let mut out = Vec::new();
-    walk(events_dir, events_dir, &mut out);
-    out.sort();
-    out
+    live.into_iter().collect()
 }
 
 fn in_partition(files: &[String], partition: &str) -> usize {
@@ -54,7 +61,7 @@ fn partition_of(unix_ms: i64) -> String {
     format!(
         "date={}/hour={}/",
         hour.format("%Y-%m-%d"),
-        hour.format("%H")
+        hour.format("%-H")
     )
 }
 
@@ -143,6 +150,8 @@ async fn small_files_are_compacted_and_old_partitions_expire() {
     .unwrap_or_else(|error| panic!("no compaction: {error:#}\n{}", fleet.dir.report()));
     let stderr = fleet.aggregator.stderr();
     assert!(stderr.contains("compacted Parquet files"), "{stderr}");
+    // The replaced files stay on disk for readers of older versions (vacuum grace).
+    assert!(events_dir.join(&recent_partition).is_dir());
     let (n, distinct) = counts(
         query,
         "SELECT count(*), count(DISTINCT event_id) FROM events WHERE event_id LIKE 'keep-%'",

@@ -1,28 +1,21 @@
-//! The Parquet file catalog: which files hold flushed events. A table in the WAL's SQLite
-//! database, so that a flush records its files and deletes the batches they hold in one
-//! transaction ([`crate::wal::Wal::transaction`]); compaction and retention add and forget files
-//! the same way.
-//!
-//! Owns the `parquet_files` table and nothing else of that database; it never touches objects
-//! (the store writes them before and deletes them after the catalog changes).
+//! The previous layout's file list: the `parquet_files` table in the WAL's SQLite database,
+//! which named the live Parquet files before the events became a Delta table. Read once by the
+//! conversion ([`super::convert`]) and dropped when it finishes; nothing writes it any more.
 
 use anyhow::Context;
-use rusqlite::params;
 
 use super::ParquetFile;
 
-/// Creates the table if this database has none yet (the layout older releases wrote too).
-pub fn create(tx: &rusqlite::Transaction<'_>) -> anyhow::Result<()> {
-    tx.execute_batch(
-        "CREATE TABLE IF NOT EXISTS parquet_files (
-             path TEXT PRIMARY KEY,
-             hour_ms INTEGER NOT NULL,
-             n_rows INTEGER NOT NULL,
-             n_bytes INTEGER NOT NULL,
-             created_ms INTEGER NOT NULL
-         );",
-    )
-    .context("create the parquet_files table")
+/// Whether this database still has the table (written by a release before the Delta table).
+pub fn exists(tx: &rusqlite::Transaction<'_>) -> anyhow::Result<bool> {
+    let n: i64 = tx
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'parquet_files'",
+            [],
+            |row| row.get(0),
+        )
+        .context("look for the parquet_files table")?;
+    Ok(n > 0)
 }
 
 /// Every recorded file, by path.
@@ -41,29 +34,8 @@ pub fn load(tx: &rusqlite::Transaction<'_>) -> anyhow::Result<Vec<ParquetFile>> 
         .context("read the parquet_files table")
 }
 
-/// Records `added` and forgets `removed` (paths), stamped `created_ms`.
-pub fn record(
-    tx: &rusqlite::Transaction<'_>,
-    added: &[ParquetFile],
-    removed: &[String],
-    created_ms: i64,
-) -> anyhow::Result<()> {
-    let mut insert = tx.prepare_cached(
-        "INSERT OR REPLACE INTO parquet_files (path, hour_ms, n_rows, n_bytes, created_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?;
-    for file in added {
-        insert.execute(params![
-            file.path,
-            file.hour_ms,
-            file.n_rows,
-            file.n_bytes,
-            created_ms
-        ])?;
-    }
-    let mut forget = tx.prepare_cached("DELETE FROM parquet_files WHERE path = ?1")?;
-    for path in removed {
-        forget.execute(params![path])?;
-    }
-    Ok(())
+/// Forgets the list (the conversion is done).
+pub fn drop(tx: &rusqlite::Transaction<'_>) -> anyhow::Result<()> {
+    tx.execute_batch("DROP TABLE IF EXISTS parquet_files")
+        .context("drop the parquet_files table")
 }

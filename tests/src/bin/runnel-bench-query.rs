@@ -145,16 +145,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     write_dimension(&dir.join("pages"))?;
 
     let files = store::open_files(&config.storage)?;
-    let event_store = Arc::new(store::EventStore::new(
-        Arc::clone(&files.store),
-        config.storage.max_recent_rows,
-    ));
+    let event_store = Arc::new(store::EventStore::new(config.storage.max_recent_rows));
+    event_store.open_table(&files).await?;
     let (wal, wal_thread, recovered) = wal::Wal::open(
         &config.storage.wal_path,
         config.storage.synchronous.as_pragma(),
         Arc::clone(&event_store) as Arc<dyn wal::CommittedBatches>,
     )?;
-    event_store.open_catalog(&wal).await?;
+    event_store.reconcile(&wal).await?;
     let marker = dir.join(format!("complete-{}-{}", args.events, args.agents));
     if marker.exists() && recovered.n_events == 0 {
         println!(
@@ -170,6 +168,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             dir.display()
         );
         write_events(&args, &wal, &event_store).await?;
+        // DuckDB globs the Parquet files: only the current version's may be there.
+        event_store.vacuum(Duration::ZERO).await?;
         std::fs::write(&marker, b"")?;
     }
     let summary = event_store.summary();
@@ -310,7 +310,7 @@ async fn write_events(
         n_written += n as u64;
         if event_store.n_recent_rows() >= FLUSH_ROWS || n_written == args.events {
             event_store.flush(wal).await?;
-            event_store.compact(wal, COMPACT_MIN_FILES).await?;
+            event_store.compact(COMPACT_MIN_FILES).await?;
         }
         if last_report.elapsed() >= Duration::from_secs(5) {
             last_report = Instant::now();
