@@ -373,6 +373,10 @@ impl EventStore {
                 marks.insert(agent, seq);
             }
         }
+        // The WAL's marks are at least the table's (a WAL restored from an older backup is not).
+        wal.raise_marks(marks.iter().map(|(a, s)| (Arc::clone(a), *s)).collect())
+            .await
+            .context("raise the WAL's high-water marks to the table's")?;
         let mut done = Reconciled::default();
         let stale: Vec<i64> = {
             let mut inner = self.lock();

@@ -125,6 +125,10 @@ enum Op {
     },
     /// Ordered after the commits queued before it; the closure replies by itself.
     Transaction { work: Box<dyn TransactionWork> },
+    RaiseMarks {
+        marks: Vec<(Arc<str>, u64)>,
+        reply: oneshot::Sender<anyhow::Result<usize>>,
+    },
 }
 
 /// An agent known to the WAL: the last sequence number it stored, and when.
@@ -280,6 +284,19 @@ impl Wal {
         rx.await.context("WAL writer stopped")
     }
 
+    /// Raises agents' high-water marks to at least `marks` (what the events table holds of
+    /// them), so that a resend of events the table has is a duplicate even when this WAL never
+    /// stored them (a restored backup of the WAL, another writer of the table). Returns how many
+    /// marks moved.
+    pub async fn raise_marks(&self, marks: Vec<(Arc<str>, u64)>) -> anyhow::Result<usize> {
+        let (reply, rx) = oneshot::channel();
+        self.ops
+            .send(Op::RaiseMarks { marks, reply })
+            .await
+            .map_err(|_| anyhow::anyhow!("WAL writer stopped"))?;
+        rx.await.context("WAL writer stopped")?
+    }
+
     pub fn downgrade(&self) -> WeakWal {
         WeakWal {
             ops: self.ops.downgrade(),
@@ -403,6 +420,9 @@ impl Writer {
                         let _ = reply.send(self.stored_agents());
                     }
                     Op::Transaction { work } => self.transaction(work),
+                    Op::RaiseMarks { marks, reply } => {
+                        let _ = reply.send(self.raise_marks(marks));
+                    }
                 }
             }
         }
@@ -540,6 +560,31 @@ impl Writer {
             })
         })?;
         rows.collect::<Result<_, _>>().context("read high_water")
+    }
+
+    fn raise_marks(&mut self, marks: Vec<(Arc<str>, u64)>) -> anyhow::Result<usize> {
+        let raised: Vec<(Arc<str>, u64)> = marks
+            .into_iter()
+            .filter(|(agent, seq)| self.high_water.get(agent).is_none_or(|mark| mark < seq))
+            .collect();
+        if raised.is_empty() {
+            return Ok(0);
+        }
+        let now = now_unix_ms();
+        let tx = self.conn.transaction().context("begin WAL transaction")?;
+        {
+            let mut mark = tx.prepare_cached(
+                "INSERT INTO high_water (agent_id, seq, updated_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (agent_id) DO UPDATE SET seq = excluded.seq, updated_ms = excluded.updated_ms",
+            )?;
+            for (agent_id, seq) in &raised {
+                mark.execute(params![&**agent_id, seq, now])?;
+            }
+        }
+        tx.commit().context("commit raised high-water marks")?;
+        let n = raised.len();
+        self.high_water.extend(raised);
+        Ok(n)
     }
 
     /// Runs `work` in one transaction and tells it whether the transaction committed.

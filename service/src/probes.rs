@@ -119,6 +119,17 @@ pub async fn supervise<P: Probes>(
     notify(&[sd_notify::NotifyState::Stopping]);
 }
 
+/// Startup work that may outlast the unit's start timeout (converting a data directory): shows
+/// `status` in `systemctl status` and asks systemd for `more` time before it gives up on the
+/// start. A no-op outside systemd.
+pub fn extend_startup(status: &str, more: Duration) {
+    let usec = u32::try_from(more.as_micros()).unwrap_or(u32::MAX);
+    notify(&[
+        sd_notify::NotifyState::Status(status),
+        sd_notify::NotifyState::ExtendTimeoutUsec(usec),
+    ]);
+}
+
 /// The next watchdog tick; never, without a watchdog.
 async fn tick(watchdog: &mut Option<tokio::time::Interval>) {
     match watchdog {

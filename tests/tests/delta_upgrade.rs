@@ -131,15 +131,35 @@ fn open_wal(dir: &TestDir) -> rusqlite::Connection {
     .expect("open wal.sqlite")
 }
 
+/// Whether wal.sqlite still holds the previous layout's file list (`parquet_files` with its
+/// `path` column; after the conversion a guard table of that name without it is left, so that
+/// an older release refuses to start instead of deleting the table's files).
 fn has_parquet_files_table(dir: &TestDir) -> bool {
     let n: i64 = open_wal(dir)
+        .query_row(
+            "SELECT count(*) FROM pragma_table_info('parquet_files') WHERE name = 'path'",
+            [],
+            |row| row.get(0),
+        )
+        .expect("read the parquet_files columns");
+    n > 0
+}
+
+/// Whether the guard against older releases is in place: a `parquet_files` an older release
+/// cannot read (its query of `path` fails).
+fn has_guard(dir: &TestDir) -> bool {
+    let conn = open_wal(dir);
+    let n: i64 = conn
         .query_row(
             "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'parquet_files'",
             [],
             |row| row.get(0),
         )
         .expect("read sqlite_master");
-    n > 0
+    n == 1
+        && conn
+            .prepare("SELECT path, hour_ms, n_rows, n_bytes FROM parquet_files ORDER BY path")
+            .is_err()
 }
 
 fn n_wal_batches(dir: &TestDir) -> anyhow::Result<i64> {
@@ -310,7 +330,7 @@ async fn assert_counts(query: SocketAddr, n_more: u64) {
     }
 }
 
-/// Asserts the data directory is in the new layout: a Delta log, no `parquet_files` table, none
+/// Asserts the data directory is in the new layout: a Delta log, the guard for the file list, none
 /// of the previous layout's files (`listed`, or any file named like them).
 fn assert_new_layout(dir: &TestDir, listed: &[String]) {
     let log = data_dir(dir).join("events/_delta_log");
@@ -318,6 +338,10 @@ fn assert_new_layout(dir: &TestDir, listed: &[String]) {
     assert!(
         !has_parquet_files_table(dir),
         "wal.sqlite still has the parquet_files table"
+    );
+    assert!(
+        has_guard(dir),
+        "no guard against older releases in wal.sqlite"
     );
     let events = data_dir(dir).join("events");
     let left: Vec<&String> = listed

@@ -8,9 +8,9 @@
 //!    and never appends a file twice (the list does not change until step 3).
 //! 2. The last commit also records each agent's high-water mark (the highest sequence number
 //!    the files hold of it), so from then on the table says what it holds.
-//! 3. The `parquet_files` table is dropped (one WAL transaction), then the old files are
-//!    deleted. Files a crash leaves behind here are referenced by no version; vacuum deletes
-//!    them after the grace period.
+//! 3. The `parquet_files` table is replaced by a guard against older releases (one WAL
+//!    transaction, see [`catalog`]), then the old files are deleted. Files a crash leaves behind
+//!    here are referenced by no version; vacuum deletes them after the grace period.
 //!
 //! The WAL's batches are not touched: they are newer than every file (a flush deleted the
 //! batches it wrote) and reach the table through the next flush as usual.
@@ -23,6 +23,7 @@ use datafusion::arrow::array::{AsArray, RecordBatch};
 use datafusion::arrow::datatypes::UInt64Type;
 use datafusion::object_store::ObjectStoreExt;
 use datafusion::object_store::path::Path as ObjectPath;
+use datafusion::parquet::arrow::ProjectionMask;
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use deltalake_core::kernel::Transaction;
 
@@ -60,6 +61,7 @@ pub async fn previous_layout(
             if catalog::exists(tx)? {
                 catalog::load(tx).map(Some)
             } else {
+                catalog::guard(tx)?;
                 Ok(None)
             }
         })
@@ -89,8 +91,9 @@ pub async fn previous_layout(
             }
             // Every agent's mark, from all files (also those converted before an interruption).
             let mut marks: BTreeMap<Arc<str>, u64> = BTreeMap::new();
-            for file in &listed {
-                for batch in read(&*object_store, file).await? {
+            for (idx, file) in listed.iter().enumerate() {
+                progress("reading marks", idx, listed.len());
+                for batch in read(&*object_store, file, true).await? {
                     let agents = batch.column(0).as_string::<i32>();
                     let seqs = batch
                         .column_by_name("seq")
@@ -115,8 +118,9 @@ pub async fn previous_layout(
                     return Ok(converted);
                 }
                 let mut batches = Vec::new();
-                for file in chunk {
-                    for batch in read(&*object_store, file).await? {
+                for (idx, file) in chunk.iter().enumerate() {
+                    progress("appending", position + idx, listed.len());
+                    for batch in read(&*object_store, file, false).await? {
                         converted.n_rows_appended += batch.num_rows() as u64;
                         batches.push(table::to_table_batch(&batch, file.hour_ms)?);
                     }
@@ -169,10 +173,21 @@ pub async fn previous_layout(
     Ok(Some(converted))
 }
 
-/// The rows of one file of the previous layout (in `events`' schema).
+/// Keeps systemd waiting (a big store takes longer than a unit's start timeout) and says how far
+/// the conversion is.
+fn progress(step: &str, done: usize, of: usize) {
+    runnel_service::probes::extend_startup(
+        &format!("converting the previous layout: {step}, file {done} of {of}"),
+        std::time::Duration::from_secs(120),
+    );
+}
+
+/// The rows of one file of the previous layout (in `events`' schema), or only its `agent_id`
+/// and `seq` columns (`marks_only`).
 async fn read(
     store: &dyn datafusion::object_store::ObjectStore,
     file: &ParquetFile,
+    marks_only: bool,
 ) -> anyhow::Result<Vec<RecordBatch>> {
     let bytes = store
         .get(&ObjectPath::from(file.path.as_str()))
@@ -183,7 +198,12 @@ async fn read(
         .with_context(|| format!("read {}", file.path))?;
     let path = file.path.clone();
     tokio::task::spawn_blocking(move || {
-        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)?.build()?;
+        let mut builder = ParquetRecordBatchReaderBuilder::try_new(bytes)?;
+        if marks_only {
+            let mask = ProjectionMask::columns(builder.parquet_schema(), ["agent_id", "seq"]);
+            builder = builder.with_projection(mask);
+        }
+        let reader = builder.build()?;
         let mut batches = Vec::new();
         for batch in reader {
             batches.push(batch?);
