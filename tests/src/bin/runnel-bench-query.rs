@@ -1,9 +1,10 @@
 //! The query benchmark (docs/BENCHMARKS.md, "Query: Runnel against DuckDB"): writes N realistic
 //! events through the aggregator's real write path (the agent's JSON decoder, batches committed
-//! to the SQLite WAL, flushed to hour-partitioned Parquet, small files compacted) and then runs
-//! five queries on those files with Runnel's query engine and with DuckDB (the PyPI `duckdb`
-//! package, run by `tests/bench/duckdb_queries.py`) in the same run, checks that both engines
-//! agree, and prints each query's median time and the ratio.
+//! to the SQLite WAL, flushed to the Delta table, small files compacted) and then runs five
+//! queries on them with Runnel's query engine over the Delta table, with the same engine over
+//! the same files as a plain list of Parquet files, and with DuckDB (the PyPI `duckdb` package,
+//! run by `tests/bench/duckdb_queries.py`, globbing the files) in the same run, checks that the
+//! engines agree, and prints each query's median time and the ratios.
 //!
 //! Both engines run in-process on the same machine with the same cores, warm (one unmeasured run
 //! first), reading the same files: Runnel through `QueryEngine::run` (what the HTTP and
@@ -198,7 +199,35 @@ async fn run(args: Args) -> anyhow::Result<()> {
         runnel.push((median, rows));
     }
 
+    // The same engine and files without Delta: `events` as a plain list of the table's live
+    // Parquet files (what the release before the Delta table read), cast to `events`' types.
+    let plain = plain_parquet_table(&event_store, &files)?;
+    let ctx = engine.context();
+    ctx.deregister_table("events")?;
+    ctx.register_table("events", plain)?;
+    let mut plain_runs = Vec::new();
+    for q in &QUERIES {
+        let (median, rows) = time_runnel(&engine, q.runnel, args.runs).await?;
+        plain_runs.push((median, rows));
+    }
+
     let duck = run_duckdb(&args, &dir)?;
+    println!();
+    println!("Runnel over the Delta table against Runnel over the same files as plain Parquet:");
+    println!("| query | Delta table | plain Parquet files | Delta ÷ plain | same rows |");
+    println!("|---|---|---|---|---|");
+    for (idx, q) in QUERIES.iter().enumerate() {
+        let (delta_ms, delta_rows) = &runnel[idx];
+        let (plain_ms, plain_rows) = &plain_runs[idx];
+        println!(
+            "| {} | {:.1} ms | {:.1} ms | {:.2} | {} |",
+            q.name,
+            delta_ms,
+            plain_ms,
+            delta_ms / plain_ms,
+            delta_rows == plain_rows
+        );
+    }
     println!();
     println!("| query | Runnel median | DuckDB median | Runnel ÷ DuckDB (target ≤ 1.2) | rows |");
     println!("|---|---|---|---|---|");
@@ -226,6 +255,36 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tokio::task::spawn_blocking(move || wal_thread.join()).await?;
     anyhow::ensure!(all_agree, "the engines disagree on a result (see above)");
     Ok(())
+}
+
+/// `events` as the live Parquet files of the table's current version, read by DataFusion's
+/// listing table with `events`' schema (it casts the table's Int64 and microsecond columns).
+fn plain_parquet_table(
+    event_store: &store::EventStore,
+    files: &store::Files,
+) -> anyhow::Result<Arc<dyn datafusion::catalog::TableProvider>> {
+    use datafusion::datasource::file_format::parquet::ParquetFormat;
+    use datafusion::datasource::listing::{
+        ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+    };
+    let view = event_store
+        .snapshot()
+        .table
+        .context("the events table is not open")?;
+    let urls = store::table::files(&view.snapshot)
+        .iter()
+        .map(|file| -> anyhow::Result<ListingTableUrl> {
+            Ok(ListingTableUrl::parse(
+                files.table_url.join(&file.path)?.as_str(),
+            )?)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let options =
+        ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+    let config = ListingTableConfig::new_with_multi_paths(urls)
+        .with_listing_options(options)
+        .with_schema(runnel_aggregator::schema::EVENTS_SCHEMA.clone());
+    Ok(Arc::new(ListingTable::try_new(config)?))
 }
 
 fn aggregator_toml(dir: &Path) -> String {
