@@ -54,6 +54,18 @@ impl TableProvider for EventsTable {
         TableType::Base
     }
 
+    /// Every filter reaches the table scan, which skips partitions and files by it; the rows
+    /// are filtered again above the union (memory rows are not filtered in the scan).
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> DfResult<Vec<datafusion::logical_expr::TableProviderFilterPushDown>> {
+        Ok(vec![
+            datafusion::logical_expr::TableProviderFilterPushDown::Inexact;
+            filters.len()
+        ])
+    }
+
     async fn scan(
         &self,
         state: &dyn Session,

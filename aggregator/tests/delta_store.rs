@@ -389,3 +389,58 @@ async fn the_previous_layout_converts_once_even_when_interrupted() {
     assert_eq!(node.counts().await, (n_rows as i64, n_rows as i64));
     node.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_skip_partitions_and_files_outside_the_filter() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = open(dir.path()).await;
+    node.store.reconcile(&node.wal).await.unwrap();
+    // Three flushes: two days apart, and two hours of one day.
+    node.commit("edge-a", 0, events(1..=5, 0)).await;
+    node.store.flush(&node.wal).await.unwrap();
+    node.commit("edge-a", 5, events(6..=10, 1)).await;
+    node.store.flush(&node.wal).await.unwrap();
+    node.commit("edge-a", 10, events(11..=15, 48)).await;
+    node.store.flush(&node.wal).await.unwrap();
+    assert_eq!(node.store.summary().n_files, 3);
+    let plan = |sql: String| {
+        let engine = &node.engine;
+        async move {
+            let result = engine.run(&format!("EXPLAIN {sql}")).await.unwrap();
+            let json = runnel_aggregator::query::to_json(&result);
+            json["rows"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|row| row[1].as_str().unwrap_or_default().to_owned())
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
+    };
+    let ts = |hour: i64| {
+        chrono::DateTime::from_timestamp_millis(T0 + hour * HOUR_MS)
+            .unwrap()
+            .to_rfc3339()
+    };
+    // The first hour only: one file of three is read.
+    let sql = format!(
+        "SELECT count(*) FROM events WHERE event_time >= '{}' AND event_time < '{}'",
+        ts(0),
+        ts(1)
+    );
+    let explained = plan(sql.clone()).await;
+    assert_eq!(explained.matches(".parquet").count(), 1, "{explained}");
+    let result = node.engine.run(&sql).await.unwrap();
+    assert_eq!(
+        runnel_aggregator::query::to_json(&result)["rows"],
+        serde_json::json!([[5]])
+    );
+    // Two days later: the partition of that date only.
+    let sql = format!(
+        "SELECT count(*) FROM events WHERE event_time >= '{}'",
+        ts(24)
+    );
+    let explained = plan(sql.clone()).await;
+    assert_eq!(explained.matches(".parquet").count(), 1, "{explained}");
+    node.close().await;
+}
