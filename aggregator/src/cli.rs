@@ -31,7 +31,7 @@ enum Command {
     /// Create the fleet CA and certificates.
     #[command(subcommand)]
     Certs(CertsCommand),
-    /// Print a summary of the running aggregator: agents, WAL, Parquet (exit 0: ready).
+    /// Print a summary of the running aggregator: agents, WAL, events table (exit 0: ready).
     Status {
         /// Config of the aggregator to ask; its runtime file in aggregator.data_dir names the
         /// address.

@@ -1,10 +1,10 @@
 //! runnel-aggregator: accepts batches from the fleet over QUIC, commits them to a SQLite WAL
-//! before acknowledging, keeps them queryable in memory, flushes them to hour-partitioned
-//! Parquet, and answers SQL over all of it.
+//! before acknowledging, keeps them queryable in memory, flushes them to a Delta Lake table
+//! partitioned by event date and hour, and answers SQL over all of it.
 //!
 //! Codemap: [`ingest`] (QUIC server, mTLS identity, chain order; connections in [`registry`]) ->
 //! [`wal`] (durable commit, high-water marks, one writer thread) -> [`store`] (recent Arrow
-//! rows and Parquet files) -> [`query`] (DataFusion, with [`catalog`], [`functions`],
+//! rows and the Delta table, [`faults`] for crash tests) -> [`query`] (DataFusion, with [`catalog`], [`functions`],
 //! [`agents_table`] and [`federation`]) -> the doors: [`api`] (HTTP) and [`pgwire`] (PostgreSQL
 //! protocol), both behind [`readonly`] and [`auth`]. [`ops`] serves health, readiness and status
 //! and talks to systemd; [`metrics`] serves `/metrics`; [`certs`] is the fleet PKI; [`cli`] the

@@ -3,7 +3,7 @@
 //! Two kinds of series. Events as they happen go through the `metrics` facade where they occur
 //! (`runnel_aggregator_stored_events_total` per agent, the flush latency histogram; the query
 //! latency histogram through [`QueryTimer`], which each SQL door holds while it answers).
-//! State the aggregator already keeps (WAL and Parquet sizes, connected agents and their last
+//! State the aggregator already keeps (WAL and table sizes, connected agents and their last
 //! heartbeat) is read from [`Ops::status`] at scrape time.
 //!
 //! Names follow Prometheus conventions: `_total` counters, `_seconds`, `_bytes`.
@@ -81,27 +81,27 @@ async fn scrape(State(ops): State<Arc<Ops>>) -> impl IntoResponse {
     );
     out.gauge(
         "runnel_aggregator_wal_batches",
-        "Batches in the WAL, not yet flushed to Parquet.",
+        "Batches in the WAL, not yet committed to the events table.",
         status.wal.n_batches as f64,
     );
     out.gauge(
         "runnel_aggregator_recent_rows",
-        "Rows in memory, not yet flushed to Parquet (each also in the WAL).",
+        "Rows in memory, not yet committed to the events table (each also in the WAL).",
         status.wal.n_rows as f64,
     );
     out.gauge(
         "runnel_aggregator_parquet_files",
-        "Parquet files of events.",
+        "Data files (Parquet) of the events table's current version.",
         status.storage.n_files as f64,
     );
     out.gauge(
         "runnel_aggregator_parquet_rows",
-        "Rows in Parquet files.",
+        "Rows in the events table's current version.",
         status.storage.n_rows as f64,
     );
     out.gauge(
         "runnel_aggregator_parquet_bytes",
-        "Bytes of Parquet files.",
+        "Bytes of the data files of the events table's current version.",
         status.storage.n_bytes as f64,
     );
     out.labelled_gauges(

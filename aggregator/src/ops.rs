@@ -144,7 +144,7 @@ pub struct AggregatorStatus {
     pub storage: StorageStatus,
 }
 
-/// Batches committed and not yet flushed to Parquet (their rows are queryable from memory).
+/// Batches committed and not yet in the events table (their rows are queryable from memory).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct WalStatus {
@@ -156,7 +156,7 @@ pub struct WalStatus {
     pub n_rows: u64,
 }
 
-/// Flushed Parquet files.
+/// The events table (Delta Lake): the version queries read and its data files.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct StorageStatus {
@@ -332,7 +332,7 @@ pub fn render_status(status: &AggregatorStatus, now_unix_ms: i64) -> String {
         &mut out,
         "wal",
         &format!(
-            "{} rows in {} batches not yet in Parquet, {} on disk, synchronous = {} ({})",
+            "{} rows in {} batches not yet in the table, {} on disk, synchronous = {} ({})",
             human::count(wal.n_rows),
             human::count(wal.n_batches),
             human::bytes(wal.file_bytes),

@@ -1,8 +1,8 @@
 //! The `events` table schema and the conversion from wire events to Arrow record batches.
 //!
 //! Core fields are typed columns; `attrs` is one JSON object per row (text), so the schema does
-//! not change when sources send new fields. This schema is also the Parquet layout other engines
-//! read (docs/STORAGE.md): change it only by appending nullable columns.
+//! not change when sources send new fields. This schema, in Delta's types, is also the events
+//! table other engines read (docs/STORAGE.md): change it only by appending nullable columns.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, LazyLock};
@@ -14,7 +14,7 @@ use datafusion::arrow::array::{
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use runnel_common::{Event, Value};
 
-/// Milliseconds in an hour: the Parquet partition unit.
+/// Milliseconds in an hour: the table's partition unit.
 pub const HOUR_MS: i64 = 3_600_000;
 
 pub static EVENTS_SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {

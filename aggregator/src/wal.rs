@@ -7,9 +7,9 @@
 //! stored yet (`after_seq` above the mark) is rejected, because storing it would move the mark
 //! past events that then look like replays and would be lost.
 //!
-//! The WAL holds only what has not been flushed to Parquet yet: a flush writes the files,
-//! then records them and deletes their batches in one transaction. Files not recorded are
-//! leftovers of an interrupted flush and are deleted at startup (see `store`).
+//! The WAL holds only what is acknowledged and not yet committed to the events table: a flush
+//! commits the rows to the table (with each agent's mark), then deletes their batches; batches
+//! a crash left behind after their commit are dropped at startup (see `store`).
 //!
 //! The WAL knows nothing of the store: committed and replayed batches go to a
 //! [`CommittedBatches`] sink, and the store's file catalog shares the WAL's transactions through

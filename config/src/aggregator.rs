@@ -66,13 +66,13 @@ pub struct IngestConfig {
 /// `[storage]`, validated.
 #[derive(Debug, Clone)]
 pub struct StorageConfig {
-    /// SQLite WAL file holding acknowledged batches until they are in Parquet files.
+    /// SQLite WAL file holding acknowledged batches until they are in the events table.
     pub wal_path: PathBuf,
     /// SQLite `synchronous` level of the WAL.
     pub synchronous: Synchronous,
-    /// Directory of hour-partitioned Parquet event files.
+    /// Directory of the events table (Delta Lake), partitioned by event date and hour.
     pub events_dir: PathBuf,
-    /// Interval between flushes of recent rows to Parquet.
+    /// Interval between flushes of recent rows to the events table.
     pub flush_interval_ms: u64,
     /// Rows kept in memory before a flush is forced.
     pub max_recent_rows: usize,
@@ -409,28 +409,29 @@ struct RawStorage {
     /// SQLite `synchronous` level of the WAL: "off", "normal", "full" or "extra". Only "full"
     /// and "extra" keep every acknowledged batch across power loss. Default: "full".
     synchronous: Option<String>,
-    /// Directory of the Parquet event files, partitioned by date and hour.
+    /// Directory of the events table (Delta Lake: `_delta_log/` and Parquet data files,
+    /// partitioned by event date and hour).
     /// Relative paths are resolved against the config file's directory.
     /// Default: "<data_dir>/events".
     events_dir: Option<PathBuf>,
-    /// Milliseconds between flushes of recent rows to Parquet files.
+    /// Milliseconds between flushes of recent rows to the events table (one commit each).
     /// Allowed: 100 to 86400000 (one day). Default: 60000.
     flush_interval_ms: Option<u64>,
     /// Rows kept in memory before a flush is forced, whatever the interval.
     /// Allowed: at least 1. Default: 1000000.
     max_recent_rows: Option<u64>,
-    /// Hours of events kept, by event time: Parquet partitions whose hour ended longer ago are
-    /// deleted (checked after every flush). 0 keeps everything. Default: 0.
+    /// Hours of events kept, by event time: partitions whose hour ended longer ago are removed
+    /// from the table in one commit (checked after every flush). 0 keeps everything. Default: 0.
     retention_hours: Option<u64>,
-    /// Merge the small Parquet files (under 32 MiB) of an hour partition once it has this many
-    /// (checked after every flush). 0 turns compaction off; otherwise at least 2. Default: 8.
+    /// Merge the small data files (under 32 MiB) of an hour partition once it has this many, in
+    /// one optimize commit (checked after every flush). 0 turns compaction off; otherwise at least 2. Default: 8.
     compact_min_files: Option<u64>,
     /// Minutes a data file that no table version references any more (replaced by compaction,
     /// removed by retention, or left by an interrupted flush) is kept before it is deleted, so
     /// that a reader that started on an older version still finishes (checked every few
     /// minutes). Allowed: 1 to 43200 (30 days). Default: 60.
     vacuum_grace_minutes: Option<u64>,
-    /// Object store URL for the Parquet files instead of `events_dir`: "s3://bucket/prefix"
+    /// Object store URL of the events table instead of `events_dir`: "s3://bucket/prefix"
     /// (S3 or an S3-compatible store; see `[storage.s3]`). Default: none (`events_dir`).
     url: Option<String>,
     /// `[storage.s3]`: region, endpoint and credentials for an `s3://` `url`.
