@@ -299,6 +299,8 @@ struct ManagedChild {
     record_idx: usize,
     child: Option<Child>,
     n_starts: u32,
+    /// Environment variables set for the next start, beyond the harness's own.
+    env: Vec<(String, String)>,
 }
 
 impl ManagedChild {
@@ -322,6 +324,7 @@ impl ManagedChild {
             record_idx,
             child: None,
             n_starts: 0,
+            env: Vec::new(),
         }
     }
 
@@ -352,6 +355,7 @@ impl ManagedChild {
                 std::env::var("RUNNEL_LOG").unwrap_or_else(|_| "info".to_owned()),
             )
             .env("NO_COLOR", "1")
+            .envs(self.env.iter().map(|(key, value)| (key, value)))
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
@@ -506,6 +510,9 @@ pub struct AggregatorOptions {
     pub storage_extra: String,
     /// Top-level TOML appended at the end of the file (`[[federation]]` sections).
     pub extra_toml: String,
+    /// Environment variables of the process (such as `RUNNEL_AGGREGATOR_PAUSE_AT`); change
+    /// them between starts with [`AggregatorProcess::set_env`].
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for AggregatorOptions {
@@ -517,6 +524,7 @@ impl Default for AggregatorOptions {
             query_extra: String::new(),
             storage_extra: String::new(),
             extra_toml: String::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -613,6 +621,7 @@ impl AggregatorProcess {
 
     fn spawn(&mut self) {
         self.write_config();
+        self.process.env.clone_from(&self.options.env);
         let runtime_path = self.data_dir.join("aggregator.runtime.json");
         match std::fs::remove_file(&runtime_path) {
             Ok(()) => {}
@@ -671,6 +680,11 @@ impl AggregatorProcess {
     pub fn restart(&mut self) {
         self.process.kill_hard();
         self.spawn();
+    }
+
+    /// Sets [`AggregatorOptions::env`] for the next [`AggregatorProcess::restart`].
+    pub fn set_env(&mut self, env: Vec<(String, String)>) {
+        self.options.env = env;
     }
 
     /// Panics with its stderr if it has exited.
