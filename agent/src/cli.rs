@@ -124,7 +124,7 @@ fn check(path: PathBuf) -> anyhow::Result<()> {
         config.buffer.path.display(),
         config.buffer.max_bytes,
         config.buffer.synchronous.as_str(),
-        config.uplink.aggregator,
+        crate::uplink::rendezvous::order(&identity.agent_id, &config.uplink.aggregators).join(", "),
         config.uplink.server_name,
     );
     println!("  managed     {managed}");

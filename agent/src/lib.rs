@@ -158,7 +158,7 @@ async fn run_agent(
         agent_id = %identity.agent_id,
         http = %http_addr,
         mqtt_listener = ?mqtt_listener_addr,
-        aggregator = %config.uplink.aggregator,
+        aggregators = config.uplink.aggregators.join(", "),
         config_version = current.as_ref().map_or(0, |c| c.version),
         config_hash = current.as_ref().map_or("", |c| c.hash.as_str()),
         "agent started"
@@ -186,7 +186,10 @@ async fn run_agent(
             sources,
         )),
     };
-    let uplink_state = Arc::new(uplink::UplinkState::default());
+    let uplink_state = Arc::new(uplink::UplinkState::new(uplink::rendezvous::order(
+        &identity.agent_id,
+        &config.uplink.aggregators,
+    )));
     let ops = Arc::new(ops::Ops::new(
         &config,
         &identity.agent_id,

@@ -107,6 +107,23 @@ async fn scrape(State(ops): State<Arc<Ops>>) -> impl IntoResponse {
         "Batches the aggregator acknowledged.",
         uplink.n_batches_acked,
     );
+    out.counter(
+        "runnel_agent_uplink_failovers_total",
+        "Moves to the next aggregator in this agent's order because the one in use was \
+         unreachable for uplink.failover_after_ms.",
+        uplink.n_failovers,
+    );
+    out.counter(
+        "runnel_agent_uplink_failbacks_total",
+        "Returns to the first-choice aggregator after it was reachable again for \
+         uplink.failback_after_ms.",
+        uplink.n_failbacks,
+    );
+    out.gauge(
+        "runnel_agent_uplink_aggregator_choice",
+        "Position of the aggregator in use in this agent's order (1: its first choice).",
+        uplink.aggregator_choice as f64,
+    );
     mqtt_sessions_lost(&mut text, &status.sources.mqtt_subscribers);
     (
         [(

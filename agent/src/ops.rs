@@ -192,7 +192,8 @@ impl Ops {
                 error: buffer_error,
             },
             uplink: UplinkStatus {
-                aggregator: config.uplink.aggregator.clone(),
+                aggregator: self.uplink.aggregator().to_owned(),
+                aggregators: self.uplink.order().to_vec(),
                 server_name: config.uplink.server_name.clone(),
                 state: self.uplink.snapshot(),
             },
@@ -304,7 +305,11 @@ pub struct BufferStatus {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct UplinkStatus {
+    /// The aggregator connected to, or dialled next when not connected.
     pub aggregator: String,
+    /// Every configured aggregator in this agent's order (rendezvous hashing on its id): the
+    /// first is its first choice. `state.aggregator_choice` is the position of `aggregator`.
+    pub aggregators: Vec<String>,
     pub server_name: String,
     #[serde(flatten)]
     pub state: UplinkSnapshot,
@@ -582,23 +587,44 @@ pub fn render_status(status: &AgentStatus) -> String {
     let state = &uplink.state;
     let now_ms = crate::now_unix_ms();
     let ago = |at_ms: i64| human::duration_ms(u64::try_from(now_ms - at_ms).unwrap_or(0));
+    // With several aggregators: which of them, in this agent's order.
+    let choice = match (uplink.aggregators.len(), state.aggregator_choice) {
+        (0 | 1, _) | (_, 0) => String::new(),
+        (n_choices, 1) => format!("first choice of {n_choices}, "),
+        (n_choices, choice) => format!("choice {choice} of {n_choices}, "),
+    };
     line(
         &mut out,
         "uplink",
         &match (state.connected, state.connected_since_unix_ms) {
             (true, Some(since)) => format!(
-                "connected to {} (server name {}) for {}",
+                "connected to {} ({choice}server name {}) for {}",
                 uplink.aggregator,
                 uplink.server_name,
                 ago(since)
             ),
             (true, None) => format!("connected to {}", uplink.aggregator),
             (false, _) => format!(
-                "NOT CONNECTED to {} (server name {}); events wait in the buffer",
+                "NOT CONNECTED to {} ({choice}server name {}); events wait in the buffer",
                 uplink.aggregator, uplink.server_name
             ),
         },
     );
+    if uplink.aggregators.len() > 1 {
+        line(
+            &mut out,
+            "",
+            &format!(
+                "aggregators in this agent's order: {}; since start: {} failovers, {} returns to the first choice",
+                uplink.aggregators.join(", "),
+                state.n_failovers,
+                state.n_failbacks
+            ),
+        );
+        if let (Some(why), Some(at)) = (&state.last_move, state.last_move_unix_ms) {
+            line(&mut out, "", &format!("last move {} ago: {why}", ago(at)));
+        }
+    }
     line(
         &mut out,
         "",
@@ -638,6 +664,49 @@ mod tests {
         assert!(text.contains("runnel-agent 9.9.9"), "{text}");
         assert!(text.contains("connected to a:1"), "{text}");
         assert!(text.contains("config      not reported"), "{text}");
+    }
+
+    #[test]
+    fn status_says_which_of_several_aggregators_and_why_it_moved() {
+        let mut status = AgentStatus::default();
+        status.uplink.aggregator = "b:9480".into();
+        status.uplink.aggregators = vec!["a:9480".into(), "b:9480".into(), "c:9480".into()];
+        status.uplink.server_name = "fleet".into();
+        status.uplink.state.connected = true;
+        status.uplink.state.connected_since_unix_ms = Some(crate::now_unix_ms());
+        status.uplink.state.aggregator_choice = 2;
+        status.uplink.state.n_failovers = 1;
+        status.uplink.state.last_move = Some("moved from a:9480 to b:9480".into());
+        status.uplink.state.last_move_unix_ms = Some(crate::now_unix_ms());
+        let text = render_status(&status);
+        assert!(
+            text.contains("connected to b:9480 (choice 2 of 3, server name fleet) for "),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "aggregators in this agent's order: a:9480, b:9480, c:9480; since start: 1 \
+                 failovers, 0 returns to the first choice"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("ago: moved from a:9480 to b:9480"), "{text}");
+        status.uplink.state.aggregator_choice = 1;
+        assert!(
+            render_status(&status).contains("connected to b:9480 (first choice of 3, server"),
+            "{text}"
+        );
+        // One aggregator: as before.
+        status.uplink.aggregators.truncate(1);
+        let text = render_status(&status);
+        assert!(
+            text.contains("connected to b:9480 (server name fleet) for "),
+            "{text}"
+        );
+        assert!(
+            !text.contains("aggregators in this agent's order"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -12,13 +12,24 @@
 //! config push can arrive at any time. It is applied by [`crate::control`] in a task of its own
 //! (batches keep flowing meanwhile), answered with a `ConfigResult`, and followed at once by a
 //! `Status`. A `Status` also goes out every heartbeat interval; on protocol 1 a `Heartbeat`.
+//!
+//! With several aggregators (`uplink.aggregators`), which one to dial, when, and when to move
+//! is decided by [`failover::Failover`] over the agent's [`rendezvous`] order; this module feeds
+//! it what happened, dials what it says, and probes the first choice (a QUIC handshake, closed
+//! at once) when it asks. Leaving for the first choice drains the in-flight batches first, as a
+//! shutdown does. Every connection, to whichever aggregator, starts from that aggregator's
+//! high-water mark in its Welcome, so a move never skips an event.
+
+mod failover;
+pub mod rendezvous;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use futures::future::{Fuse, FusedFuture, FutureExt};
 use futures::stream::{FuturesUnordered, StreamExt};
 use runnel_common::limits::{MAX_CONTROL_FRAME_BYTES, MAX_FRAME_BYTES};
 use runnel_common::session::{BatchDue, BufferHead, ControlAction, UplinkLimits, UplinkSession};
@@ -34,6 +45,7 @@ use tokio::sync::watch;
 
 use crate::buffer::{Buffer, Contents};
 use crate::tls::Identity;
+use failover::{Failover, FailoverConfig, Move, MoveReason};
 
 /// How long to wait for in-flight acks when shutting down, so a clean stop does not resend.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -65,6 +77,18 @@ impl Drop for AbortOnDrop {
 /// endpoint. Plain atomics: a reader may see one field updated before another, never a torn value.
 #[derive(Debug, Default)]
 pub struct UplinkState {
+    /// This agent's aggregators in rendezvous order: the first is its first choice.
+    order: Vec<String>,
+    /// Index in `order` of the aggregator connected to or dialled now.
+    target_idx: AtomicUsize,
+    /// Moves to the next aggregator because the one in use was unreachable.
+    n_failovers: AtomicU64,
+    /// Returns to the first choice.
+    n_failbacks: AtomicU64,
+    /// Unix ms of the last move (0: none yet).
+    last_move_unix_ms: AtomicI64,
+    /// Why the uplink last moved, as logged.
+    last_move: Mutex<Option<String>>,
     connected: AtomicBool,
     /// Unix ms of the current connection's Welcome (0: not connected).
     connected_since_unix_ms: AtomicI64,
@@ -90,12 +114,48 @@ pub struct UplinkSnapshot {
     pub n_events_acked: u64,
     pub last_ack_unix_ms: Option<i64>,
     pub last_error: Option<String>,
+    /// Position of the aggregator in use in this agent's order: 1 is its first choice (0: not
+    /// reported, an older agent).
+    pub aggregator_choice: usize,
+    /// Moves to the next aggregator because the one in use was unreachable for
+    /// `uplink.failover_after_ms`.
+    pub n_failovers: u64,
+    /// Returns to the first choice after it was reachable for `uplink.failback_after_ms`.
+    pub n_failbacks: u64,
+    pub last_move_unix_ms: Option<i64>,
+    /// Why the uplink last moved to another aggregator.
+    pub last_move: Option<String>,
 }
 
 impl UplinkState {
+    /// The state of an uplink that tries `order` (this agent's rendezvous order) in turn.
+    pub fn new(order: Vec<String>) -> UplinkState {
+        UplinkState {
+            order,
+            ..UplinkState::default()
+        }
+    }
+
+    /// This agent's aggregators in the order it tries them.
+    pub fn order(&self) -> &[String] {
+        &self.order
+    }
+
+    /// The aggregator connected to or dialled now ("" without any).
+    pub fn aggregator(&self) -> &str {
+        self.order
+            .get(self.target_idx.load(Ordering::Relaxed))
+            .map_or("", String::as_str)
+    }
+
     pub fn snapshot(&self) -> UplinkSnapshot {
         let nonzero = |ms: i64| (ms != 0).then_some(ms);
         UplinkSnapshot {
+            aggregator_choice: self.target_idx.load(Ordering::Relaxed) + 1,
+            n_failovers: self.n_failovers.load(Ordering::Relaxed),
+            n_failbacks: self.n_failbacks.load(Ordering::Relaxed),
+            last_move_unix_ms: nonzero(self.last_move_unix_ms.load(Ordering::Relaxed)),
+            last_move: lock(&self.last_move).clone(),
             connected: self.connected.load(Ordering::Relaxed),
             connected_since_unix_ms: nonzero(self.connected_since_unix_ms.load(Ordering::Relaxed)),
             n_connects: self.n_connects.load(Ordering::Relaxed),
@@ -103,8 +163,23 @@ impl UplinkState {
             n_batches_acked: self.n_batches_acked.load(Ordering::Relaxed),
             n_events_acked: self.n_events_acked.load(Ordering::Relaxed),
             last_ack_unix_ms: nonzero(self.last_ack_unix_ms.load(Ordering::Relaxed)),
-            last_error: self.lock_last_error().clone(),
+            last_error: lock(&self.last_error).clone(),
         }
+    }
+
+    fn on_target(&self, target_idx: usize) {
+        self.target_idx.store(target_idx, Ordering::Relaxed);
+    }
+
+    fn on_move(&self, moved: &Move, why: String) {
+        match moved.reason {
+            MoveReason::Unreachable { .. } => &self.n_failovers,
+            MoveReason::FirstChoiceBack { .. } => &self.n_failbacks,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+        self.last_move_unix_ms
+            .store(crate::now_unix_ms(), Ordering::Relaxed);
+        *lock(&self.last_move) = Some(why);
     }
 
     fn on_connected(&self) {
@@ -119,7 +194,7 @@ impl UplinkState {
         self.connected_since_unix_ms.store(0, Ordering::Relaxed);
         if let Some(error) = error {
             self.n_connection_failures.fetch_add(1, Ordering::Relaxed);
-            *self.lock_last_error() = Some(error.to_owned());
+            *lock(&self.last_error) = Some(error.to_owned());
         }
     }
 
@@ -129,17 +204,17 @@ impl UplinkState {
         self.last_ack_unix_ms
             .store(crate::now_unix_ms(), Ordering::Relaxed);
     }
+}
 
-    fn lock_last_error(&self) -> std::sync::MutexGuard<'_, Option<String>> {
-        // Plain data: a panic while holding the lock leaves nothing half-done.
-        self.last_error
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Plain data: a panic while holding the lock leaves nothing half-done.
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Runs until `shutdown` becomes true. Never returns an error: connection failures are logged
-/// and retried with exponential backoff and jitter.
+/// and retried with exponential backoff and jitter, on the aggregator [`Failover`] says.
 pub async fn run(uplink: Uplink, mut shutdown: watch::Receiver<bool>) {
     let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
     let mut endpoint = match quinn::Endpoint::client(bind) {
@@ -150,35 +225,86 @@ pub async fn run(uplink: Uplink, mut shutdown: watch::Receiver<bool>) {
         }
     };
     endpoint.set_default_client_config(uplink.identity.client_config.clone());
-    let mut backoff = Backoff::new(
-        uplink.config.reconnect_min_ms,
-        uplink.config.reconnect_max_ms,
+    let config = &uplink.config;
+    let order = uplink.state.order().to_vec();
+    if order.is_empty() {
+        tracing::error!("the uplink has no aggregator to connect to; nothing will be shipped");
+        return;
+    }
+    if order.len() > 1 {
+        tracing::info!(
+            agent_id = %uplink.identity.agent_id,
+            order = order.join(", "),
+            failover_after_ms = config.failover_after_ms,
+            failback_after_ms = config.failback_after_ms,
+            "several aggregators: this agent tries them in this order"
+        );
+    }
+    let mut failover = Failover::new(
+        order.len(),
+        FailoverConfig {
+            failover_after: Duration::from_millis(config.failover_after_ms),
+            failback_after: Duration::from_millis(config.failback_after_ms),
+            reconnect_min: Duration::from_millis(config.reconnect_min_ms),
+            reconnect_max: Duration::from_millis(config.reconnect_max_ms),
+            connect_timeout: Duration::from_millis(config.idle_timeout_ms),
+        },
+        fastrand::Rng::new(),
+        Instant::now(),
     );
     let mut last_error: Option<String> = None;
     loop {
         if *shutdown.borrow() {
             break;
         }
+        tokio::select! {
+            _ = tokio::time::sleep_until(failover.attempt_at().into()) => {}
+            _ = stopped(&mut shutdown) => break,
+        }
+        let attempt = failover.begin_attempt(Instant::now());
+        let address = order[attempt.target_idx].as_str();
+        uplink.state.on_target(attempt.target_idx);
+        if let Some(moved) = attempt.moved {
+            log_move(&uplink.state, &order, &moved);
+            last_error = None;
+        }
         let result = tokio::select! {
-            result = connection(&uplink, &endpoint, &mut backoff, shutdown.clone()) => result,
+            result = connection(&uplink, &endpoint, address, attempt.timeout, &mut failover, shutdown.clone()) => result,
             _ = stopped(&mut shutdown) => break,
         };
         match result {
-            Ok(()) => break,
+            Ok(Ended::Shutdown) => break,
+            Ok(Ended::Left) => {
+                uplink.state.on_disconnected(None);
+                last_error = None;
+            }
+            Err(error) if failover.is_leaving() => {
+                // The connection being left for the first choice failed while it drained: its
+                // unacknowledged batches go to the first choice.
+                uplink.state.on_disconnected(None);
+                tracing::debug!(
+                    error = format!("{error:#}"),
+                    aggregator = address,
+                    "uplink connection ended while leaving it"
+                );
+            }
             Err(error) => {
-                let delay = backoff.next_delay();
+                failover.on_failed(Instant::now());
+                let delay = failover
+                    .attempt_at()
+                    .saturating_duration_since(Instant::now());
                 let error = format!("{error:#}");
                 uplink.state.on_disconnected(Some(&error));
                 // A misconfigured or unreachable aggregator fails the same way on every retry:
                 // warn on the first failure, when the reason changes, and every 10th retry.
-                let n_failures = backoff.n_failures();
+                let n_failures = failover.n_failures();
                 if n_failures == 1
                     || n_failures.is_multiple_of(10)
                     || last_error.as_deref() != Some(error.as_str())
                 {
                     tracing::warn!(
                         error,
-                        aggregator = %uplink.config.aggregator,
+                        aggregator = address,
                         n_failures,
                         retry_in_ms = delay.as_millis() as u64,
                         "uplink connection failed"
@@ -187,10 +313,6 @@ pub async fn run(uplink: Uplink, mut shutdown: watch::Receiver<bool>) {
                     tracing::debug!(error, n_failures, "uplink connection failed again");
                 }
                 last_error = Some(error);
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = stopped(&mut shutdown) => break,
-                }
             }
         }
     }
@@ -199,25 +321,97 @@ pub async fn run(uplink: Uplink, mut shutdown: watch::Receiver<bool>) {
     endpoint.wait_idle().await;
 }
 
-/// One connection's life. Returns Ok(()) only on shutdown.
-async fn connection(
+/// Logs a move once, with the reason, and records it for the status.
+fn log_move(state: &UplinkState, order: &[String], moved: &Move) {
+    let (from, to) = (&order[moved.from_idx], &order[moved.to_idx]);
+    let choice = moved.to_idx + 1;
+    let n_choices = order.len();
+    let why = match moved.reason {
+        MoveReason::Unreachable { for_ms } => {
+            let why = format!(
+                "moved from {from} to {to} (choice {choice} of {n_choices}): {from} was \
+                 unreachable for {for_ms} ms (uplink.failover_after_ms)"
+            );
+            tracing::warn!(
+                from = %from,
+                to = %to,
+                choice,
+                unreachable_ms = for_ms,
+                "uplink moves to the next aggregator in its order: {why}"
+            );
+            why
+        }
+        MoveReason::FirstChoiceBack { for_ms } => {
+            let why = format!(
+                "returned from {from} to its first choice {to}: reachable again for {for_ms} ms \
+                 (uplink.failback_after_ms)"
+            );
+            tracing::info!(
+                from = %from,
+                to = %to,
+                reachable_ms = for_ms,
+                "uplink returns to its first-choice aggregator: {why}"
+            );
+            why
+        }
+    };
+    state.on_move(moved, why);
+}
+
+/// How a connection ended without an error.
+enum Ended {
+    /// The agent shuts down.
+    Shutdown,
+    /// Left (drained) for the first choice, which [`Failover`] found reachable again.
+    Left,
+}
+
+/// QUIC application close code of a probe; the aggregator sees a connection that closed before
+/// its Hello.
+const PROBE_CLOSE_CODE: u32 = 0;
+
+/// A probe: can a connection to `address` be made (QUIC handshake with mutual TLS) within
+/// `timeout`? The connection is closed at once.
+async fn probe(
+    endpoint: &quinn::Endpoint,
+    address: &str,
+    server_name: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let handshake = async {
+        let addr = resolve(address).await?;
+        let connection = endpoint
+            .connect(addr, server_name)
+            .with_context(|| format!("connect to {address} ({addr})"))?
+            .await
+            .with_context(|| format!("QUIC/TLS handshake with {address}"))?;
+        connection.close(PROBE_CLOSE_CODE.into(), b"uplink probe");
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(timeout, handshake)
+        .await
+        .with_context(|| format!("probe {address}: no handshake within {timeout:?}"))?
+}
+
+/// Connects to `address`: QUIC and TLS handshakes, the control stream, Hello and Welcome.
+async fn establish(
     uplink: &Uplink,
     endpoint: &quinn::Endpoint,
-    backoff: &mut Backoff,
-    shutdown: watch::Receiver<bool>,
-) -> anyhow::Result<()> {
+    address: &str,
+) -> anyhow::Result<(
+    quinn::Connection,
+    quinn::SendStream,
+    quinn::RecvStream,
+    runnel_common::wire::Welcome,
+)> {
     let config = &uplink.config;
-    let addr = resolve(&config.aggregator).await?;
-    let connecting = endpoint
+    let addr = resolve(address).await?;
+    let connection = endpoint
         .connect(addr, &config.server_name)
-        .with_context(|| format!("connect to {} ({addr})", config.aggregator))?;
-    let connection =
-        tokio::time::timeout(Duration::from_millis(config.idle_timeout_ms), connecting)
-            .await
-            .with_context(|| format!("connect to {}: timed out", config.aggregator))?
-            .with_context(|| format!("QUIC/TLS handshake with {}", config.aggregator))?;
-
-    let (mut control_send, control_recv) =
+        .with_context(|| format!("connect to {address} ({addr})"))?
+        .await
+        .with_context(|| format!("QUIC/TLS handshake with {address}"))?;
+    let (mut control_send, mut control_recv) =
         connection.open_bi().await.context("open control stream")?;
     let hello = Hello {
         min_protocol_version: MIN_PROTOCOL_VERSION,
@@ -233,19 +427,35 @@ async fn connection(
         MAX_CONTROL_FRAME_BYTES,
     )
     .await?;
-    let mut control_recv = control_recv;
     let welcome = match read_frame::<AggregatorMessage>(&mut control_recv, MAX_CONTROL_FRAME_BYTES)
         .await
         .context("read welcome")?
     {
         AggregatorMessage::Welcome(welcome) => welcome,
         AggregatorMessage::Refused { reason } => {
-            anyhow::bail!("aggregator refused this agent: {reason}")
+            anyhow::bail!("aggregator {address} refused this agent: {reason}")
         }
         AggregatorMessage::ConfigPush(_) => {
-            anyhow::bail!("aggregator sent a config push before its welcome")
+            anyhow::bail!("aggregator {address} sent a config push before its welcome")
         }
     };
+    Ok((connection, control_send, control_recv, welcome))
+}
+
+/// One connection's life. Returns Ok only on shutdown or when it left for the first choice.
+async fn connection(
+    uplink: &Uplink,
+    endpoint: &quinn::Endpoint,
+    address: &str,
+    timeout: Duration,
+    failover: &mut Failover,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<Ended> {
+    let config = &uplink.config;
+    let (connection, mut control_send, control_recv, welcome) =
+        tokio::time::timeout(timeout, establish(uplink, endpoint, address))
+            .await
+            .with_context(|| format!("connect to {address}: no welcome within {timeout:?}"))??;
     let mut session = UplinkSession::new(UplinkLimits {
         max_in_flight_batches: config.max_in_flight_batches,
         max_batch_events: config.max_batch_events,
@@ -257,17 +467,19 @@ async fn connection(
     let reconciled = uplink.buffer.reconcile(hwm).await?;
     tracing::info!(
         agent_id = %uplink.identity.agent_id,
-        aggregator = %config.aggregator,
+        aggregator = address,
+        choice = failover.target_idx() + 1,
         high_water_mark = hwm,
         n_already_stored = reconciled.n_deleted,
         "uplink connected"
     );
-    backoff.reset();
+    failover.on_connected(Instant::now());
     uplink.state.on_connected();
 
     // Fleet protocol: read control frames as they come. On protocol 1 the aggregator sends
     // nothing after its Welcome, and the stream is left alone.
     let (control_tx, mut control_rx) = tokio::sync::mpsc::channel(CONTROL_QUEUE_DEPTH);
+    let mut control_recv = control_recv;
     let _reader = session.is_fleet().then(|| {
         AbortOnDrop(tokio::spawn(async move {
             loop {
@@ -283,17 +495,24 @@ async fn connection(
     });
     let mut applies = FuturesUnordered::new();
 
+    // A probe of the first choice, while connected to a later one.
+    let first_choice = uplink.state.order()[0].as_str();
+    let probe_timeout = Duration::from_millis(config.idle_timeout_ms);
+    let probing = Fuse::terminated();
+    tokio::pin!(probing);
+
     let mut contents_rx = uplink.buffer.contents();
     let mut shutdown = shutdown;
     let mut acks = FuturesUnordered::new();
     let mut heartbeat = tokio::time::interval(Duration::from_millis(u64::from(
         heartbeat_interval_ms.max(1000),
     )));
-    let mut draining_since: Option<Instant> = None;
+    // Set when the connection drains: on shutdown, or to leave for the first choice.
+    let mut draining: Option<(Instant, Ended)> = None;
     loop {
         let now = Instant::now();
         session.on_buffer_head(buffer_head(&contents_rx.borrow_and_update()), now);
-        if draining_since.is_none() {
+        if draining.is_none() {
             while session.batch_due(now) == BatchDue::Now {
                 let after_seq = session.dispatched_seq();
                 let read = uplink
@@ -331,18 +550,28 @@ async fn connection(
             }
         }
         let due_at = match session.batch_due(now) {
-            BatchDue::At(at) if draining_since.is_none() => Some(at),
+            BatchDue::At(at) if draining.is_none() => Some(at),
             _ => None,
         };
-        if let Some(since) = draining_since
+        if let Some((since, _)) = &draining
             && (session.n_in_flight() == 0 || since.elapsed() >= SHUTDOWN_GRACE)
         {
-            connection.close(0u32.into(), b"agent shutting down");
-            return Ok(());
+            let (_, ended) = draining.take().expect("draining was checked");
+            let reason: &[u8] = match ended {
+                Ended::Shutdown => b"agent shutting down",
+                Ended::Left => b"agent returns to its first-choice aggregator",
+            };
+            connection.close(0u32.into(), reason);
+            return Ok(ended);
         }
+        let probe_at = failover
+            .probe_at()
+            .filter(|_| draining.is_none() && probing.is_terminated());
+        let drained_at = draining.as_ref().map(|(since, _)| *since + SHUTDOWN_GRACE);
         tokio::select! {
             changed = contents_rx.changed() => changed.context("buffer stopped")?,
             _ = sleep_until(due_at) => {}
+            _ = sleep_until(drained_at) => {}
             Some(ack) = acks.next() => {
                 let ack = ack?;
                 let acked = session.on_ack(&ack, Instant::now())?;
@@ -381,9 +610,21 @@ async fn connection(
                     write_frame(&mut control_send, &beat, MAX_CONTROL_FRAME_BYTES).await?;
                 }
             }
-            error = connection.closed() => return Err(anyhow::Error::new(error).context("connection closed")),
-            _ = stopped(&mut shutdown), if draining_since.is_none() => {
-                draining_since = Some(Instant::now());
+            _ = sleep_until(probe_at) => {
+                probing.set(probe(endpoint, first_choice, &config.server_name, probe_timeout).fuse());
+            }
+            result = &mut probing => {
+                if let Err(error) = &result {
+                    tracing::debug!(error = format!("{error:#}"), "first-choice aggregator not reachable yet");
+                }
+                if let Some(moved) = failover.on_probe(result.is_ok(), Instant::now()) {
+                    log_move(&uplink.state, uplink.state.order(), &moved);
+                    draining = Some((Instant::now(), Ended::Left));
+                }
+            }
+            error = connection.closed() => return Err(anyhow::Error::new(error).context(format!("connection to {address} closed"))),
+            _ = stopped(&mut shutdown), if draining.is_none() => {
+                draining = Some((Instant::now(), Ended::Shutdown));
             }
         }
     }
@@ -457,7 +698,15 @@ async fn status(uplink: &Uplink) -> Status {
         ComponentHealth {
             name: "uplink".into(),
             healthy: uplink_state.connected,
-            detail: uplink_state.last_error.unwrap_or_default(),
+            detail: match (uplink_state.connected, uplink_state.aggregator_choice) {
+                (true, choice) if choice > 1 => format!(
+                    "on {} (choice {choice} of {}): {}",
+                    uplink.state.aggregator(),
+                    uplink.state.order().len(),
+                    uplink_state.last_move.unwrap_or_default()
+                ),
+                _ => uplink_state.last_error.unwrap_or_default(),
+            },
         },
     ];
     let load = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
@@ -482,6 +731,8 @@ async fn status(uplink: &Uplink) -> Status {
                 "connection_failures".to_owned(),
                 uplink_state.n_connection_failures,
             ),
+            ("uplink_failovers".to_owned(), uplink_state.n_failovers),
+            ("uplink_failbacks".to_owned(), uplink_state.n_failbacks),
             ("buffer_commits".to_owned(), load(&stats.n_commits)),
         ]),
     }
@@ -521,12 +772,14 @@ async fn send_batch(
     }
 }
 
+/// Resolves an address of `uplink.aggregator` or `uplink.aggregators`, on every connect: DNS may
+/// change while the agent runs.
 async fn resolve(aggregator: &str) -> anyhow::Result<SocketAddr> {
     tokio::net::lookup_host(aggregator)
         .await
-        .with_context(|| format!("resolve uplink.aggregator = {aggregator:?}"))?
+        .with_context(|| format!("resolve aggregator {aggregator:?} (uplink.aggregator or uplink.aggregators)"))?
         .next()
-        .with_context(|| format!("uplink.aggregator = {aggregator:?} resolves to no address"))
+        .with_context(|| format!("aggregator {aggregator:?} (uplink.aggregator or uplink.aggregators) resolves to no address"))
 }
 
 pub async fn write_frame<T: Serialize>(
@@ -553,60 +806,4 @@ pub async fn read_frame<T: DeserializeOwned>(
         .await
         .context("read frame payload")?;
     Ok(frame::decode_payload(&payload)?)
-}
-
-/// Exponential backoff with "equal jitter": half the delay fixed, half random, so a fleet that
-/// lost its aggregator does not reconnect in lockstep.
-struct Backoff {
-    min_ms: u64,
-    max_ms: u64,
-    current_ms: u64,
-    /// Failures since the last successful connection.
-    n_failures: u64,
-}
-
-impl Backoff {
-    fn new(min_ms: u64, max_ms: u64) -> Backoff {
-        Backoff {
-            min_ms,
-            max_ms,
-            current_ms: min_ms,
-            n_failures: 0,
-        }
-    }
-
-    fn next_delay(&mut self) -> Duration {
-        self.n_failures += 1;
-        let base = self.current_ms;
-        self.current_ms = (self.current_ms.saturating_mul(2)).min(self.max_ms);
-        let half = base / 2;
-        Duration::from_millis(half + fastrand::u64(0..=half.max(1)))
-    }
-
-    fn reset(&mut self) {
-        self.current_ms = self.min_ms;
-        self.n_failures = 0;
-    }
-
-    fn n_failures(&self) -> u64 {
-        self.n_failures
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_to_the_cap_with_jitter_and_resets() {
-        let mut backoff = Backoff::new(100, 1000);
-        let delays: Vec<u64> = (0..6)
-            .map(|_| backoff.next_delay().as_millis() as u64)
-            .collect();
-        assert!((50..=100).contains(&delays[0]), "{delays:?}");
-        assert!((100..=200).contains(&delays[1]), "{delays:?}");
-        assert!(delays[5] <= 1000 && delays[5] >= 500, "{delays:?}");
-        backoff.reset();
-        assert!(backoff.next_delay().as_millis() <= 100);
-    }
 }

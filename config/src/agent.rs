@@ -128,8 +128,15 @@ pub struct BufferConfig {
 /// `[uplink]`, validated.
 #[derive(Debug, Clone)]
 pub struct UplinkConfig {
-    /// Aggregator ingest address, `host:port`.
-    pub aggregator: String,
+    /// Aggregator ingest addresses, `host:port`, as written: the one of `uplink.aggregator` or
+    /// the list of `uplink.aggregators`. Never empty, no duplicates. The uplink orders them per
+    /// agent (rendezvous hashing on the agent id); the order here means nothing.
+    pub aggregators: Vec<String>,
+    /// How long the aggregator in use may be unreachable before the uplink moves to the next in
+    /// its order.
+    pub failover_after_ms: u64,
+    /// How long the first choice must have been reachable again before the uplink returns to it.
+    pub failback_after_ms: u64,
     /// TLS name expected in the aggregator certificate.
     pub server_name: String,
     /// PEM of the fleet CA.
@@ -275,9 +282,25 @@ struct RawBuffer {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawUplink {
-    /// Required. The aggregator's QUIC ingest address as "host:port", such as
-    /// "aggregator.example.com:9480".
+    /// Required unless `aggregators` is set. The aggregator's QUIC ingest address as
+    /// "host:port", such as "aggregator.example.com:9480".
     aggregator: Option<String>,
+    /// Instead of `aggregator` when several aggregators serve the fleet: their QUIC ingest
+    /// addresses as "host:port", such as ["agg-a.example.com:9480", "agg-b.example.com:9480"].
+    /// Each agent orders them by rendezvous hashing on its agent id, uses the first it can
+    /// reach, moves to the next after `failover_after_ms` and returns after
+    /// `failback_after_ms`. The order in the file does not matter; the spelling does (list the
+    /// same strings on every agent). 1 to 64 entries, no duplicates. Default: not set.
+    aggregators: Option<Vec<String>>,
+    /// Milliseconds the aggregator in use may be unreachable (connection lost and every attempt
+    /// since failed) before the agent moves to the next in its order. Only with several
+    /// aggregators. Allowed: 100 to 3600000. Default: 5000.
+    failover_after_ms: Option<u64>,
+    /// Milliseconds the agent's first choice must have been reachable again (the agent probes it
+    /// with a QUIC handshake about every `reconnect_max_ms` while it uses another) before the
+    /// agent returns to it. Only with several aggregators. Allowed: 0 to 86400000.
+    /// Default: 60000.
+    failback_after_ms: Option<u64>,
     /// TLS server name expected in the aggregator's certificate. Default: "localhost".
     server_name: Option<String>,
     /// Required. PEM file of the fleet CA that signed the aggregator's certificate.
@@ -542,7 +565,23 @@ impl RawUplink {
         checker: &mut Checker<'_>,
         http: &HttpSourceConfig,
     ) -> Result<UplinkConfig, ConfigError> {
-        let aggregator = validate_host_port(checker, "uplink.aggregator", self.aggregator)?;
+        let aggregators = validate_aggregators(checker, self.aggregator, self.aggregators)?;
+        let failover_after_ms = checker.int(
+            "uplink.failover_after_ms",
+            self.failover_after_ms,
+            5_000,
+            100,
+            Some(3_600_000),
+            Unit::Plain,
+        )?;
+        let failback_after_ms = checker.int(
+            "uplink.failback_after_ms",
+            self.failback_after_ms,
+            60_000,
+            0,
+            Some(86_400_000),
+            Unit::Plain,
+        )?;
         let server_name = match self.server_name {
             None => "localhost".to_owned(),
             Some(name) if name.is_empty() || name.contains(char::is_whitespace) => {
@@ -656,7 +695,9 @@ impl RawUplink {
             true,
         )?;
         Ok(UplinkConfig {
-            aggregator,
+            aggregators,
+            failover_after_ms,
+            failback_after_ms,
             server_name,
             ca_cert,
             cert,
@@ -673,20 +714,78 @@ impl RawUplink {
     }
 }
 
+/// Most entries of `uplink.aggregators`: a bound like every list's. Every connect orders all of
+/// them and the status lists them all; a fleet behind more aggregators than this is a different
+/// design.
+const MAX_AGGREGATORS: usize = 64;
+
+/// Exactly one of `uplink.aggregator` and `uplink.aggregators`, as the list of addresses.
+fn validate_aggregators(
+    checker: &Checker<'_>,
+    one: Option<String>,
+    several: Option<Vec<String>>,
+) -> Result<Vec<String>, ConfigError> {
+    const KEY: &str = "uplink.aggregators";
+    match (one, several) {
+        (Some(_), Some(list)) => Err(checker.invalid(
+            KEY,
+            quote_list(&list),
+            "uplink.aggregator is set too: set only one of them, uplink.aggregator for a single \
+             aggregator or uplink.aggregators to list several",
+        )),
+        (None, None) => Err(checker.missing(
+            "uplink.aggregator",
+            "the aggregator's QUIC ingest address as \"host:port\", such as \
+             \"aggregator.example.com:9480\"; or uplink.aggregators = [\"host:port\", ...] to list \
+             several aggregators",
+        )),
+        (Some(text), None) => Ok(vec![validate_host_port(
+            checker,
+            "uplink.aggregator",
+            text,
+        )?]),
+        (None, Some(list)) => {
+            if list.is_empty() || list.len() > MAX_AGGREGATORS {
+                return Err(checker.invalid(
+                    KEY,
+                    quote_list(&list),
+                    format!(
+                        "must list 1 to {MAX_AGGREGATORS} aggregators as \"host:port\", such as \
+                         [\"agg-a.example.com:9480\", \"agg-b.example.com:9480\"]"
+                    ),
+                ));
+            }
+            for (idx, text) in list.iter().enumerate() {
+                let key = format!("{KEY}[{idx}]");
+                validate_host_port(checker, &key, text.clone())?;
+                if let Some(first_idx) = list[..idx].iter().position(|other| other == text) {
+                    return Err(checker.invalid(
+                        &key,
+                        quote(text),
+                        format!(
+                            "is listed twice (also {KEY}[{first_idx}]): list each aggregator once"
+                        ),
+                    ));
+                }
+            }
+            Ok(list)
+        }
+    }
+}
+
+/// A list of strings as written in TOML.
+fn quote_list(list: &[String]) -> String {
+    let quoted: Vec<String> = list.iter().map(|text| quote(text)).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
 /// `host:port` with a non-empty host and a port in 1..=65535 after the last ':'. The host is not
 /// resolved here: DNS may change while the agent runs, so the uplink resolves on every connect.
 fn validate_host_port(
     checker: &Checker<'_>,
     key: &str,
-    raw: Option<String>,
+    text: String,
 ) -> Result<String, ConfigError> {
-    let Some(text) = raw else {
-        return Err(checker.missing(
-            key,
-            "the aggregator's QUIC ingest address as \"host:port\", such as \
-             \"aggregator.example.com:9480\"",
-        ));
-    };
     let valid = match text.rsplit_once(':') {
         Some((host, port)) => {
             !host.is_empty()

@@ -489,7 +489,7 @@ when_full = "drop_oldest"
         // Bootstrap keys stay.
         assert_eq!(config.buffer.max_bytes, 10 * 1024 * 1024);
         assert_eq!(config.labels["site"], "berlin");
-        assert_eq!(config.uplink.aggregator, "aggregator.example:9480");
+        assert_eq!(config.uplink.aggregators, ["aggregator.example:9480"]);
     }
 
     #[test]

@@ -47,7 +47,9 @@ fn defaults_are_applied() {
     assert_eq!(config.buffer.synchronous, Synchronous::Full);
     assert_eq!(config.buffer.when_full, WhenFull::Block);
     let uplink = &config.uplink;
-    assert_eq!(uplink.aggregator, "agg.example.com:9480");
+    assert_eq!(uplink.aggregators, ["agg.example.com:9480"]);
+    assert_eq!(uplink.failover_after_ms, 5_000);
+    assert_eq!(uplink.failback_after_ms, 60_000);
     assert_eq!(uplink.server_name, "localhost");
     assert_eq!(uplink.ca_cert, Path::new("/etc/runnel/certs/ca.pem"));
     assert_eq!(uplink.cert, Path::new("/etc/runnel/certs/agent.pem"));
@@ -329,7 +331,8 @@ fn missing_required_keys_say_what_to_put() {
     assert_eq!(
         error.to_string(),
         "agent.toml: uplink.aggregator is required: the aggregator's QUIC ingest address as \
-         \"host:port\", such as \"aggregator.example.com:9480\""
+         \"host:port\", such as \"aggregator.example.com:9480\"; or uplink.aggregators = \
+         [\"host:port\", ...] to list several aggregators"
     );
     let text: String = MINIMAL
         .lines()
@@ -581,4 +584,90 @@ fn collectors_default_on_with_clickstream() {
         ("clickstream", "default")
     );
     assert!(config.segment.write_keys.is_empty() && config.http.cors_allowed_origins.is_empty());
+}
+
+/// `MINIMAL` with its `aggregator = ...` line replaced by `lines`.
+fn with_aggregator_lines(lines: &str) -> String {
+    MINIMAL.replace("aggregator = \"agg.example.com:9480\"", lines)
+}
+
+#[test]
+fn several_aggregators_are_listed_with_their_failover_times() {
+    let text = with_aggregator_lines(
+        "aggregators = [\"agg-a:9480\", \"agg-b:9480\", \"[::1]:9480\"]\n\
+         failover_after_ms = 2000\n\
+         failback_after_ms = 0",
+    );
+    let uplink = parse_agent(&text, origin()).unwrap().uplink;
+    assert_eq!(
+        uplink.aggregators,
+        ["agg-a:9480", "agg-b:9480", "[::1]:9480"]
+    );
+    assert_eq!(uplink.failover_after_ms, 2_000);
+    assert_eq!(uplink.failback_after_ms, 0);
+}
+
+#[test]
+fn aggregator_and_aggregators_are_one_or_the_other() {
+    let both = format!("{MINIMAL}aggregators = [\"agg-b:9480\"]\n");
+    assert_eq!(
+        parse_agent(&both, Path::new("agent.toml"))
+            .unwrap_err()
+            .to_string(),
+        "agent.toml: uplink.aggregators = [\"agg-b:9480\"]: uplink.aggregator is set too: set \
+         only one of them, uplink.aggregator for a single aggregator or uplink.aggregators to \
+         list several"
+    );
+    let neither = with_aggregator_lines("");
+    let error = parse_agent(&neither, Path::new("agent.toml")).unwrap_err();
+    assert!(matches!(error, ConfigError::Missing { .. }), "{error:?}");
+    let message = error.to_string();
+    assert!(
+        message.contains("uplink.aggregator is required") && message.contains("uplink.aggregators"),
+        "{message}"
+    );
+}
+
+#[test]
+fn every_listed_aggregator_is_checked() {
+    let cases = [
+        (
+            "aggregators = []",
+            "uplink.aggregators = []: must list 1 to 64 aggregators as \"host:port\", such as \
+             [\"agg-a.example.com:9480\", \"agg-b.example.com:9480\"]",
+        ),
+        (
+            "aggregators = [\"agg-a:9480\", \"agg-b\"]",
+            "uplink.aggregators[1] = \"agg-b\": must be \"host:port\" with a non-empty host and a \
+             port from 1 to 65535, such as \"aggregator.example.com:9480\" or \
+             \"[2001:db8::1]:9480\"",
+        ),
+        (
+            "aggregators = [\"agg-a:9480\", \"agg-b:9480\", \"agg-a:9480\"]",
+            "uplink.aggregators[2] = \"agg-a:9480\": is listed twice (also \
+             uplink.aggregators[0]): list each aggregator once",
+        ),
+        (
+            "aggregators = [\"agg-a:9480\"]\nfailover_after_ms = 99",
+            "uplink.failover_after_ms = 99: must be between 100 and 3600000",
+        ),
+        (
+            "aggregators = [\"agg-a:9480\"]\nfailback_after_ms = 86400001",
+            "uplink.failback_after_ms = 86400001: must be at most 86400000",
+        ),
+    ];
+    for (lines, expected) in cases {
+        let error = parse_agent(&with_aggregator_lines(lines), Path::new("agent.toml"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(error, format!("agent.toml: {expected}"), "for {lines:?}");
+    }
+    let many: Vec<String> = (0..65).map(|idx| format!("\"agg-{idx}:9480\"")).collect();
+    let error = parse_agent(
+        &with_aggregator_lines(&format!("aggregators = [{}]", many.join(", "))),
+        Path::new("agent.toml"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(error.contains("must list 1 to 64 aggregators"), "{error}");
 }

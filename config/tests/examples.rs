@@ -33,7 +33,7 @@ fn every_example_parses() {
             let config =
                 load_agent(&path).unwrap_or_else(|error| panic!("{}: {error}", path.display()));
             assert_eq!(config.uplink.ca_cert, Path::new("/etc/runnel/certs/ca.pem"));
-            assert!(!config.uplink.aggregator.is_empty(), "{name}");
+            assert!(!config.uplink.aggregators.is_empty(), "{name}");
             assert_eq!(config.buffer.when_full, WhenFull::Block, "{name}");
             assert!(config.data_dir.is_absolute(), "{name}");
         } else if name.starts_with("managed") {
