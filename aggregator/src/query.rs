@@ -522,7 +522,7 @@ mod tests {
         store.insert(
             1,
             "edge-1",
-            4,
+            (0, 4),
             crate::schema::to_record_batches("edge-1", 0, &events),
         );
         let config = runnel_config::parse_aggregator(

@@ -152,6 +152,9 @@ pub struct ParquetFile {
 /// Rows of one committed WAL batch, waiting in memory for a flush.
 struct Recent {
     agent_id: Arc<str>,
+    /// The agent's sequence number this batch follows (its chain link, see the invariant in
+    /// ARCHITECTURE.md), and its last.
+    after_seq: u64,
     last_seq: u64,
     /// By event hour.
     batches: Vec<(i64, RecordBatch)>,
@@ -196,6 +199,9 @@ pub struct EventStore {
     /// Set when what the table holds may differ from what this store believes (startup, or a
     /// commit whose outcome is unknown): [`EventStore::reconcile`] runs before the next write.
     unsure: AtomicBool,
+    /// The table's mark of each agent, as of the last lookup or commit of this store (changed
+    /// only with `table` locked; an agent missing here is looked up before a flush).
+    marks: Mutex<HashMap<Arc<str>, u64>>,
     max_recent_rows: usize,
     flush_wanted: Notify,
 }
@@ -245,9 +251,16 @@ impl EventStore {
             inner: Mutex::default(),
             table: tokio::sync::Mutex::new(None),
             unsure: AtomicBool::new(true),
+            marks: Mutex::default(),
             max_recent_rows,
             flush_wanted: Notify::new(),
         }
+    }
+
+    fn marks_lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, u64>> {
+        self.marks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -281,17 +294,18 @@ impl EventStore {
         Ok(version)
     }
 
-    /// Adds rows of a committed WAL batch of `agent_id` whose last event is `last_seq`. Asks for
-    /// a flush when memory holds too many rows.
+    /// Adds rows of a committed WAL batch of `agent_id` that follows `after_seq` and ends at
+    /// `last_seq`. Asks for a flush when memory holds too many rows.
     pub fn insert(
         &self,
         batch_id: i64,
         agent_id: &str,
-        last_seq: u64,
+        (after_seq, last_seq): (u64, u64),
         batches: Vec<(i64, RecordBatch)>,
     ) {
         let recent = Recent {
             agent_id: Arc::from(agent_id),
+            after_seq,
             last_seq,
             batches,
         };
@@ -367,12 +381,8 @@ impl EventStore {
             .values()
             .map(|r| Arc::clone(&r.agent_id))
             .collect();
-        let mut marks: HashMap<Arc<str>, u64> = HashMap::new();
-        for agent in agents {
-            if let Some(seq) = table::committed_seq(table, &agent).await? {
-                marks.insert(agent, seq);
-            }
-        }
+        let marks = lookup_marks(table, agents).await?;
+        *self.marks_lock() = marks.clone();
         // The WAL's marks are at least the table's (a WAL restored from an older backup is not).
         wal.raise_marks(marks.iter().map(|(a, s)| (Arc::clone(a), *s)).collect())
             .await
@@ -435,27 +445,45 @@ impl EventStore {
         if !stale.is_empty() {
             self.delete_stale(wal, stale).await?;
         }
-        let mut ids = Vec::new();
-        let mut marks: BTreeMap<Arc<str>, u64> = BTreeMap::new();
-        let mut batches = Vec::new();
-        {
+        // Every agent with rows here needs the table's mark: its rows go in only as the next
+        // link of its chain (the invariant in ARCHITECTURE.md).
+        let unknown: BTreeSet<Arc<str>> = {
             let inner = self.lock();
-            for (id, recent) in &inner.recent {
-                ids.push(*id);
-                let mark = marks.entry(Arc::clone(&recent.agent_id)).or_default();
-                *mark = (*mark).max(recent.last_seq);
-                for (hour_ms, batch) in &recent.batches {
-                    if batch.num_rows() > 0 {
-                        batches.push(table::to_table_batch(batch, *hour_ms)?);
-                    }
-                }
-            }
+            let known = self.marks_lock();
+            inner
+                .recent
+                .values()
+                .filter(|r| !known.contains_key(&r.agent_id))
+                .map(|r| Arc::clone(&r.agent_id))
+                .collect()
+        };
+        if !unknown.is_empty() {
+            let found = lookup_marks(table, unknown).await?;
+            self.marks_lock().extend(found);
         }
+        let plan = {
+            let inner = self.lock();
+            plan_flush(&inner.recent, &self.marks_lock())?
+        };
+        for (agent, (from, to)) in &plan.waiting {
+            tracing::warn!(
+                agent_id = &**agent,
+                waiting_for = format!("{}..={}", from + 1, to),
+                "rows of this agent wait in the WAL: the table's mark is below their first \
+                 sequence number (another aggregator holds the batches in between)"
+            );
+        }
+        let Flush {
+            ids,
+            marks,
+            batches,
+            ..
+        } = plan;
         if ids.is_empty() {
             return Ok(Flushed::default());
         }
         let n_rows: u64 = batches.iter().map(|b| b.num_rows() as u64).sum();
-        crate::faults::point("flush.before_commit");
+        crate::faults::point("flush.before_commit").await;
         let committed = match table::append(table.clone(), batches, &marks, Vec::new()).await {
             Ok(committed) => committed,
             Err(error) => {
@@ -464,8 +492,10 @@ impl EventStore {
                 return Err(error);
             }
         };
-        crate::faults::point("flush.after_commit");
+        crate::faults::point("flush.after_commit").await;
         *table = committed;
+        self.marks_lock()
+            .extend(marks.iter().map(|(agent, seq)| (Arc::clone(agent), *seq)));
         let version = {
             let view = TableView::of(table)?;
             let files = table::files(&view.snapshot);
@@ -518,10 +548,10 @@ impl EventStore {
             if n_files < min_files {
                 continue;
             }
-            crate::faults::point("compact.before_commit");
+            crate::faults::point("compact.before_commit").await;
             let (compacted, (removed, added)) =
                 table::compact_partition(table.clone(), hour_ms, COMPACT_TARGET_BYTES).await?;
-            crate::faults::point("compact.after_commit");
+            crate::faults::point("compact.after_commit").await;
             *table = compacted;
             self.serve(table)?;
             done.n_files_removed += removed;
@@ -545,9 +575,9 @@ impl EventStore {
         if expired.is_empty() {
             return Ok(Rewritten::default());
         }
-        crate::faults::point("expire.before_commit");
+        crate::faults::point("expire.before_commit").await;
         *table = table::expire(table.clone(), cutoff_ms).await?;
-        crate::faults::point("expire.after_commit");
+        crate::faults::point("expire.after_commit").await;
         self.serve(table)?;
         Ok(Rewritten {
             n_files_removed: expired.len() as u64,
@@ -582,6 +612,83 @@ impl EventStore {
     }
 }
 
+/// What one flush commits: WAL batches, each agent's new mark, the rows in the table's types;
+/// and the agents whose rows must wait (the table's mark, the first `after_seq` found).
+struct Flush {
+    ids: Vec<i64>,
+    marks: BTreeMap<Arc<str>, u64>,
+    batches: Vec<RecordBatch>,
+    waiting: BTreeMap<Arc<str>, (u64, u64)>,
+}
+
+/// Picks the rows of `recent` that extend each agent's chain from its mark in `marks`: in WAL
+/// order (an agent's batches are in sequence order there), a batch joins when it follows the
+/// chain's end (`after_seq` at or below it; rows at or below it are left out), and the first
+/// batch of an agent that does not stops that agent's rows until the next flush.
+fn plan_flush(
+    recent: &BTreeMap<i64, Recent>,
+    marks: &HashMap<Arc<str>, u64>,
+) -> anyhow::Result<Flush> {
+    let mut flush = Flush {
+        ids: Vec::new(),
+        marks: BTreeMap::new(),
+        batches: Vec::new(),
+        waiting: BTreeMap::new(),
+    };
+    for (id, recent) in recent {
+        let agent = &recent.agent_id;
+        if flush.waiting.contains_key(agent) {
+            continue;
+        }
+        let end = flush
+            .marks
+            .get(agent)
+            .or_else(|| marks.get(agent))
+            .copied()
+            .unwrap_or(0);
+        if recent.after_seq > end {
+            flush
+                .waiting
+                .insert(Arc::clone(agent), (end, recent.after_seq));
+            continue;
+        }
+        flush.ids.push(*id);
+        if recent.last_seq <= end {
+            continue;
+        }
+        flush.marks.insert(Arc::clone(agent), recent.last_seq);
+        for (hour_ms, batch) in &recent.batches {
+            let batch = if recent.after_seq < end {
+                keep_after(batch, end)?
+            } else {
+                batch.clone()
+            };
+            if batch.num_rows() > 0 {
+                flush.batches.push(table::to_table_batch(&batch, *hour_ms)?);
+            }
+        }
+    }
+    Ok(flush)
+}
+
+/// The table's marks of `agents` (0 for an agent the table has no rows of), looked up a few at
+/// a time (on S3 each lookup reads the log).
+async fn lookup_marks(
+    table: &DeltaTable,
+    agents: BTreeSet<Arc<str>>,
+) -> anyhow::Result<HashMap<Arc<str>, u64>> {
+    use futures::StreamExt;
+    let found: Vec<anyhow::Result<(Arc<str>, u64)>> = futures::stream::iter(agents)
+        .map(|agent| async move {
+            let seq = table::committed_seq(table, &agent).await?.unwrap_or(0);
+            Ok((agent, seq))
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    found.into_iter().collect()
+}
+
 /// The rows of `batch` (one agent's, in `events`' schema) with a sequence number above `mark`.
 fn keep_after(batch: &RecordBatch, mark: u64) -> anyhow::Result<RecordBatch> {
     let seq = batch.column_by_name("seq").context("a batch without seq")?;
@@ -590,13 +697,79 @@ fn keep_after(batch: &RecordBatch, mark: u64) -> anyhow::Result<RecordBatch> {
 }
 
 impl CommittedBatches for EventStore {
-    fn committed(&self, batch_id: i64, agent_id: &str, received_ms: i64, events: &[Event]) {
-        let last_seq = events.iter().map(|e| e.seq).max().unwrap_or(0);
+    fn committed(
+        &self,
+        batch_id: i64,
+        agent_id: &str,
+        after_seq: u64,
+        received_ms: i64,
+        events: &[Event],
+    ) {
+        let last_seq = events.iter().map(|e| e.seq).max().unwrap_or(after_seq);
         self.insert(
             batch_id,
             agent_id,
-            last_seq,
+            (after_seq, last_seq),
             crate::schema::to_record_batches(agent_id, received_ms, events),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn recent(agent: &str, after_seq: u64, last_seq: u64) -> Recent {
+        let events: Vec<Event> = (after_seq + 1..=last_seq)
+            .map(|seq| Event {
+                seq,
+                event_time_ms: 1_769_860_800_000,
+                receive_time_ms: 1_769_860_800_000,
+                source: runnel_common::SourceKind::Http,
+                stream: "web".into(),
+                name: "n".into(),
+                event_id: None,
+                user_id: None,
+                session_id: None,
+                score: None,
+                tags: vec![],
+                attrs: Default::default(),
+            })
+            .collect();
+        Recent {
+            agent_id: Arc::from(agent),
+            after_seq,
+            last_seq,
+            batches: crate::schema::to_record_batches(agent, 0, &events),
+        }
+    }
+
+    #[test]
+    fn a_flush_extends_each_chain_from_the_tables_mark_and_holds_back_gaps() {
+        let recent = BTreeMap::from([
+            (1, recent("a", 0, 5)),
+            (2, recent("b", 20, 30)),
+            (3, recent("a", 5, 10)),
+            (4, recent("c", 3, 8)),
+            (5, recent("b", 30, 40)),
+            (6, recent("d", 0, 4)),
+        ]);
+        let marks = HashMap::from([
+            (Arc::from("b"), 10u64),
+            (Arc::from("c"), 5),
+            (Arc::from("d"), 4),
+        ]);
+        let flush = plan_flush(&recent, &marks).unwrap();
+        // a from 0: both batches; c from its mark 5: rows 6..=8 only; d's batch is in the table
+        // already (its id goes, no rows); b's first batch follows 20, the table ends at 10: b
+        // waits, also with its later batch.
+        assert_eq!(flush.ids, vec![1, 3, 4, 6]);
+        assert_eq!(
+            flush.marks,
+            BTreeMap::from([(Arc::from("a"), 10u64), (Arc::from("c"), 8)])
+        );
+        let n_rows: usize = flush.batches.iter().map(RecordBatch::num_rows).sum();
+        assert_eq!(n_rows, 5 + 5 + 3);
+        assert_eq!(flush.waiting, BTreeMap::from([(Arc::from("b"), (10, 20))]));
     }
 }

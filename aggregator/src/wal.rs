@@ -34,8 +34,16 @@ use tokio::sync::{mpsc, oneshot};
 /// Where committed batches go (the store that makes them queryable): called on the writer
 /// thread after each commit, in commit order, and for every batch replayed at startup.
 pub trait CommittedBatches: Send + Sync {
-    /// `batch_id` is the WAL's id of the batch, unique and increasing.
-    fn committed(&self, batch_id: i64, agent_id: &str, received_ms: i64, events: &[Event]);
+    /// `batch_id` is the WAL's id of the batch, unique and increasing; `after_seq` the agent's
+    /// sequence number the batch follows.
+    fn committed(
+        &self,
+        batch_id: i64,
+        agent_id: &str,
+        after_seq: u64,
+        received_ms: i64,
+        events: &[Event],
+    );
 }
 
 /// Work run on the writer thread inside one transaction ([`Wal::transaction`]).
@@ -373,7 +381,7 @@ fn replay(conn: &Connection, store: &dyn CommittedBatches) -> anyhow::Result<(us
             .with_context(|| format!("WAL batch {id} of agent {agent_id} is corrupt"))?;
         n_batches += 1;
         n_events += events.len();
-        store.committed(id, &agent_id, received_ms, &events);
+        store.committed(id, &agent_id, batch.after_seq, received_ms, &events);
     }
     Ok((n_batches, n_events))
 }
@@ -526,6 +534,7 @@ impl Writer {
                             self.store.committed(
                                 id,
                                 &accepted.agent_id,
+                                accepted.batch.after_seq,
                                 received_ms,
                                 &accepted.events,
                             );

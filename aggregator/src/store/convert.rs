@@ -142,7 +142,7 @@ pub async fn previous_layout(
                 .context("append converted files")?;
                 converted.n_files_appended += chunk.len();
                 n_commits += 1;
-                crate::faults::point("convert.after_commit");
+                crate::faults::point("convert.after_commit").await;
             }
             converted.finished = true;
             Ok(converted)
