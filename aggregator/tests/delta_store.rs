@@ -246,18 +246,27 @@ async fn compaction_and_retention_are_commits_that_keep_counts_exact() {
             .count()
     };
     assert_eq!(on_disk(), 6);
+    // A data file an interrupted flush wrote but never committed: no version references it.
+    let orphan = dir
+        .path()
+        .join("events/date=2026-01-31/hour=12/part-00000-orphan.parquet");
+    std::fs::create_dir_all(orphan.parent().unwrap()).unwrap();
+    std::fs::write(&orphan, b"PAR1 not a real file PAR1").unwrap();
+    assert_eq!(on_disk(), 7);
     assert_eq!(
         node.store
             .vacuum(std::time::Duration::from_secs(3600))
             .await
             .unwrap(),
-        0
+        0,
+        "nothing is deleted within the grace period"
     );
     assert_eq!(
         node.store.vacuum(std::time::Duration::ZERO).await.unwrap(),
-        5
+        6
     );
     assert_eq!(on_disk(), 1);
+    assert!(!orphan.exists());
     assert_eq!(node.counts().await, (20, 20));
     node.close().await;
 }
@@ -282,12 +291,13 @@ fn walk(dir: &Path) -> Vec<String> {
 /// (agents alternating) listed in `parquet_files`, as the release before the Delta table did.
 fn write_previous_layout(dir: &Path, n_files: u64) -> (u64, BTreeMap<String, u64>) {
     let events_dir = dir.join("events");
-    let conn = rusqlite::Connection::open(dir.join("wal.sqlite")).unwrap();
+    let conn =
+        rusqlite::Connection::open(dir.join("wal.sqlite")).expect("write the previous layout");
     conn.execute_batch(
         "CREATE TABLE parquet_files (path TEXT PRIMARY KEY, hour_ms INTEGER NOT NULL,
          n_rows INTEGER NOT NULL, n_bytes INTEGER NOT NULL, created_ms INTEGER NOT NULL);",
     )
-    .unwrap();
+    .expect("write the previous layout");
     let mut marks = BTreeMap::new();
     let mut n_rows = 0;
     for idx in 0..n_files {
@@ -300,8 +310,9 @@ fn write_previous_layout(dir: &Path, n_files: u64) -> (u64, BTreeMap<String, u64
         marks.insert(agent.to_owned(), first + 2);
         let (_, batch) = runnel_aggregator::schema::to_record_batches(agent, T0, &events)
             .pop()
-            .unwrap();
-        let hour_dt = chrono::DateTime::from_timestamp_millis(hour).unwrap();
+            .expect("write the previous layout");
+        let hour_dt =
+            chrono::DateTime::from_timestamp_millis(hour).expect("write the previous layout");
         let path = format!(
             "date={}/hour={}/part-{:012}-{:012}.parquet",
             hour_dt.format("%Y-%m-%d"),
@@ -310,22 +321,25 @@ fn write_previous_layout(dir: &Path, n_files: u64) -> (u64, BTreeMap<String, u64
             idx + 1
         );
         let full = events_dir.join(&path);
-        std::fs::create_dir_all(full.parent().unwrap()).unwrap();
-        let file = std::fs::File::create(&full).unwrap();
+        std::fs::create_dir_all(full.parent().expect("write the previous layout"))
+            .expect("write the previous layout");
+        let file = std::fs::File::create(&full).expect("write the previous layout");
         let mut writer = datafusion::parquet::arrow::ArrowWriter::try_new(
             file,
             runnel_aggregator::schema::EVENTS_SCHEMA.clone(),
             None,
         )
-        .unwrap();
-        writer.write(&batch).unwrap();
-        writer.close().unwrap();
-        let n_bytes = std::fs::metadata(&full).unwrap().len();
+        .expect("write the previous layout");
+        writer.write(&batch).expect("write the previous layout");
+        writer.close().expect("write the previous layout");
+        let n_bytes = std::fs::metadata(&full)
+            .expect("write the previous layout")
+            .len();
         conn.execute(
             "INSERT INTO parquet_files VALUES (?1, ?2, ?3, ?4, 0)",
             rusqlite::params![path, hour, 3, n_bytes],
         )
-        .unwrap();
+        .expect("write the previous layout");
         n_rows += 3;
     }
     (n_rows, marks)

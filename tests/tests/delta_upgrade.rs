@@ -112,10 +112,12 @@ fn install_fixture(dir: &TestDir) -> Vec<String> {
     let expected_marks: Vec<(String, u64)> =
         MARKS.iter().map(|(a, s)| ((*a).to_owned(), *s)).collect();
     assert_eq!(marks, expected_marks, "the fixture's high_water");
-    assert!(
-        N_FILES > 2 * FILES_PER_COMMIT,
-        "the fixture needs at least three conversion commits"
-    );
+    const {
+        assert!(
+            N_FILES > 2 * FILES_PER_COMMIT,
+            "the fixture needs at least three conversion commits"
+        )
+    };
     for path in &listed {
         assert!(data.join("events").join(path).is_file(), "{path} missing");
     }

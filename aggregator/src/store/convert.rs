@@ -112,8 +112,7 @@ pub async fn previous_layout(
                 }
             }
             let mut position = done;
-            let mut n_commits = 0;
-            for chunk in listed[done..].chunks(FILES_PER_COMMIT) {
+            for (n_commits, chunk) in listed[done..].chunks(FILES_PER_COMMIT).enumerate() {
                 if stop_after_commits.is_some_and(|n| n_commits >= n) {
                     return Ok(converted);
                 }
@@ -141,7 +140,6 @@ pub async fn previous_layout(
                 .await
                 .context("append converted files")?;
                 converted.n_files_appended += chunk.len();
-                n_commits += 1;
                 crate::faults::point("convert.after_commit").await;
             }
             converted.finished = true;
