@@ -550,12 +550,24 @@ impl AggregatorProcess {
         certs: &Certs,
         options: AggregatorOptions,
     ) -> Self {
-        let home = dir.join("aggregator");
+        AggregatorProcess::start_named(bins, dir, "aggregator", certs, options)
+    }
+
+    /// [`AggregatorProcess::start`] with its files in `<test dir>/<label>/` and `label` in the
+    /// report, so several aggregators of one fleet (same `certs`) run side by side.
+    pub fn start_named(
+        bins: &Binaries,
+        dir: &TestDir,
+        label: &str,
+        certs: &Certs,
+        options: AggregatorOptions,
+    ) -> Self {
+        let home = dir.join(label);
         std::fs::create_dir_all(&home).expect("create aggregator dir");
         let config_path = home.join("aggregator.toml");
         let process = ManagedChild::new(
             dir,
-            "aggregator",
+            label,
             &bins.aggregator,
             vec![
                 "serve".into(),
