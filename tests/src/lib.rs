@@ -1490,3 +1490,35 @@ pub fn with_table_keys(config: String, table: &str, lines: &str) -> String {
     }
     config.replacen(&header, &format!("{header}{lines}"), 1)
 }
+
+/// `unix_ms` as RFC 3339 with milliseconds, UTC (`2026-01-31T12:00:00.000Z`), as trackers send.
+pub fn rfc3339(unix_ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(unix_ms)
+        .expect("a valid time")
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// Now, in Unix milliseconds.
+pub fn now_unix_ms() -> i64 {
+    i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_millis(),
+    )
+    .expect("fits i64")
+}
+
+/// Creates `bucket` on the S3-compatible `endpoint` (moto accepts an unsigned PUT).
+pub async fn create_s3_bucket(endpoint: &str, bucket: &str) {
+    let created = http_client()
+        .put(format!("{endpoint}/{bucket}"))
+        .send()
+        .await
+        .expect("reach the S3 endpoint");
+    assert!(
+        created.status().is_success(),
+        "create bucket {bucket}: {}",
+        created.status()
+    );
+}

@@ -26,8 +26,8 @@ use std::time::Duration;
 
 use delta_reader::{Location, Reader};
 use runnel_tests::{
-    AgentExtra, AgentOptions, AggregatorOptions, Fleet, binaries, http_client, post_events,
-    query_count, start_fleet_with,
+    AgentExtra, AgentOptions, AggregatorOptions, Fleet, binaries, create_s3_bucket, http_client,
+    now_unix_ms, post_events, query_count, rfc3339, start_fleet_with,
 };
 use serde_json::{Value, json};
 
@@ -55,22 +55,6 @@ const EVENTS_PER_ROUND: i64 = 25;
 
 const YOUNG_LIKE: &str = "event_id LIKE 'y-%'";
 const OLD_LIKE: &str = "event_id LIKE 'o-%'";
-
-fn rfc3339(unix_ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(unix_ms)
-        .expect("a valid time")
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
-
-fn now_ms() -> i64 {
-    i64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("after 1970")
-            .as_millis(),
-    )
-    .expect("fits i64")
-}
 
 /// The middle of the hour `hours_ago` hours before `now`.
 fn mid_hour(now: i64, hours_ago: i64) -> i64 {
@@ -350,7 +334,7 @@ async fn run_every_point(storage: &str, fleet: Fleet, table: Location) {
         table,
         reader,
         client: http_client(),
-        now: now_ms(),
+        now: now_unix_ms(),
         n_young: 0,
         n_old: 0,
         n_rounds: 0,
@@ -397,16 +381,7 @@ async fn sigkill_at_every_table_commit_on_s3() {
     };
     let endpoint = endpoint.trim_end_matches('/').to_owned();
     let bucket = format!("runnel-crash-{}", std::process::id());
-    let created = http_client()
-        .put(format!("{endpoint}/{bucket}"))
-        .send()
-        .await
-        .expect("reach the S3 endpoint");
-    assert!(
-        created.status().is_success(),
-        "create bucket {bucket}: {}",
-        created.status()
-    );
+    create_s3_bucket(&endpoint, &bucket).await;
     let fleet = start_fleet_with(
         &binaries!(),
         "delta-crash-s3",

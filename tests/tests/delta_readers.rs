@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use delta_reader::{Location, VersionRead};
 use runnel_tests::{
-    AgentExtra, AgentOptions, AggregatorOptions, binaries, http_client, post_events, query_count,
-    start_fleet_with,
+    AgentExtra, AgentOptions, AggregatorOptions, binaries, http_client, now_unix_ms, post_events,
+    query_count, rfc3339, start_fleet_with,
 };
 use serde_json::{Value, json};
 
@@ -28,22 +28,6 @@ const HOUR_MS: i64 = 3_600_000;
 /// Rounds of events, each flushed to its own Delta commit before the next is sent.
 const N_ROUNDS: i64 = 30;
 const EVENTS_PER_ROUND: i64 = 20;
-
-fn rfc3339(unix_ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(unix_ms)
-        .expect("a valid time")
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
-
-fn now_ms() -> i64 {
-    i64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .expect("after 1970")
-            .as_millis(),
-    )
-    .expect("fits i64")
-}
 
 async fn status(query: SocketAddr) -> anyhow::Result<Value> {
     Ok(http_client()
@@ -126,7 +110,7 @@ async fn an_outside_reader_sees_whole_versions_while_the_aggregator_flushes_and_
 
     // Two hour partitions, an hour and two hours ago (mid-hour: every round lands in the same
     // two), so each flush adds a file to each and compaction merges each every few flushes.
-    let now = now_ms();
+    let now = now_unix_ms();
     let hours = [
         (now - HOUR_MS) / HOUR_MS * HOUR_MS + HOUR_MS / 2,
         (now - 2 * HOUR_MS) / HOUR_MS * HOUR_MS + HOUR_MS / 2,

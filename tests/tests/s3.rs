@@ -11,8 +11,8 @@
 use std::time::Duration;
 
 use runnel_tests::{
-    AgentExtra, AgentOptions, AggregatorOptions, binaries, http_client, poll_until, post_events,
-    query_rows, start_fleet_with,
+    AgentExtra, AgentOptions, AggregatorOptions, binaries, create_s3_bucket, http_client,
+    poll_until, post_events, query_rows, start_fleet_with,
 };
 use serde_json::{Value, json};
 
@@ -54,16 +54,7 @@ async fn the_events_table_lives_in_an_s3_bucket_and_survives_a_restart() {
     };
     let endpoint = endpoint.trim_end_matches('/').to_owned();
     let bucket = format!("runnel-test-{}", std::process::id());
-    let created = http_client()
-        .put(format!("{endpoint}/{bucket}"))
-        .send()
-        .await
-        .expect("reach the S3 endpoint");
-    assert!(
-        created.status().is_success(),
-        "create bucket {bucket}: {}",
-        created.status()
-    );
+    create_s3_bucket(&endpoint, &bucket).await;
 
     let mut fleet = start_fleet_with(
         &binaries!(),

@@ -8,18 +8,12 @@ use std::time::Duration;
 
 use runnel_tests::{
     AgentExtra, AgentOptions, AggregatorOptions, binaries, http_client, poll_until, post_events,
-    query_rows, start_fleet_with,
+    query_rows, rfc3339, start_fleet_with,
 };
 use serde_json::{Value, json};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 const HOUR_MS: i64 = 3_600_000;
-
-fn rfc3339(unix_ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(unix_ms)
-        .expect("a valid time")
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
 
 /// The data files the latest version of the Delta table at `events_dir` references, as paths
 /// relative to it: every `add` minus every `remove` of the JSON commits in `_delta_log/`, read
