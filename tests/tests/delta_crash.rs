@@ -148,8 +148,7 @@ impl Rig {
                     if now_paused {
                         return Ok(());
                     }
-                    // Briefly: once paused, the aggregator may answer nothing any more (the
-                    // point blocks a runtime thread), and the next poll must see the pause.
+                    // Briefly: a slow answer must not hold up the next poll for the pause.
                     let status = tokio::time::timeout(Duration::from_secs(1), status(query))
                         .await
                         .map_err(|_| anyhow::anyhow!("no status within 1 s"))??;
