@@ -205,6 +205,9 @@ enum Op {
     Oldest {
         reply: oneshot::Sender<anyhow::Result<Option<Oldest>>>,
     },
+    ShippedSeq {
+        reply: oneshot::Sender<u64>,
+    },
     SetPolicy {
         policy: Policy,
         reply: oneshot::Sender<anyhow::Result<()>>,
@@ -358,6 +361,21 @@ impl Buffer {
         .await
     }
 
+    /// The shipped mark: every sequence number at or below it was acknowledged by an aggregator
+    /// (in an acknowledged batch's range, or at or below a Welcome's mark the buffer was
+    /// reconciled with) and is never sent again. The uplink names it in its `Resume` (protocol
+    /// 4), so that an aggregator it moved to starts the chain there. Kept in the buffer's
+    /// database in the same transaction as the deletes that move it, so a restarted agent does
+    /// not start a chain below events another aggregator holds.
+    pub async fn shipped_seq(&self) -> anyhow::Result<u64> {
+        let (reply, rx) = oneshot::channel();
+        self.ops
+            .send(Op::ShippedSeq { reply })
+            .await
+            .map_err(|_| anyhow::anyhow!("buffer writer stopped"))?;
+        rx.await.context("buffer writer stopped")
+    }
+
     /// The oldest event in the buffer, for status: how far shipping lags. Reads only; unlike
     /// [`Buffer::read_after`] it does not count as handed to the uplink.
     pub async fn oldest(&self) -> anyhow::Result<Option<Oldest>> {
@@ -422,6 +440,8 @@ struct Writer {
     open_reports: std::collections::HashMap<(String, DropReason), OpenReport>,
     /// Commits with deletes since the file was last shrunk.
     n_commits_since_shrink: u32,
+    /// See [`Buffer::shipped_seq`]; the row of `shipped_mark`.
+    shipped_seq: u64,
 }
 
 /// Shrink the file after this many commits that deleted rows (or when the buffer is empty).
@@ -469,7 +489,17 @@ impl Writer {
             n_events,
             n_bytes,
         };
-        tracing::info!(path = %path.display(), n_events, n_bytes, last_seq, "buffer opened");
+        let stored_shipped: Option<u64> = conn
+            .query_row("SELECT seq FROM shipped_mark WHERE id = 1", [], |row| {
+                row.get(0)
+            })
+            .optional()
+            .with_context(|| format!("read the shipped mark from {}", path.display()))?;
+        // A buffer made before the mark existed: when it is empty, everything it ever assigned
+        // was acknowledged; otherwise 0 is the safe guess (the chain then starts at the Welcome's
+        // mark, as before).
+        let shipped_seq = stored_shipped.unwrap_or(if n_events == 0 { last_seq } else { 0 });
+        tracing::info!(path = %path.display(), n_events, n_bytes, last_seq, shipped_seq, "buffer opened");
         Ok(Writer {
             path,
             conn,
@@ -480,6 +510,7 @@ impl Writer {
             read_mark: 0,
             open_reports: std::collections::HashMap::new(),
             n_commits_since_shrink: 0,
+            shipped_seq,
         })
     }
 
@@ -557,6 +588,11 @@ impl Writer {
         stats: &Stats,
     ) {
         let mut n_deleted: Vec<u64> = Vec::with_capacity(deletes.len());
+        let shipped_before = self.shipped_seq;
+        let shipped_after = deletes
+            .iter()
+            .map(|delete| delete.last_seq)
+            .fold(shipped_before, u64::max);
         let mut outcomes: Vec<Result<Appended, AppendError>> = Vec::with_capacity(appends.len());
         let contents_before = self.contents;
         let mut drops: std::collections::BTreeMap<(String, DropReason), u64> =
@@ -577,6 +613,9 @@ impl Writer {
                 contents.n_events -= n_events;
                 contents.n_bytes -= n_bytes;
                 n_deleted.push(n_events);
+            }
+            if shipped_after > shipped_before {
+                save_shipped_seq(&tx, shipped_after)?;
             }
             for PendingAppend { events, marks, .. } in appends.iter() {
                 let n_bytes: u64 = events.iter().map(|e| e.bytes.len() as u64).sum();
@@ -674,6 +713,7 @@ impl Writer {
         })();
         match result {
             Ok(()) => {
+                self.shipped_seq = shipped_after;
                 self.open_reports.extend(reports_after);
                 stats.n_commits.fetch_add(1, Ordering::Relaxed);
                 for (PendingDelete { reply, .. }, n) in deletes.drain(..).zip(n_deleted) {
@@ -799,6 +839,9 @@ impl Writer {
             }
             Op::Oldest { reply } => {
                 let _ = reply.send(self.oldest());
+            }
+            Op::ShippedSeq { reply } => {
+                let _ = reply.send(self.shipped_seq);
             }
         }
     }
@@ -927,7 +970,11 @@ impl Writer {
     fn delete_range(&mut self, after_seq: u64, last_seq: u64) -> anyhow::Result<u64> {
         let tx = self.conn.transaction()?;
         let (n_events, n_bytes) = delete_rows(&tx, after_seq, last_seq)?;
+        if last_seq > self.shipped_seq {
+            save_shipped_seq(&tx, last_seq)?;
+        }
         tx.commit()?;
+        self.shipped_seq = self.shipped_seq.max(last_seq);
         self.contents.n_events -= n_events;
         self.contents.n_bytes -= n_bytes;
         Ok(n_events)
@@ -950,7 +997,10 @@ impl Writer {
                 "INSERT OR REPLACE INTO sqlite_sequence (name, seq) VALUES ('events', ?1)",
                 params![new_last],
             )?;
+            // The aggregator stored everything up to its mark.
+            save_shipped_seq(&tx, high_water_mark)?;
             tx.commit()?;
+            self.shipped_seq = self.shipped_seq.max(high_water_mark);
             tracing::warn!(
                 high_water_mark,
                 last_assigned_seq = self.contents.last_seq,
@@ -969,6 +1019,16 @@ impl Writer {
             renumbered_by,
         })
     }
+}
+
+/// Records the shipped mark ([`Buffer::shipped_seq`]) in the transaction of the deletes it covers.
+fn save_shipped_seq(tx: &rusqlite::Transaction<'_>, seq: u64) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO shipped_mark (id, seq) VALUES (1, ?1)
+         ON CONFLICT (id) DO UPDATE SET seq = max(seq, excluded.seq)",
+    )?
+    .execute(params![seq])?;
+    Ok(())
 }
 
 /// Deletes events in `(after_seq, last_seq]`; returns how many and their bytes.
@@ -1156,6 +1216,11 @@ fn open_connection(path: &Path, synchronous: &str) -> anyhow::Result<Connection>
              delivery_id INTEGER NOT NULL,
              digest BLOB NOT NULL,
              UNIQUE (source, delivery_id)
+         );
+         -- One row: the highest sequence number acknowledged by an aggregator (Buffer::shipped_seq).
+         CREATE TABLE IF NOT EXISTS shipped_mark (
+             id INTEGER PRIMARY KEY CHECK (id = 1),
+             seq INTEGER NOT NULL
          );"
     ))
     .with_context(|| format!("initialise buffer {}", path.display()))?;
@@ -1274,6 +1339,33 @@ mod tests {
         assert_eq!(buffer.oldest().await.unwrap().map(|o| o.seq), Some(2));
         drop(buffer);
         thread.join();
+    }
+
+    /// The shipped mark follows acks (out of order too) and reconciles, never goes down, and
+    /// survives a restart: a restarted agent must not start a chain below events another
+    /// aggregator acknowledged.
+    #[tokio::test]
+    async fn the_shipped_mark_follows_acks_and_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (buffer, thread) = Buffer::open(&config(dir.path(), 1 << 20)).unwrap();
+        assert_eq!(buffer.shipped_seq().await.unwrap(), 0);
+        buffer.append((1..=6).map(event).collect()).await.unwrap();
+        // The ack of the second batch arrives first: (0, 2] is still held.
+        buffer.delete_range(2, 4).await.unwrap();
+        assert_eq!(buffer.shipped_seq().await.unwrap(), 4);
+        buffer.delete_range(0, 2).await.unwrap();
+        assert_eq!(buffer.shipped_seq().await.unwrap(), 4, "never goes down");
+        buffer.reconcile(5).await.unwrap();
+        assert_eq!(buffer.shipped_seq().await.unwrap(), 5);
+        drop(buffer);
+        thread.join();
+        let (buffer, _thread) = Buffer::open(&config(dir.path(), 1 << 20)).unwrap();
+        assert_eq!(
+            buffer.shipped_seq().await.unwrap(),
+            5,
+            "kept across a restart"
+        );
+        assert_eq!(buffer.contents().borrow().n_events, 1);
     }
 
     #[tokio::test]

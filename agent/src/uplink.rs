@@ -17,8 +17,12 @@
 //! is decided by [`failover::Failover`] over the agent's [`rendezvous`] order; this module feeds
 //! it what happened, dials what it says, and probes the first choice (a QUIC handshake, closed
 //! at once) when it asks. Leaving for the first choice drains the in-flight batches first, as a
-//! shutdown does. Every connection, to whichever aggregator, starts from that aggregator's
-//! high-water mark in its Welcome, so a move never skips an event.
+//! shutdown does. Every connection, to whichever aggregator, starts its chain from the higher of
+//! that aggregator's high-water mark in its Welcome and the buffer's shipped mark (what some
+//! aggregator acknowledged), which the agent names in a `Resume` on protocol 4: a move never
+//! skips an event, and an aggregator that never saw this agent does not wait for batches that
+//! were acknowledged elsewhere. An aggregator on protocol 3 gets no `Resume` and starts at its
+//! mark, as before.
 
 mod failover;
 pub mod rendezvous;
@@ -464,12 +468,22 @@ async fn connection(
     });
     let heartbeat_interval_ms = welcome.heartbeat_interval_ms;
     let hwm = session.on_welcome(welcome).context("handshake")?;
-    let reconciled = uplink.buffer.reconcile(hwm).await?;
+    // Protocol 4: name what this agent no longer holds, before any batch, so an aggregator it
+    // moved to (or back to) starts the chain there instead of waiting for batches that will
+    // never come. Older aggregators start at their own mark, as before.
+    let shipped_seq = uplink.buffer.shipped_seq().await?;
+    if let Some(resume) = session.resume(shipped_seq) {
+        write_frame(&mut control_send, &resume, MAX_CONTROL_FRAME_BYTES).await?;
+    }
+    let chain_start = session.dispatched_seq();
+    let reconciled = uplink.buffer.reconcile(chain_start).await?;
     tracing::info!(
         agent_id = %uplink.identity.agent_id,
         aggregator = address,
         choice = failover.target_idx() + 1,
         high_water_mark = hwm,
+        shipped_seq,
+        chain_start,
         n_already_stored = reconciled.n_deleted,
         "uplink connected"
     );

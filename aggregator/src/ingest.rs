@@ -282,19 +282,55 @@ async fn handle_connection(
         heartbeat_interval_ms: agents.heartbeat_interval_ms(),
         aggregator_version: env!("CARGO_PKG_VERSION").to_owned(),
     };
-    let (welcome, session) = accepted.welcome(high_water_mark, &terms);
-    let hello = session.hello();
+    let (welcome, mut session) = accepted.welcome(high_water_mark, &terms);
     write_frame(
         &mut control_send,
         &AggregatorMessage::Welcome(welcome),
         MAX_CONTROL_FRAME_BYTES,
     )
     .await?;
+    // Protocol 4: the agent names its delivered mark before any batch; batch streams are not
+    // accepted before it is read, so none reaches the sequencer first.
+    if session.awaiting_resume() {
+        let message = tokio::time::timeout(
+            HELLO_TIMEOUT,
+            read_frame::<AgentMessage>(&mut control_recv, MAX_CONTROL_FRAME_BYTES),
+        )
+        .await
+        .context("no resume in time")??;
+        let chain_start = match session.on_resume(message) {
+            Ok(chain_start) => chain_start,
+            Err(error) => {
+                connection.close(CLOSE_PROTOCOL_ERROR.into(), b"expected resume");
+                anyhow::bail!("agent {agent_id}: {error}");
+            }
+        };
+        if chain_start > high_water_mark {
+            // Another aggregator acknowledged everything up to the chain start: the agent will
+            // never send it here. The WAL's mark moves there so that the first batch, which
+            // follows it, is not a gap; its rows wait in the WAL until the table's mark reaches
+            // the chain start (the store's flush), so nothing is skipped or doubled.
+            wal.raise_marks(vec![(Arc::clone(&agent_id), chain_start)])
+                .await
+                .context("raise the WAL's mark to the agent's chain start")?;
+            tracing::info!(
+                agent_id = %agent_id,
+                %remote,
+                high_water_mark,
+                chain_start,
+                "agent resumes above what this aggregator stored (another aggregator acknowledged the rest); its rows wait for the table to reach the chain start"
+            );
+        }
+    }
+    let chain_start = session.chain_start();
+    let hello = session.hello();
     tracing::info!(
         agent_id = %agent_id,
         %remote,
         agent_version = %hello.agent_version,
+        protocol_version = session.protocol_version(),
         high_water_mark,
+        chain_start,
         last_assigned_seq = hello.last_assigned_seq,
         "agent connected"
     );

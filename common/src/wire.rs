@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 pub const ALPN: &[u8] = b"runnel/1";
 
 /// Highest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Lowest protocol version this build still accepts.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
 
@@ -26,7 +26,16 @@ pub const MIN_PROTOCOL_VERSION: u16 = 1;
 /// and [`AgentMessage::ConfigResult`]. On protocol 1 none of these may be sent.
 pub const FLEET_PROTOCOL_VERSION: u16 = 2;
 
+/// The first protocol version on which the agent names its delivered mark: right after a Welcome
+/// naming this version or a later one, its first control-stream message is
+/// [`AgentMessage::Resume`], sent before any batch, and both sides start the connection's batch
+/// chain at the higher of the Welcome's mark and the agent's delivered mark. The agent cannot
+/// send it in place of its Hello: an aggregator on an older protocol cannot decode a variant it
+/// does not know, and the agent learns the version only from the Welcome.
+pub const RESUME_PROTOCOL_VERSION: u16 = 4;
+
 const _: () = assert!(MIN_PROTOCOL_VERSION <= PROTOCOL_VERSION);
+const _: () = assert!(RESUME_PROTOCOL_VERSION <= PROTOCOL_VERSION);
 const _: () = assert!(FLEET_PROTOCOL_VERSION > MIN_PROTOCOL_VERSION);
 
 /// Agent -> aggregator on the control stream.
@@ -39,6 +48,9 @@ pub enum AgentMessage {
     Status(Status),
     /// Protocol 2: the outcome of a [`ConfigPush`].
     ConfigResult(ConfigResult),
+    /// Protocol 4: where this connection's batch chain may start, sent once, right after the
+    /// Welcome and before any batch ([`RESUME_PROTOCOL_VERSION`]).
+    Resume(Resume),
 }
 
 impl AgentMessage {
@@ -47,6 +59,7 @@ impl AgentMessage {
         match self {
             AgentMessage::Hello(_) | AgentMessage::Heartbeat(_) => 1,
             AgentMessage::Status(_) | AgentMessage::ConfigResult(_) => FLEET_PROTOCOL_VERSION,
+            AgentMessage::Resume(_) => RESUME_PROTOCOL_VERSION,
         }
     }
 }
@@ -102,6 +115,19 @@ pub struct Welcome {
     /// The agent id the aggregator read from the certificate, for the agent's logs.
     pub agent_id: String,
     pub aggregator_version: String,
+}
+
+/// The agent's delivered mark, on protocol 4: what it no longer holds because an aggregator
+/// acknowledged it. With several aggregators an agent may have moved since this aggregator last
+/// stored its events: the events the other one acknowledged are gone from the agent's buffer and
+/// will never be sent here, so this connection's chain starts at
+/// `max(Welcome.high_water_mark, delivered_seq)` on both sides.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Resume {
+    /// Every sequence number at or below this was acknowledged by some aggregator (as part of an
+    /// acknowledged batch's range or below a Welcome's mark): the agent will never send it again.
+    /// 0 when the agent knows of none.
+    pub delivered_seq: u64,
 }
 
 /// Agent status, sent periodically on the control stream.

@@ -22,7 +22,7 @@ use runnel_common::limits::{
 use runnel_common::wire::{
     Ack, AckMessage, AckOutcome, AgentMessage, AggregatorMessage, Batch, BatchMessage,
     ComponentHealth, Compression, ConfigFile, ConfigOutcome, ConfigPush, ConfigResult, Heartbeat,
-    Hello, Status, Welcome,
+    Hello, Resume, Status, Welcome,
 };
 use runnel_common::{Event, SourceKind, Value};
 
@@ -58,6 +58,7 @@ fn agent_message_name(message: &AgentMessage) -> &'static str {
         AgentMessage::Heartbeat(_) => "heartbeat",
         AgentMessage::Status(_) => "status",
         AgentMessage::ConfigResult(_) => "config_result",
+        AgentMessage::Resume(_) => "resume",
     }
 }
 
@@ -307,6 +308,7 @@ fn agent_message() -> impl Strategy<Value = AgentMessage> {
         heartbeat().prop_map(AgentMessage::Heartbeat),
         status().prop_map(AgentMessage::Status),
         config_result().prop_map(AgentMessage::ConfigResult),
+        any::<u64>().prop_map(|delivered_seq| AgentMessage::Resume(Resume { delivered_seq })),
     ]
 }
 
@@ -893,11 +895,11 @@ fn short_frames_are_refused() {
 
 #[test]
 fn unknown_enum_variants_are_refused() {
-    // Variant index 4 does not exist in AgentMessage (Hello = 0, Heartbeat = 1, Status = 2,
-    // ConfigResult = 3): a newer peer's message must fail to decode, not be misread as another
-    // variant. The same for AggregatorMessage (Welcome, Refused, ConfigPush).
+    // Variant index 5 does not exist in AgentMessage (Hello = 0, Heartbeat = 1, Status = 2,
+    // ConfigResult = 3, Resume = 4): a newer peer's message must fail to decode, not be misread
+    // as another variant. The same for AggregatorMessage (Welcome, Refused, ConfigPush).
     assert!(matches!(
-        frame::decode_payload::<AgentMessage>(&[4]),
+        frame::decode_payload::<AgentMessage>(&[5, 0]),
         Err(FrameError::Decode(_))
     ));
     assert!(matches!(

@@ -24,7 +24,7 @@ use runnel_common::limits::MAX_FRAME_BYTES;
 use runnel_common::wire::{
     Ack, AckMessage, AckOutcome, AgentMessage, AggregatorMessage, Batch, BatchMessage,
     ComponentHealth, Compression, ConfigFile, ConfigOutcome, ConfigPush, ConfigResult, Heartbeat,
-    Hello, Status, Welcome,
+    Hello, Resume, Status, Welcome,
 };
 use runnel_common::{Event, SourceKind, Value};
 
@@ -185,6 +185,13 @@ fn hello() -> AgentMessage {
     })
 }
 
+fn resume() -> AgentMessage {
+    // Above one byte of varint, so the fixture pins the integer's encoding too.
+    AgentMessage::Resume(Resume {
+        delivered_seq: 1_000_000,
+    })
+}
+
 fn heartbeat() -> AgentMessage {
     AgentMessage::Heartbeat(Heartbeat {
         n_buffered_events: 12,
@@ -294,6 +301,11 @@ fn golden_event() {
 #[test]
 fn golden_hello() {
     check_frame_fixture("hello", &hello());
+}
+
+#[test]
+fn golden_resume() {
+    check_frame_fixture("resume", &resume());
 }
 
 #[test]
@@ -450,6 +462,7 @@ fn every_fixture_has_a_test() {
         "heartbeat",
         "hello",
         "refused",
+        "resume",
         "status",
         "welcome",
     ];

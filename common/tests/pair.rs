@@ -16,7 +16,9 @@
 //! Checked after every step of every schedule: the stored sequence numbers are contiguous from
 //! 1, each stored once (no skip, no repeat); the mark is the last stored number; every event the
 //! agent deletes (on an ack or below a Welcome's mark) is stored; every batch an agent session
-//! cuts starts where the previous one on that connection ended (the first at the Welcome's mark).
+//! cuts starts where the previous one on that connection ended (the first at the chain start: the
+//! Welcome's mark, raised on protocol 4 by the agent's `Resume`, which with one aggregator never
+//! names more than its WAL stores).
 //! After the schedule's chaos ends and the link heals: every event produced is stored exactly once
 //! and the agent's buffer is empty.
 //!
@@ -32,7 +34,7 @@ use runnel_common::session::{
 };
 use runnel_common::wire::{
     Ack, AckOutcome, AgentMessage, AggregatorMessage, FLEET_PROTOCOL_VERSION, Hello,
-    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Status,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, RESUME_PROTOCOL_VERSION, Status,
 };
 
 /// Schedules run by the main test unless `RUNNEL_PAIR_SCHEDULES` says otherwise.
@@ -96,6 +98,8 @@ impl Knobs {
         let agent_max_version = match rng.u8(0..10) {
             0 => MIN_PROTOCOL_VERSION,
             1 => FLEET_PROTOCOL_VERSION,
+            // The last protocol without the Resume.
+            2 => RESUME_PROTOCOL_VERSION - 1,
             _ => PROTOCOL_VERSION,
         };
         Knobs {
@@ -243,6 +247,12 @@ enum Server {
     AwaitingHello,
     /// The Hello was accepted; the high-water mark is being read from the WAL.
     AwaitingMark(Accepted),
+    /// Protocol 4: welcomed, the agent's Resume not read yet. Batch streams that arrive
+    /// meanwhile wait unaccepted, as QUIC streams the driver has not accepted do.
+    AwaitingResume {
+        session: IngestSession,
+        early: Vec<(u64, SimBatch)>,
+    },
     Open {
         session: IngestSession,
         sequencer: IngestSequencer<Pending>,
@@ -298,6 +308,9 @@ struct Agent {
     buffer: BTreeSet<u64>,
     /// Highest sequence number assigned.
     last_seq: u64,
+    /// `Buffer::shipped_seq`: the highest sequence number deleted on an ack or a Welcome's mark.
+    /// Kept with the buffer, so it survives the agent's crashes.
+    shipped_seq: u64,
     connection: Option<AgentConnection>,
     reconnect_at: Option<Instant>,
 }
@@ -361,6 +374,7 @@ impl World {
             agent: Agent {
                 buffer: BTreeSet::new(),
                 last_seq: 0,
+                shipped_seq: 0,
                 connection: None,
                 reconnect_at: Some(origin),
             },
@@ -721,6 +735,39 @@ impl World {
                     }
                 }
             }
+            (Server::AwaitingResume { mut session, early }, ToAggregator::Control(message)) => {
+                let chain_start = match session.on_resume(message) {
+                    Ok(chain_start) => chain_start,
+                    Err(error) => {
+                        return Err(format!("the aggregator refused the resume: {error}"));
+                    }
+                };
+                // One aggregator: whatever the agent shipped was acknowledged here, after the
+                // WAL's commit, so the chain never starts above what this WAL stores.
+                if chain_start > self.wal.mark {
+                    return Err(format!(
+                        "link {link}: the chain starts at {chain_start}, above the WAL's mark {}",
+                        self.wal.mark
+                    ));
+                }
+                self.log(|| format!("link {link}: resume, chain starts at {chain_start}"));
+                let sequencer = session.sequencer();
+                self.servers[link] = Server::Open { session, sequencer };
+                for (stream, batch) in early {
+                    // An early batch out of sequence closes the connection; the rest go with it.
+                    if !matches!(self.servers[link], Server::Open { .. }) {
+                        break;
+                    }
+                    self.on_aggregator_message(link, ToAggregator::Batch { stream, batch })?;
+                }
+            }
+            (
+                Server::AwaitingResume { session, mut early },
+                ToAggregator::Batch { stream, batch },
+            ) => {
+                early.push((stream, batch));
+                self.servers[link] = Server::AwaitingResume { session, early };
+            }
             (Server::Open { session, sequencer }, ToAggregator::Control(message)) => {
                 if let Err(error) = session.on_control(message) {
                     return Err(format!("the aggregator refused a control message: {error}"));
@@ -774,6 +821,7 @@ impl World {
                 let state = match server {
                     Server::AwaitingHello => "awaiting the hello",
                     Server::AwaitingMark(_) => "awaiting the mark",
+                    Server::AwaitingResume { .. } => "awaiting the resume",
                     Server::Open { .. } => "open",
                     Server::Closed => "closed",
                 };
@@ -821,8 +869,15 @@ impl World {
                 };
                 let (welcome, session) = accepted.welcome(mark, &terms);
                 self.log(|| format!("link {link}: welcome at mark {mark}"));
-                let sequencer = session.sequencer();
-                self.servers[link] = Server::Open { session, sequencer };
+                self.servers[link] = if session.awaiting_resume() {
+                    Server::AwaitingResume {
+                        session,
+                        early: Vec::new(),
+                    }
+                } else {
+                    let sequencer = session.sequencer();
+                    Server::Open { session, sequencer }
+                };
                 self.send_to_agent(link, ToAgent::Control(AggregatorMessage::Welcome(welcome)));
             }
             WalRequest::Commit(pending) => {
@@ -1016,15 +1071,25 @@ impl World {
                     Ok(mark) => mark,
                     Err(error) => return Err(format!("the agent refused the welcome: {error}")),
                 };
+                // Protocol 4: the Resume goes first on the control stream, before any batch.
+                let resume = session.resume(self.agent.shipped_seq);
+                let chain_start = session.dispatched_seq();
                 connection.session = Some(session);
-                connection.chain_seq = mark;
+                connection.chain_seq = chain_start;
                 connection.next_status_at = now + HEARTBEAT_INTERVAL;
                 if mark < wal_mark {
                     self.stats.n_stale_welcomes += 1;
                 }
-                self.log(|| format!("link {link}: the agent is welcomed at mark {mark}"));
-                // `Buffer::reconcile`: what is at or below the mark is stored.
-                self.delete(0, mark, "the welcome's mark")
+                self.log(|| {
+                    format!(
+                        "link {link}: the agent is welcomed at mark {mark}, chain at {chain_start}"
+                    )
+                });
+                if let Some(resume) = resume {
+                    self.send_to_aggregator(link, ToAggregator::Control(resume));
+                }
+                // `Buffer::reconcile`: what is at or below the chain start is stored.
+                self.delete(0, chain_start, "the welcome's mark")
             }
             (None, other) => Err(format!(
                 "link {link}: the agent got {other:?} before its welcome"
@@ -1078,6 +1143,7 @@ impl World {
             }
             self.agent.buffer.remove(&seq);
         }
+        self.agent.shipped_seq = self.agent.shipped_seq.max(last_seq);
         Ok(())
     }
 

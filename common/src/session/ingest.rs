@@ -9,7 +9,7 @@ use super::ProtocolError;
 use crate::limits::MAX_PARKED_BATCHES;
 use crate::wire::{
     AgentMessage, AggregatorMessage, ConfigResult, FLEET_PROTOCOL_VERSION, Heartbeat, Hello,
-    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Status, Welcome,
+    MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, RESUME_PROTOCOL_VERSION, Status, Welcome,
 };
 
 // Picks the protocol version for a Hello, on the aggregator.
@@ -31,6 +31,7 @@ fn describe(message: &AgentMessage) -> &'static str {
         AgentMessage::Heartbeat(_) => "a heartbeat",
         AgentMessage::Status(_) => "a status",
         AgentMessage::ConfigResult(_) => "a config result",
+        AgentMessage::Resume(_) => "a resume",
     }
 }
 
@@ -40,6 +41,15 @@ pub fn check_agent_message(version: u16, message: &AgentMessage) -> Result<(), P
     if let AgentMessage::Hello(_) = message {
         return Err(ProtocolError::NotOnThisVersion {
             what: "a second hello",
+            version,
+        });
+    }
+    if let AgentMessage::Resume(_) = message
+        && version >= RESUME_PROTOCOL_VERSION
+    {
+        // Its one place is right after the Welcome ([`IngestSession::on_resume`]).
+        return Err(ProtocolError::NotOnThisVersion {
+            what: "a second resume",
             version,
         });
     }
@@ -146,7 +156,10 @@ impl Accepted {
 
     /// The Welcome for this connection and the session after it. `high_water_mark` is the last
     /// sequence number stored for this agent: the agent deletes what it holds at or below it, and
-    /// the first batch on this connection starts after it.
+    /// the first batch on this connection starts after it, or on protocol 4 after the higher of
+    /// it and the agent's delivered mark ([`IngestSession::on_resume`]). The Welcome names this
+    /// aggregator's own mark, never the agent's: it is what the agent may delete because it is
+    /// stored here.
     pub fn welcome(self, high_water_mark: u64, terms: &WelcomeTerms) -> (Welcome, IngestSession) {
         debug_assert!(self.version >= MIN_PROTOCOL_VERSION && self.version <= PROTOCOL_VERSION);
         let welcome = Welcome {
@@ -161,6 +174,8 @@ impl Accepted {
             hello: self.hello,
             version: self.version,
             high_water_mark,
+            chain_start: high_water_mark,
+            awaiting_resume: self.version >= RESUME_PROTOCOL_VERSION,
         };
         (welcome, session)
     }
@@ -183,6 +198,11 @@ pub struct IngestSession {
     hello: Hello,
     version: u16,
     high_water_mark: u64,
+    /// Where this connection's batch chain starts: the Welcome's mark, raised by the agent's
+    /// delivered mark on protocol 4.
+    chain_start: u64,
+    /// Protocol 4 before the agent's Resume: no batch may be sequenced yet.
+    awaiting_resume: bool,
 }
 
 impl IngestSession {
@@ -204,13 +224,62 @@ impl IngestSession {
         self.high_water_mark
     }
 
-    /// The reorder buffer for this connection's batches, starting at the Welcome's mark.
+    /// Whether the driver must read the agent's [`AgentMessage::Resume`] (the first control
+    /// message after the Welcome, on protocol 4) and hand it to [`IngestSession::on_resume`]
+    /// before it accepts any batch.
+    pub fn awaiting_resume(&self) -> bool {
+        self.awaiting_resume
+    }
+
+    /// Handles the first control message after the Welcome on protocol 4, which must be the
+    /// agent's Resume. Returns the chain start, `max(Welcome mark, delivered mark)`: the agent
+    /// will never send what lies at or below it (another aggregator acknowledged it), so the
+    /// driver raises the WAL's mark for the agent to it before the first batch, and the
+    /// sequencer releases from it. Rows above it wait in the WAL until the table's mark reaches
+    /// it (ARCHITECTURE.md, the invariant on the events table), so nothing is skipped or doubled.
+    pub fn on_resume(&mut self, message: AgentMessage) -> Result<u64, ProtocolError> {
+        if !self.awaiting_resume {
+            return Err(ProtocolError::NotOnThisVersion {
+                what: if self.version >= RESUME_PROTOCOL_VERSION {
+                    "a second resume"
+                } else {
+                    "a resume"
+                },
+                version: self.version,
+            });
+        }
+        let AgentMessage::Resume(resume) = message else {
+            return Err(ProtocolError::ExpectedResume {
+                got: describe(&message),
+            });
+        };
+        self.awaiting_resume = false;
+        self.chain_start = self.high_water_mark.max(resume.delivered_seq);
+        Ok(self.chain_start)
+    }
+
+    /// Where this connection's batch chain starts (the Welcome's mark until a Resume raised it).
+    pub fn chain_start(&self) -> u64 {
+        self.chain_start
+    }
+
+    /// The reorder buffer for this connection's batches, starting at the chain start: the
+    /// Welcome's mark, or on protocol 4 what [`IngestSession::on_resume`] returned.
     pub fn sequencer<T>(&self) -> IngestSequencer<T> {
-        IngestSequencer::new(self.high_water_mark)
+        debug_assert!(
+            !self.awaiting_resume,
+            "the sequencer starts after the resume"
+        );
+        IngestSequencer::new(self.chain_start)
     }
 
     /// Handles a control-stream message after the Welcome. An error ends the connection.
     pub fn on_control(&self, message: AgentMessage) -> Result<Report, ProtocolError> {
+        if self.awaiting_resume {
+            return Err(ProtocolError::ExpectedResume {
+                got: describe(&message),
+            });
+        }
         check_agent_message(self.version, &message)?;
         match message {
             AgentMessage::Heartbeat(beat) => Ok(Report::Heartbeat(beat)),
@@ -218,6 +287,10 @@ impl IngestSession {
             AgentMessage::ConfigResult(result) => Ok(Report::ConfigResult(result)),
             AgentMessage::Hello(_) => Err(ProtocolError::NotOnThisVersion {
                 what: "a second hello",
+                version: self.version,
+            }),
+            AgentMessage::Resume(_) => Err(ProtocolError::NotOnThisVersion {
+                what: "a second resume",
                 version: self.version,
             }),
         }
@@ -304,6 +377,7 @@ impl<T> IngestSequencer<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::Resume;
 
     fn hello_for(min: u16, max: u16) -> Hello {
         Hello {
@@ -430,7 +504,7 @@ mod tests {
             .expect("a hello this build speaks");
         assert_eq!(accepted.protocol_version(), PROTOCOL_VERSION);
         assert_eq!(accepted.hello().max_protocol_version, PROTOCOL_VERSION);
-        let (welcome, session) = accepted.welcome(42, &terms());
+        let (welcome, mut session) = accepted.welcome(42, &terms());
         assert_eq!(
             welcome,
             Welcome {
@@ -444,9 +518,79 @@ mod tests {
         );
         assert_eq!(session.high_water_mark(), 42);
         assert_eq!(session.protocol_version(), PROTOCOL_VERSION);
+        assert!(session.awaiting_resume());
+        // An agent that delivered nothing elsewhere: the chain starts at the Welcome's mark.
+        assert_eq!(
+            session.on_resume(AgentMessage::Resume(Resume { delivered_seq: 7 })),
+            Ok(42)
+        );
         let mut sequencer = session.sequencer::<char>();
         assert_eq!(sequencer.released_seq(), 42);
         assert_eq!(sequencer.offer(42, 50, 'a').unwrap(), vec!['a']);
+    }
+
+    /// An agent that moved here from another aggregator: its delivered mark is above what this
+    /// aggregator stored, and the chain starts there; the Welcome still names this one's mark.
+    #[test]
+    fn the_chain_starts_at_the_agents_delivered_mark_when_it_is_higher() {
+        let (welcome, mut session) = IngestHandshake::new("a")
+            .on_hello(AgentMessage::Hello(hello_for(1, PROTOCOL_VERSION)))
+            .expect("the newest protocol")
+            .welcome(0, &terms());
+        assert_eq!(
+            welcome.high_water_mark, 0,
+            "the Welcome names only what is stored here"
+        );
+        assert_eq!(
+            session.on_control(AgentMessage::Status(status())),
+            Err(ProtocolError::ExpectedResume { got: "a status" })
+        );
+        assert_eq!(
+            session.on_resume(AgentMessage::Status(status())),
+            Err(ProtocolError::ExpectedResume { got: "a status" })
+        );
+        assert_eq!(
+            session.on_resume(AgentMessage::Resume(Resume { delivered_seq: 100 })),
+            Ok(100)
+        );
+        assert_eq!(session.chain_start(), 100);
+        assert_eq!(session.high_water_mark(), 0);
+        let mut sequencer = session.sequencer::<char>();
+        assert_eq!(sequencer.offer(100, 110, 'a').unwrap(), vec!['a']);
+        assert_eq!(
+            session.on_resume(AgentMessage::Resume(Resume { delivered_seq: 200 })),
+            Err(ProtocolError::NotOnThisVersion {
+                what: "a second resume",
+                version: PROTOCOL_VERSION
+            })
+        );
+    }
+
+    /// An agent or aggregator on protocol 3 works as before: no Resume, the chain starts at the
+    /// Welcome's mark, and a Resume is not allowed.
+    #[test]
+    fn protocol_3_has_no_resume() {
+        let (_, mut session) = IngestHandshake::new("a")
+            .on_hello(AgentMessage::Hello(hello_for(1, 3)))
+            .expect("protocol 3")
+            .welcome(9, &terms());
+        assert!(!session.awaiting_resume());
+        assert_eq!(session.sequencer::<char>().released_seq(), 9);
+        assert_eq!(
+            session.on_control(AgentMessage::Resume(Resume { delivered_seq: 50 })),
+            Err(ProtocolError::NotOnThisVersion {
+                what: "a resume",
+                version: 3
+            })
+        );
+        assert_eq!(
+            session.on_resume(AgentMessage::Resume(Resume { delivered_seq: 50 })),
+            Err(ProtocolError::NotOnThisVersion {
+                what: "a resume",
+                version: 3
+            })
+        );
+        assert_eq!(session.chain_start(), 9);
     }
 
     #[test]
@@ -509,11 +653,26 @@ mod tests {
                 version: 1
             })
         );
-        let (_, fleet) = IngestHandshake::new("a")
+        let (_, mut fleet) = IngestHandshake::new("a")
             .on_hello(AgentMessage::Hello(hello_for(1, PROTOCOL_VERSION)))
             .expect("the newest protocol")
             .welcome(0, &terms());
         assert!(fleet.is_fleet());
+        // On protocol 4 the Resume comes first, then once only.
+        assert_eq!(
+            fleet.on_control(AgentMessage::Status(status())),
+            Err(ProtocolError::ExpectedResume { got: "a status" })
+        );
+        fleet
+            .on_resume(AgentMessage::Resume(Resume { delivered_seq: 0 }))
+            .expect("the resume");
+        assert_eq!(
+            fleet.on_control(AgentMessage::Resume(Resume { delivered_seq: 0 })),
+            Err(ProtocolError::NotOnThisVersion {
+                what: "a second resume",
+                version: PROTOCOL_VERSION
+            })
+        );
         assert_eq!(
             fleet.on_control(AgentMessage::Status(status())),
             Ok(Report::Status(status()))

@@ -13,6 +13,10 @@
 //! From [`FLEET_PROTOCOL_VERSION`] on, the agent sends [`Status`] instead of [`Heartbeat`] and the
 //! control stream carries config pushes and their results; [`UplinkSession::status_message`],
 //! [`UplinkSession::on_control`] and [`IngestSession::on_control`] keep each side to its version.
+//! From [`RESUME_PROTOCOL_VERSION`] on, the agent's first control message after the Welcome is
+//! a `Resume` naming its shipped mark ([`UplinkSession::resume`], [`IngestSession::on_resume`]):
+//! both sides start the batch chain at the higher of it and the Welcome's mark, so an agent that
+//! moved between aggregators is not held back waiting for batches another one acknowledged.
 //!
 //! `tests/pair.rs` drives both sides against each other on a virtual clock, through loss,
 //! reordering, duplication and reconnects.
@@ -20,6 +24,7 @@
 //! [`Status`]: crate::wire::Status
 //! [`Heartbeat`]: crate::wire::Heartbeat
 //! [`FLEET_PROTOCOL_VERSION`]: crate::wire::FLEET_PROTOCOL_VERSION
+//! [`RESUME_PROTOCOL_VERSION`]: crate::wire::RESUME_PROTOCOL_VERSION
 
 mod ingest;
 mod uplink;
@@ -60,4 +65,6 @@ pub enum ProtocolError {
     SecondWelcome,
     #[error("expected a hello, got {got}")]
     ExpectedHello { got: &'static str },
+    #[error("expected the agent's resume right after the welcome, got {got}")]
+    ExpectedResume { got: &'static str },
 }

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use super::ProtocolError;
 use crate::wire::{
     Ack, AckOutcome, AgentMessage, AggregatorMessage, ConfigPush, ConfigResult,
-    FLEET_PROTOCOL_VERSION, Heartbeat, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Status, Welcome,
+    FLEET_PROTOCOL_VERSION, Heartbeat, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION,
+    RESUME_PROTOCOL_VERSION, Resume, Status, Welcome,
 };
 
 /// A control-stream message the agent's driver must act on.
@@ -122,6 +123,22 @@ impl UplinkSession {
         let hwm = welcome.high_water_mark;
         self.welcome = Some(welcome);
         Ok(hwm)
+    }
+
+    /// Right after [`UplinkSession::on_welcome`], before any batch: tells the session the agent's
+    /// delivered mark (every sequence number at or below it was acknowledged by some aggregator
+    /// and will never be sent again). On protocol 4 the chain starts at the higher of it and the
+    /// Welcome's mark, on both sides, and the returned [`AgentMessage::Resume`] must be the first
+    /// message on the control stream. Before protocol 4 nothing changes: the chain starts at the
+    /// Welcome's mark and there is nothing to send. [`UplinkSession::dispatched_seq`] is the
+    /// chain start afterwards; the agent may delete what it holds at or below it.
+    pub fn resume(&mut self, delivered_seq: u64) -> Option<AgentMessage> {
+        let version = self.protocol_version()?;
+        if version < RESUME_PROTOCOL_VERSION {
+            return None;
+        }
+        self.dispatched_seq = self.dispatched_seq.max(delivered_seq);
+        Some(AgentMessage::Resume(Resume { delivered_seq }))
     }
 
     pub fn welcome(&self) -> Option<&Welcome> {
@@ -407,6 +424,30 @@ mod tests {
         );
         assert_eq!(session.batch_due(t1), BatchDue::Now);
         assert_eq!(session.dispatched_seq(), 200);
+    }
+
+    #[test]
+    fn the_chain_starts_at_the_delivered_mark_on_protocol_4_only() {
+        let mut session = UplinkSession::new(limits());
+        assert_eq!(session.resume(100), None, "nothing before the welcome");
+        assert_eq!(session.on_welcome(welcome(10, 8)), Ok(10));
+        assert_eq!(
+            session.resume(100),
+            Some(AgentMessage::Resume(Resume { delivered_seq: 100 }))
+        );
+        assert_eq!(session.dispatched_seq(), 100);
+        // A delivered mark below the Welcome's changes nothing.
+        let mut session = UplinkSession::new(limits());
+        session.on_welcome(welcome(10, 8)).unwrap();
+        assert!(session.resume(5).is_some());
+        assert_eq!(session.dispatched_seq(), 10);
+        // An aggregator on protocol 3 gets no Resume; the chain starts at its mark.
+        let mut session = UplinkSession::new(limits());
+        let mut old = welcome(10, 8);
+        old.protocol_version = 3;
+        session.on_welcome(old).unwrap();
+        assert_eq!(session.resume(100), None);
+        assert_eq!(session.dispatched_seq(), 10);
     }
 
     #[test]
