@@ -2,18 +2,16 @@
 //! rendezvous first choice, moves to the other when the first is SIGKILLed, and keeps shipping
 //! there. Real processes, two aggregators with their own data directories and one fleet CA.
 //!
-//! Asserted is only what holds before the aggregators share a table: every event the agent's
-//! source acknowledged is stored on one of the two, and the agent keeps working. Not asserted:
-//! that an event is stored on only one of them (deduplication across aggregators is the
-//! aggregator side's job).
+//! Covered: a move while the agent holds nothing unacknowledged, and the return to the first
+//! choice. The agent's batch chain then continues after its last acknowledged event, above the
+//! other aggregator's own high-water mark for it; the agent names that point in its `Resume`
+//! (protocol 4) and the aggregator starts the chain there instead of parking the batch for a
+//! predecessor it will never get. Events posted after each move are stored where the agent is,
+//! with no stall; then a second kill with events acknowledged during the outage.
 //!
-//! Not covered here yet, because it does not work before the aggregators share their marks: a
-//! move while the agent holds nothing unacknowledged. The agent's batch chain then continues
-//! after its last acknowledged event, above the new aggregator's own high-water mark for it, and
-//! that aggregator parks the batch waiting for a predecessor it will never get. So the events
-//! this test ships after the move are posted after the kill, while the agent cannot have had
-//! them acknowledged, and the return to the first choice (which meets the same gap) is left to
-//! the unit tests of `agent::uplink::failover` (`failback_after_ms` is out of reach here).
+//! Each aggregator has its own data directory here, so each answers over its own table and
+//! recent rows: asserted is that every event the agent's source acknowledged is stored on one of
+//! the two, and that what one acknowledged after a move is not on the other.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -28,9 +26,8 @@ use serde_json::Value;
 
 /// `uplink.failover_after_ms` of the agent: short, so the test is quick.
 const FAILOVER_AFTER_MS: u64 = 1_500;
-/// `uplink.failback_after_ms` of the agent: longer than the test, which restarts the first
-/// aggregator only to query it.
-const FAILBACK_AFTER_MS: u64 = 600_000;
+/// `uplink.failback_after_ms` of the agent: short, so the test sees the return to the first.
+const FAILBACK_AFTER_MS: u64 = 2_000;
 /// Beyond the configured times: process start, debug builds on two shared cores.
 const SLACK: Duration = Duration::from_secs(15);
 /// How long a status value may take to reflect a connection that is up.
@@ -84,6 +81,24 @@ async fn post_acknowledged(http: SocketAddr, prefix: &str, n_events: usize) -> B
         outcome.body
     );
     ids.into_iter().collect()
+}
+
+/// Polls the agent's status until its buffer is empty: every event it took was acknowledged.
+async fn wait_buffer_empty(dir: &TestDir, http: SocketAddr) {
+    dir.wait_until(
+        STATUS_TIMEOUT,
+        "the agent holds nothing unacknowledged",
+        || async move {
+            let status = agent_status(http).await?;
+            anyhow::ensure!(
+                status["buffer"]["n_events"] == 0,
+                "buffer: {}",
+                status["buffer"]
+            );
+            Ok(())
+        },
+    )
+    .await;
 }
 
 fn n_lines_with(text: &str, needle: &str) -> usize {
@@ -158,16 +173,16 @@ async fn an_agent_fails_over_to_its_second_aggregator_and_keeps_shipping() {
     );
     assert_eq!(status["uplink"]["aggregator_choice"], 1, "{status:#}");
 
-    // Events reach the first choice.
+    // Events reach the first choice, and the agent holds nothing unacknowledged.
     let mut acked = post_acknowledged(http, "fo-1-", 50).await;
     wait_all_stored(&dir, aggregators[first_idx].query_addr(), "fo-1-", &acked).await;
+    wait_buffer_empty(&dir, http).await;
 
-    // The first choice dies. Events keep being acknowledged by the agent's source meanwhile:
-    // they wait in its buffer, and reach the second once the agent moved there.
+    // The first choice dies while the agent holds nothing unacknowledged: its chain continues
+    // after what the first acknowledged, above anything the second stored of it. The agent names
+    // that point in its Resume (protocol 4) and the second starts the chain there.
     aggregators[first_idx].kill_hard();
     let killed_at = Instant::now();
-    let during_outage = post_acknowledged(http, "fo-2-", 50).await;
-    acked.extend(during_outage.iter().cloned());
     let status = wait_connected_to(
         &dir,
         http,
@@ -190,30 +205,85 @@ async fn an_agent_fails_over_to_its_second_aggregator_and_keeps_shipping() {
             && last_move.contains("unreachable"),
         "{status:#}"
     );
+
+    // The second never saw this agent: it starts the chain at what the first acknowledged.
+    let second = &aggregators[second_idx];
+    dir.wait_until(
+        STATUS_TIMEOUT,
+        "the second aggregator logs the agent's chain start",
+        || async move {
+            let log = second.stderr();
+            anyhow::ensure!(
+                n_lines_with(&log, "agent resumes above what this aggregator stored") == 1,
+                "{log}"
+            );
+            Ok(())
+        },
+    )
+    .await;
+
+    // Events posted after the move are stored on the second, without a stall.
+    let after_move = post_acknowledged(http, "fo-2-", 50).await;
     wait_all_stored(
         &dir,
         aggregators[second_idx].query_addr(),
         "fo-2-",
-        &during_outage,
-    )
-    .await;
-
-    // The agent keeps working: new events are acknowledged by and stored on the second.
-    let after_move = post_acknowledged(http, "fo-3-", 50).await;
-    wait_all_stored(
-        &dir,
-        aggregators[second_idx].query_addr(),
-        "fo-3-",
         &after_move,
     )
     .await;
     acked.extend(after_move);
+    wait_buffer_empty(&dir, http).await;
 
-    // The first comes back (its WAL holds what it acknowledged before the kill), so that both
-    // can be queried.
+    // The first comes back (its WAL holds what it acknowledged before the kill, its mark is
+    // behind what the second acknowledged); the agent returns after failback_after_ms of good
+    // probes, holding nothing unacknowledged again.
+    aggregators[first_idx].restart();
+    let status = wait_connected_to(
+        &dir,
+        http,
+        &order[0],
+        Duration::from_millis(FAILBACK_AFTER_MS + idle_timeout_ms) + STATUS_TIMEOUT,
+    )
+    .await;
+    assert_eq!(status["uplink"]["aggregator_choice"], 1, "{status:#}");
+    assert_eq!(status["uplink"]["n_failbacks"], 1, "{status:#}");
+
+    // Events posted after the return are stored on the first, without a stall.
+    let after_return = post_acknowledged(http, "fo-3-", 50).await;
+    wait_all_stored(
+        &dir,
+        aggregators[first_idx].query_addr(),
+        "fo-3-",
+        &after_return,
+    )
+    .await;
+    acked.extend(after_return);
+    wait_buffer_empty(&dir, http).await;
+
+    // The first dies again, now with events acknowledged by the agent's source during the
+    // outage: they wait in its buffer and reach the second once the agent moved there.
+    aggregators[first_idx].kill_hard();
+    let during_outage = post_acknowledged(http, "fo-4-", 50).await;
+    acked.extend(during_outage.iter().cloned());
+    let status = wait_connected_to(
+        &dir,
+        http,
+        &order[1],
+        Duration::from_millis(FAILOVER_AFTER_MS + idle_timeout_ms) + SLACK,
+    )
+    .await;
+    assert_eq!(status["uplink"]["n_failovers"], 2, "{status:#}");
+    wait_all_stored(
+        &dir,
+        aggregators[second_idx].query_addr(),
+        "fo-4-",
+        &during_outage,
+    )
+    .await;
     aggregators[first_idx].restart();
 
-    // Every acknowledged event is stored on one of the two.
+    // Every acknowledged event is stored on one of the two, and each batch on one only: the
+    // events of each phase are on the aggregator that acknowledged them and not on the other.
     let queries = [aggregators[0].query_addr(), aggregators[1].query_addr()];
     let acked = &acked;
     dir.wait_until(
@@ -234,22 +304,34 @@ async fn an_agent_fails_over_to_its_second_aggregator_and_keeps_shipping() {
         },
     )
     .await;
+    for (prefix, on_idx) in [("fo-2-", first_idx), ("fo-3-", second_idx)] {
+        let stored = stored_event_ids(queries[on_idx], prefix)
+            .await
+            .expect("query stored events");
+        assert!(
+            stored.is_empty(),
+            "{prefix} events were shipped to one aggregator only, yet {} are on the other: {:?}",
+            stored.len(),
+            stored.iter().take(5).collect::<Vec<_>>()
+        );
+    }
 
     // The log says each move once, with its reason, not once per retry.
     let log = agent.stderr();
     assert_eq!(
         n_lines_with(&log, "uplink moves to the next aggregator in its order"),
-        1,
+        2,
         "{log}"
     );
     assert_eq!(
         n_lines_with(&log, "uplink returns to its first-choice aggregator"),
-        0,
+        1,
         "{log}"
     );
     let status = agent_status(http).await.expect("agent status");
     assert_eq!(status["uplink"]["aggregator"], order[1], "{status:#}");
-    assert_eq!(status["uplink"]["n_failovers"], 1, "{status:#}");
+    assert_eq!(status["uplink"]["n_failovers"], 2, "{status:#}");
+    assert_eq!(status["uplink"]["n_failbacks"], 1, "{status:#}");
     for aggregator in &mut aggregators {
         aggregator.assert_running();
     }
