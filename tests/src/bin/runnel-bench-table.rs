@@ -5,7 +5,8 @@
 //! 1. Flush throughput: for each flush size, events are committed to the WAL (not timed), then
 //!    one flush moves them into the table (timed: Arrow conversion, Parquet encoding, the Delta
 //!    commit with the agents' marks, the WAL delete). Printed as events/s and MiB/s of Parquet.
-//! 2. Table open: `--flushes` small flushes (one commit each), then the table is opened from
+//! 2. Table open: `--flushes` small flushes (one commit each, each followed by compaction as in
+//!    the aggregator's flush loop, so an optimize commit every 8 flushes), then the table is opened from
 //!    scratch `--runs` times (a new log store each time, as a restarted aggregator or another
 //!    engine does); the median is printed with what the log holds (checkpoint version, JSON
 //!    commits after it).
@@ -182,6 +183,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     for idx in 0..args.flushes {
         node.commit(args.events_per_small_flush, now_ms).await?;
         node.store.flush(&node.wal).await?;
+        // As the aggregator's flush loop does after every flush (default compact_min_files).
+        node.store.compact(8).await?;
         if last_report.elapsed() >= Duration::from_secs(10) {
             last_report = Instant::now();
             eprintln!(
